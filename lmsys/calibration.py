@@ -1,0 +1,176 @@
+"""Post-hoc calibration of 3-way logits (step 4.5), after Guo et al. 2017.
+
+Supported methods:
+  vector       z -> s * z + b, a scale s[c] and a bias b[c] per class (6 parameters)
+  temperature  z -> z / T, one positive scalar (fitted as log T)
+Both are fitted by NLL with L-BFGS (strong Wolfe line search) on held-out logits [N, 3] and labels
+[N]. The fit starts at the identity; if it ends with a higher NLL than it started (or a non-finite
+one), the identity is returned instead, so fitting never raises NLL on the data it was fitted on.
+
+Files: predictions CSVs carry `id` plus either the logit columns (logit_a, logit_b, logit_tie) or
+the probability columns (winner_model_a, winner_model_b, winner_tie, turned into logits by log,
+clipped at 1e-7), and optionally `label` (0/1/2).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from lmsys.data.schema import LOGIT_COLUMNS, UNLABELLED, WINNER_COLUMNS
+from lmsys.io import write_json, write_table
+from lmsys.metrics import softmax
+
+METHODS = ("vector", "temperature")
+PROB_CLIP = 1e-7
+
+
+def _check(logits, labels=None):
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != 3 or z.shape[0] == 0:
+        raise ValueError(f"logits must be [N, 3] with N >= 1, got shape {z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("logits contain NaN or inf")
+    if labels is None:
+        return z, None
+    y = np.asarray(labels)
+    if y.shape != (z.shape[0],) or not np.all(np.isin(y, (0, 1, 2))):
+        raise ValueError(f"labels must be [{z.shape[0]}] with values 0, 1, 2")
+    return z, y.astype(np.int64)
+
+
+def _identity(method: str) -> dict:
+    if method == "vector":
+        return {"method": "vector", "scale": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
+    if method == "temperature":
+        return {"method": "temperature", "temperature": 1.0}
+    raise ValueError(f"unknown calibration method {method!r}; supported: {METHODS}")
+
+
+def apply_calibration(logits, params: dict) -> np.ndarray:
+    """Calibrated logits [N, 3] (float64) from logits [N, 3] and a fit_calibration dict.
+    Raises ValueError on a bad shape or an unknown method."""
+    z, _ = _check(logits)
+    method = params.get("method")
+    if method == "vector":
+        return z * np.asarray(params["scale"], dtype=np.float64) + np.asarray(params["bias"], dtype=np.float64)
+    if method == "temperature":
+        return z / float(params["temperature"])
+    raise ValueError(f"unknown calibration method {method!r}; supported: {METHODS}")
+
+
+def fit_calibration(logits, labels, method: str = "vector", max_iter: int = 200) -> dict:
+    """Fit `method` on logits [N, 3] and labels [N] (0/1/2). Returns a JSON-able dict: method,
+    scale + bias (vector) or temperature, nll_before, nll_after, n, fallback (True when the fit
+    did not help and the identity was kept). Raises ValueError on bad inputs or an unknown method."""
+    params = _identity(method)
+    z, y = _check(logits, labels)
+    zt, yt = torch.from_numpy(z), torch.from_numpy(y)
+    nll_before = float(F.cross_entropy(zt, yt))
+    # Free parameters start at the identity: scale 1, bias 0, log T = 0.
+    a = torch.zeros(3 if method == "vector" else 1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    free = [a, b] if method == "vector" else [a]
+    calib = (lambda: zt * (1 + a) + b) if method == "vector" else (lambda: zt / a.exp())
+    opt = torch.optim.LBFGS(free, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(calib(), yt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        nll_after = float(F.cross_entropy(calib(), yt))
+    fitted = np.isfinite(nll_after) and nll_after <= nll_before
+    if fitted and method == "vector":
+        params.update(scale=(1 + a.detach()).tolist(), bias=b.detach().tolist())
+    elif fitted:
+        params.update(temperature=float(a.detach().exp()))
+    return {**params, "nll_before": nll_before, "nll_after": nll_after if fitted else nll_before,
+            "n": int(len(y)), "fallback": not fitted}
+
+
+# ---------------------------------------------------------------- files
+
+def _bad_row(path, df: pd.DataFrame, cols: list[str], reason_of) -> None:
+    """Raise ValueError naming the first row (0-based data row) whose values fail `reason_of`."""
+    vals = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    for i, row in enumerate(vals):
+        reason = reason_of(row)
+        if reason:
+            raise ValueError(f"{path}: row {i} (id {df['id'].iloc[i]!r}): {reason}: {df[cols].iloc[i].tolist()}")
+
+
+def _prob_reason(row) -> str | None:
+    if not np.all(np.isfinite(row)):
+        return "non-numeric or missing probability"
+    if np.any(row < 0) or np.any(row > 1):
+        return "probability outside [0, 1]"
+    if abs(row.sum() - 1) > 1e-2:
+        return f"probabilities sum to {row.sum():.4f}, not 1"
+    return None
+
+
+def _labels(path, df: pd.DataFrame) -> np.ndarray | None:
+    """Label column -> [N] int, or None when absent or all UNLABELLED (-1)."""
+    if "label" not in df.columns:
+        return None
+    y = pd.to_numeric(df["label"], errors="coerce")
+    if (y == UNLABELLED).all():
+        return None
+    bad = ~y.isin([0, 1, 2])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: row {i} (id {df['id'].iloc[i]!r}): label {df['label'].iloc[i]!r} is not 0, 1 or 2")
+    return y.to_numpy(dtype=np.int64)
+
+
+def read_predictions(csv) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids [N] str, logits [N, 3] float64, labels [N] int or None) from a predictions CSV.
+    Logit columns win when both sets are present. Raises ValueError when `id` or both column sets
+    are incomplete (naming what is missing), or naming the first bad row and why."""
+    df = pd.read_csv(csv, dtype={"id": str})
+    if "id" not in df.columns:
+        raise ValueError(f"{csv}: no `id` column (columns: {list(df.columns)})")
+    if len(df) == 0:
+        raise ValueError(f"{csv}: no rows")
+    if all(c in df.columns for c in LOGIT_COLUMNS):
+        _bad_row(csv, df, LOGIT_COLUMNS, lambda r: None if np.all(np.isfinite(r)) else "non-numeric or missing logit")
+        logits = df[LOGIT_COLUMNS].to_numpy(dtype=np.float64)
+    elif all(c in df.columns for c in WINNER_COLUMNS):
+        _bad_row(csv, df, WINNER_COLUMNS, _prob_reason)
+        logits = np.log(np.clip(df[WINNER_COLUMNS].to_numpy(dtype=np.float64), PROB_CLIP, 1.0))
+    else:
+        miss_l = [c for c in LOGIT_COLUMNS if c not in df.columns]
+        miss_p = [c for c in WINNER_COLUMNS if c not in df.columns]
+        raise ValueError(f"{csv}: needs the logit columns (missing {miss_l}) or the probability columns (missing {miss_p})")
+    return df["id"].to_numpy(), logits, _labels(csv, df)
+
+
+def calibrate_fit_file(preds_csv, out_json, method: str = "vector") -> dict:
+    """Fit on a labelled predictions CSV and write the params JSON atomically; returns the params.
+    Raises ValueError when the file has no labels (or as read_predictions / fit_calibration)."""
+    _, logits, labels = read_predictions(preds_csv)
+    if labels is None:
+        raise ValueError(f"{preds_csv}: calibration needs a `label` column (0/1/2)")
+    params = fit_calibration(logits, labels, method)
+    write_json(params, out_json)
+    return params
+
+
+def calibrate_apply_file(preds_csv, params_json, out_csv) -> Path:
+    """Apply saved params to a predictions CSV; write `id` + the probability columns (rows sum
+    to 1) atomically, csv or parquet by suffix. Returns out_csv."""
+    ids, logits, _ = read_predictions(preds_csv)
+    params = json.loads(Path(params_json).read_text())
+    probs = softmax(apply_calibration(logits, params))
+    out = pd.DataFrame(probs, columns=WINNER_COLUMNS)
+    out.insert(0, "id", ids)
+    return write_table(out, out_csv)

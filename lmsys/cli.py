@@ -1,0 +1,146 @@
+"""`lmsys ...`: thin command line over the library (parse, call, print). See README for the list."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lmsys.config import load_config, parse_override
+from lmsys.paths import Layout
+
+
+def _config(args) -> dict:
+    overrides = dict(parse_override(o) for o in (getattr(args, "set", None) or []))
+    return load_config(getattr(args, "profile", None), overrides, getattr(args, "params", None))
+
+
+def cmd_validate(args) -> int:
+    from lmsys.data.validate import UnusableFile, validate_file
+    from lmsys.io import write_json, write_table
+    try:
+        v = validate_file(args.path, args.format)
+    except UnusableFile as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep = v.report()
+    print(f"{args.path}: format {rep['format']}, {rep['rows_in']} rows: {rep['rows_clean']} clean, "
+          f"{rep['rows_quarantined']} quarantined")
+    for reason, n in rep["reasons"].items():
+        first = v.quarantine.loc[v.quarantine["reason"] == reason, "row"].head(5).tolist()
+        print(f"  {reason}: {n} (first rows: {', '.join(map(str, first))})")
+    for w, n in rep["warnings"].items():
+        print(f"  warning {w}: {n}")
+    if args.out:
+        out = Path(args.out)
+        write_table(v.clean, out / "clean.parquet")
+        write_table(v.quarantine, out / "quarantine.csv")
+        write_json(rep, out / "report.json")
+    return 1 if rep["rows_quarantined"] else 0
+
+
+def cmd_folds(args) -> int:
+    if args.path is None:                       # the pipeline step on the prepared tables
+        return cmd_step(args)
+    import pandas as pd
+
+    from lmsys.data.folds import make_folds
+    from lmsys.data.validate import UnusableFile, validate_file
+    from lmsys.io import write_table
+    try:
+        comp = validate_file(args.path).clean
+        ext = [validate_file(p).clean for p in args.external or []]
+    except UnusableFile as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folds = make_folds(comp, args.n_folds, args.seed, pd.concat(ext, ignore_index=True) if ext else None)
+    write_table(folds, Path(args.out) / "folds.csv")
+    print(f"wrote {Path(args.out) / 'folds.csv'}: {len(folds)} rows, {args.n_folds} folds")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from lmsys.data.demo import make_demo_data
+    paths = make_demo_data(args.out, rows=args.rows, seed=args.seed)
+    truth = json.loads(Path(paths["truth"]).read_text())
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    print(f"train: bayes log loss {truth['train']['bayes_log_loss']:.4f}, prior {truth['train']['prior_log_loss']:.4f}")
+    return 0
+
+
+def cmd_step(args) -> int:
+    from lmsys.steps.registry import run_step
+    cfg = _config(args)
+    keys = {k: getattr(args, k) for k in ("fold", "model") if getattr(args, k, None) is not None}
+    result = run_step(args.step, cfg, Layout(cfg["profile"]), **keys)
+    print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
+                     indent=2, default=str))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.pipeline import run_from_cli
+    return run_from_cli(args)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=("tiny", "small", "full"), help="default: params.yaml's profile")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train_teacher.lr=1e-4")
+    p.add_argument("--params", help="params file (default: the repo's params.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmsys.steps.registry import STEPS
+    ap = argparse.ArgumentParser(prog="lmsys", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a data file; exit 0 ok, 1 rows quarantined, 2 file unusable")
+    p.add_argument("path")
+    p.add_argument("--format", default="auto", choices=("auto", "kaggle", "arena33k", "ultrafeedback"))
+    p.add_argument("--out", help="write clean.parquet, quarantine.csv, report.json here")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("folds", help="step 2: folds.csv (id,fold) for a file, or the pipeline step without PATH")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--out", default=".")
+    p.add_argument("--external", action="append")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_folds, step="folds")
+
+    p = sub.add_parser("demo-data", help="write the embedded synthetic competition")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    for name, step in STEPS.items():
+        if name in ("folds", "demo-data"):
+            continue
+        p = sub.add_parser(name, help=f"pipeline step {step.number}: {(step.run.__doc__ or '').strip().splitlines()[0] if step.run.__doc__ else name}")
+        _add_config_args(p)
+        if "fold" in step.fan_out:
+            p.add_argument("--fold", type=int, required=True)
+        if "model" in step.fan_out:
+            p.add_argument("--model", required=True)
+        p.set_defaults(func=cmd_step, step=name)
+
+    p = sub.add_parser("run", help="the whole pipeline as a Prefect flow")
+    _add_config_args(p)
+    p.add_argument("--runner", choices=("local", "slurm"))
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

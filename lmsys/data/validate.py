@@ -1,0 +1,269 @@
+"""Read any supported input file, validate every row, normalise to the canonical table.
+
+Supports:
+  kaggle         Kaggle train.csv / test.csv (prompt and responses are JSON lists of strings/nulls)
+  ultrafeedback  UltraFeedback in the LMSYS schema (same columns as train.csv), csv or parquet
+  arena33k       lmsys/chatbot_arena_conversations ("33k"): json, jsonl or parquet
+
+Every row is either used (the clean table) or quarantined with a reason; rows_in == rows_clean +
+rows_quarantined always. Raises `UnusableFile` when the file as a whole cannot be used
+(unreadable, unknown format, missing columns).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from lmsys.data import schema as S
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "kaggle", "arena33k", "ultrafeedback")
+MAX_TURN_CHARS = 200_000    # a turn longer than this is not a chat answer (a 1 MB blob is quarantined)
+
+
+class UnusableFile(ValueError):
+    """The file as a whole cannot be used (unreadable, missing columns)."""
+
+
+class RowError(ValueError):
+    """One row is unusable; the message is its quarantine reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Validated:
+    clean: pd.DataFrame                      # canonical table
+    quarantine: pd.DataFrame                 # original columns + row + reason + detail
+    warnings: dict[str, int] = field(default_factory=dict)
+    fmt: str = ""
+
+    def report(self) -> dict:
+        reasons = self.quarantine["reason"].value_counts().to_dict() if len(self.quarantine) else {}
+        return {"format": self.fmt,
+                "rows_in": len(self.clean) + len(self.quarantine),
+                "rows_clean": len(self.clean),
+                "rows_quarantined": len(self.quarantine),
+                "reasons": {k: int(v) for k, v in sorted(reasons.items())},
+                "warnings": dict(sorted(self.warnings.items()))}
+
+
+# ---------------------------------------------------------------- reading whole files
+
+def read_raw(path: str | Path) -> pd.DataFrame:
+    """Read csv / parquet / json / jsonl into a DataFrame of raw values (strings kept as text)."""
+    path = Path(path)
+    if not path.exists():
+        raise UnusableFile(f"{path}: no such file")
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            return pd.read_parquet(path)
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return pd.read_json(path, lines=True, dtype=False)
+        if name.endswith((".json", ".json.gz")):
+            return pd.read_json(path, dtype=False)
+        # csv: bytes decoded per cell later, so one bad cell quarantines one row, not the file
+        return pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[],
+                           encoding="utf-8", encoding_errors="surrogateescape")
+    except Exception as e:  # noqa: BLE001 - any parser failure means the file is unusable
+        raise UnusableFile(f"{path}: cannot read as {path.suffix or 'csv'}: {e}") from e
+
+
+def detect_format(df: pd.DataFrame, path: Path) -> str:
+    cols = set(df.columns)
+    if cols & {"conversation_a", "conversation_b"}:
+        return "arena33k"
+    if cols & {"prompt", "response_a", "response_b"}:       # missing ones are named by check_columns
+        return "ultrafeedback" if "ut" in path.stem.lower() or "ultra" in path.stem.lower() else "kaggle"
+    raise UnusableFile(f"{path}: unknown format: columns {sorted(cols)} match neither the Kaggle "
+                       f"schema ({S.KAGGLE_TEST_COLUMNS}) nor the 33k schema ({S.ARENA_REQUIRED})")
+
+
+def check_columns(df: pd.DataFrame, fmt: str, path: Path) -> bool:
+    """Raise UnusableFile on missing columns; return whether the file carries labels."""
+    need = S.ARENA_REQUIRED if fmt == "arena33k" else S.KAGGLE_TEST_COLUMNS
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise UnusableFile(f"{path}: missing columns {missing} for format {fmt}")
+    if fmt == "arena33k":
+        return True
+    winners = [c for c in S.WINNER_COLUMNS if c in df.columns]
+    if winners and len(winners) != 3:
+        raise UnusableFile(f"{path}: has {winners} but not all of {S.WINNER_COLUMNS}")
+    return bool(winners)
+
+
+# ---------------------------------------------------------------- one row
+
+def _text(value, what: str) -> str:
+    """A turn: None -> '' (kept, counted as a warning by the caller); must be valid UTF-8."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError("bad_json", f"{what}: turn is {type(value).__name__}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError("bad_utf8", f"{what}: text is not valid UTF-8") from None
+    if len(value) > MAX_TURN_CHARS:
+        raise RowError("too_long", f"{what}: a turn of {len(value)} characters (limit {MAX_TURN_CHARS})")
+    return value
+
+
+def _turns(raw, what: str, warn: dict) -> list[str]:
+    """A JSON list of strings/nulls (string cell) or an already-decoded list -> list[str]."""
+    if isinstance(raw, str):
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError("bad_utf8", f"{what}: bytes are not valid UTF-8") from None
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RowError("bad_json", f"{what}: {e.msg} at char {e.pos}") from None
+    if hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if not isinstance(raw, list):
+        raise RowError("bad_json", f"{what}: not a JSON list")
+    nulls = sum(v is None for v in raw)
+    if nulls:
+        warn["null_turn"] = warn.get("null_turn", 0) + nulls
+    return [_text(v, what) for v in raw]
+
+
+def _kaggle_row(r: dict, labelled: bool, warn: dict) -> dict:
+    prompt = _turns(r["prompt"], "prompt", warn)
+    a = _turns(r["response_a"], "response_a", warn)
+    b = _turns(r["response_b"], "response_b", warn)
+    label = S.UNLABELLED
+    if labelled:
+        flags = []
+        for c in S.WINNER_COLUMNS:
+            v = str(r[c]).strip()
+            if v not in ("0", "1", "0.0", "1.0", "True", "False"):
+                raise RowError("bad_label", f"{c}={r[c]!r} is not 0/1")
+            flags.append(v in ("1", "1.0", "True"))
+        if sum(flags) != 1:
+            raise RowError("winner_count", f"{sum(flags)} winner flags set, need exactly 1")
+        label = flags.index(True)
+    return {"model_a": str(r.get("model_a", "") or ""), "model_b": str(r.get("model_b", "") or ""),
+            "prompt": prompt, "response_a": a, "response_b": b, "label": label}
+
+
+def _conversation(raw, what: str, warn: dict) -> tuple[list[str], list[str]]:
+    """[{role, content}, ...] -> (user turns, assistant turns)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RowError("bad_json", f"{what}: {e.msg}") from None
+    if hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise RowError("bad_json", f"{what}: not a list of {{role, content}}")
+    users, bots = [], []
+    for m in raw:
+        role, content = m.get("role"), m.get("content")
+        if content is None:
+            warn["null_turn"] = warn.get("null_turn", 0) + 1
+        if role == "user":
+            users.append(_text(content, what))
+        elif role == "assistant":
+            bots.append(_text(content, what))
+        else:
+            raise RowError("bad_json", f"{what}: unknown role {role!r}")
+    return users, bots
+
+
+def _arena_row(r: dict, warn: dict) -> dict:
+    pa, a = _conversation(r["conversation_a"], "conversation_a", warn)
+    pb, b = _conversation(r["conversation_b"], "conversation_b", warn)
+    if pa != pb:
+        raise RowError("prompt_mismatch", "conversation_a and conversation_b have different user turns")
+    winner = r.get("winner")
+    if winner not in S.ARENA_WINNER_TO_LABEL:
+        raise RowError("bad_label", f"winner={winner!r} not in {sorted(S.ARENA_WINNER_TO_LABEL)}")
+    return {"model_a": str(r.get("model_a") or ""), "model_b": str(r.get("model_b") or ""),
+            "prompt": pa, "response_a": a, "response_b": b, "label": S.ARENA_WINNER_TO_LABEL[winner]}
+
+
+def _check_shape(row: dict) -> None:
+    n = len(row["prompt"])
+    if n == 0:
+        raise RowError("empty_conversation", "no turns")
+    if not (len(row["response_a"]) == len(row["response_b"]) == n):
+        raise RowError("turn_mismatch", f"turns: prompt {n}, response_a {len(row['response_a'])}, "
+                                        f"response_b {len(row['response_b'])}")
+    for side in ("response_a", "response_b"):
+        if not any(t.strip() for t in row[side]):
+            raise RowError("empty_response", f"{side} is empty in every turn")
+    if not any(t.strip() for t in row["prompt"]):
+        raise RowError("empty_conversation", "prompt is empty in every turn")
+
+
+def _row_id(raw_id, integer: bool) -> str:
+    if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)) or str(raw_id).strip() == "":
+        raise RowError("missing_id", "id is empty")
+    text = str(raw_id).strip()
+    if integer:
+        try:
+            value = float(text) if "." in text else int(text)
+        except ValueError:
+            raise RowError("bad_id", f"id {text!r} is not an integer") from None
+        if isinstance(value, float) and not value.is_integer():
+            raise RowError("bad_id", f"id {text!r} is not an integer")
+        text = str(int(value))
+    return text
+
+
+# ---------------------------------------------------------------- the whole file
+
+def validate_file(path: str | Path, fmt: str = "auto", source: str | None = None) -> Validated:
+    """Validate and normalise one file. See the module docstring for formats and errors."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise UnusableFile(f"unknown format {fmt!r}; choose from {FORMATS}")
+    raw = read_raw(path)
+    fmt = detect_format(raw, path) if fmt == "auto" else fmt
+    labelled = check_columns(raw, fmt, path)
+    id_col = "question_id" if fmt == "arena33k" else "id"
+    src = source or {"kaggle": "kaggle", "ultrafeedback": "ultrafeedback", "arena33k": "arena33k"}[fmt]
+
+    warn: dict[str, int] = {}
+    clean, bad, seen = [], [], {}
+    for i, r in enumerate(raw.to_dict("records")):
+        try:
+            rid = _row_id(r.get(id_col), integer=fmt != "arena33k")
+            row = _arena_row(r, warn) if fmt == "arena33k" else _kaggle_row(r, labelled, warn)
+            _check_shape(row)
+            if rid in seen:
+                raise RowError("duplicate_id", f"id {rid} already used by row {seen[rid]}")
+            seen[rid] = i
+            clean.append({"id": rid, "source": src, **row})
+        except RowError as e:
+            bad.append({**{k: _printable(v) for k, v in r.items()}, "row": i, "reason": e.reason, "detail": e.detail})
+    if warn.get("null_turn"):
+        log.warning("%s: %d null turns kept as empty strings", path, warn["null_turn"])
+    table = pd.DataFrame(clean, columns=S.CANONICAL_COLUMNS) if clean else S.empty_table()
+    table["label"] = table["label"].astype("int64")
+    quarantine = pd.DataFrame(bad, columns=[*raw.columns, "row", "reason", "detail"])
+    return Validated(table, quarantine, warn, fmt)
+
+
+def _printable(v):
+    """Quarantine CSV cell: lists/dicts as JSON, undecodable bytes escaped (nothing is dropped)."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, ensure_ascii=False, default=str)
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v

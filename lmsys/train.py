@@ -1,0 +1,303 @@
+"""A generic, resumable classification trainer (post-pretraining, teachers, distillation).
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` rows, the last group of an epoch
+possibly shorter; micro-batch losses are weighted by their share of the group's rows, so a step
+equals one big batch. AdamW, cosine schedule with warmup, gradient clipping at 1.0.
+
+out_dir layout:
+  checkpoint/   every checkpoint_every steps (atomic): trainable.pt, optim.pt (optimizer,
+                scheduler, RNG states), state.json (step, epoch, position, best, loss history)
+  best/         lowest val log loss so far (model.save_pretrained)
+  final/        best when val is given, else the last weights
+  metrics.json  written last; the checkpoint is deleted after it
+
+Resume: when checkpoint/ exists and was written by the same run settings, training continues
+exactly where it stopped (same data order: each epoch's permutation comes from (seed, epoch));
+a checkpoint from other settings is discarded with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from lmsys.infer import model_device, pad_batch, predict_logits
+from lmsys.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                  tuple[torch.Tensor, dict]]
+
+
+def cross_entropy_loss(logits, labels, soft_targets=None, sample_weight=None):
+    """Default loss: (sample-weighted) mean cross-entropy on the hard labels. logits [B, 3]."""
+    ce = F.cross_entropy(logits, labels, reduction="none")  # [B]
+    loss = (ce * sample_weight).mean() if sample_weight is not None else ce.mean()
+    return loss, {"ce": float(ce.mean())}
+
+
+def val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Multiclass log loss and accuracy of logits [N, 3] against int labels [N]."""
+    t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return {"log_loss": float(F.cross_entropy(t, y)), "accuracy": float((t.argmax(1) == y).float().mean())}
+
+
+# ---------------------------------------------------------------- plan and data order
+
+def _plan(n: int, cfg: dict) -> dict:
+    bs, accum = int(cfg["batch_size"]), int(cfg.get("grad_accum", 1))
+    if n == 0 or bs < 1 or accum < 1:
+        raise ValueError(f"nothing to train: n={n}, batch_size={bs}, grad_accum={accum}")
+    groups = math.ceil(math.ceil(n / bs) / accum)  # optimizer steps per epoch
+    total = int(cfg["max_steps"]) if cfg.get("max_steps") else int(cfg.get("epochs", 1)) * groups
+    if total < 1:
+        raise ValueError(f"nothing to train: epochs={cfg.get('epochs')}, max_steps={cfg.get('max_steps')}")
+    return {"batch_size": bs, "grad_accum": accum, "steps_per_epoch": groups, "total_steps": total,
+            "epochs": math.ceil(total / groups)}
+
+
+def epoch_groups(n: int, epoch: int, seed: int, bs: int, accum: int) -> list[list[np.ndarray]]:
+    """The epoch's row order, from its own seeded generator, cut into steps of micro-batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    batches = [order[i:i + bs] for i in range(0, n, bs)]
+    return [batches[i:i + accum] for i in range(0, len(batches), accum)]
+
+
+def _fingerprint(train_ids, train_labels, cfg: dict, seed: int) -> str:
+    """Identity of a run's settings: a checkpoint resumes only the run that wrote it."""
+    h = hashlib.sha256()
+    keys = ("epochs", "lr", "warmup_steps", "batch_size", "grad_accum", "max_steps", "weight_decay")
+    h.update(json.dumps({k: cfg.get(k) for k in keys} | {"seed": seed}, sort_keys=True).encode())
+    h.update(np.asarray([len(r) for r in train_ids], dtype=np.int64).tobytes())
+    h.update(np.asarray(train_labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _rng_states() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_states(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, model, opt, sched, state: dict) -> None:
+    """Trainable weights, optimizer, scheduler, RNG and loop state, swapped in atomically."""
+    with atomic_dir(path) as tmp:
+        trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+        torch.save(trainable, tmp / "trainable.pt")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": _rng_states()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> dict:
+    """Restore what save_checkpoint wrote; returns the loop state."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, t in torch.load(path / "trainable.pt", map_location="cpu").items():
+            params[k].copy_(t)
+    rest = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)  # our own file
+    opt.load_state_dict(rest["optimizer"])
+    sched.load_state_dict(rest["scheduler"])
+    _set_rng_states(rest["rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+def _save_model(model, path: Path) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+
+
+# ---------------------------------------------------------------- one step, one evaluation
+
+def _train_step(model, group, data: dict, loss_fn, opt, sched, device) -> tuple[float, dict]:
+    """Forward/backward every micro-batch of one optimizer step, clip, step. Returns the loss."""
+    rows = sum(len(b) for b in group)
+    total, parts = 0.0, {}
+    for idx in group:
+        ids, mask = pad_batch([data["ids"][i] for i in idx], data["pad_id"])  # [b, T] each
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, 3]
+        take = lambda a: None if a is None else torch.as_tensor(a[idx], dtype=torch.float32, device=device)
+        labels = torch.as_tensor(data["labels"][idx], dtype=torch.long, device=device)
+        loss, p = loss_fn(logits, labels, take(data["soft"]), take(data["weight"]))
+        share = len(idx) / rows  # micro-batch's share of the step's rows
+        (loss * share).backward()
+        total += float(loss) * share
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + float(v) * share
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return total, parts
+
+
+def _evaluate(model, val_ids, val_labels, pad_id, batch_size, step: int) -> dict:
+    logits = predict_logits(model, val_ids, pad_id, batch_size, desc=f"val@{step}")
+    model.train()
+    return {"step": step, **val_metrics(logits, val_labels)}
+
+
+# ---------------------------------------------------------------- the trainer
+
+def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray, out_dir: str | Path,
+                     cfg: dict, pad_id: int, val_ids: list[list[int]] | None = None,
+                     val_labels: np.ndarray | None = None, soft_targets: np.ndarray | None = None,
+                     loss_fn: LossFn | None = None, sample_weight: np.ndarray | None = None,
+                     seed: int = 0, progress_desc: str = "train") -> dict:
+    """Train `model` (a 3-label classifier, usually a PeftModel) and return its metrics dict.
+
+    cfg: batch_size, lr, and optionally epochs (1), grad_accum (1), warmup_steps (0), max_steps
+    (overrides epochs), eval_every, checkpoint_every, weight_decay (0). soft_targets [N, n_teachers, 3]
+    and sample_weight [N] are sliced per batch for loss_fn(logits, labels, soft, weight) -> (loss,
+    parts); default loss is cross-entropy. On return the model holds the final weights.
+    Raises ValueError on mismatched lengths or an empty training set."""
+    out_dir = Path(out_dir)
+    n = len(train_ids)
+    labels = np.asarray(train_labels, dtype=np.int64)
+    for name, a in (("train_labels", labels), ("soft_targets", soft_targets), ("sample_weight", sample_weight)):
+        if a is not None and len(a) != n:
+            raise ValueError(f"{name} has {len(a)} rows, train_ids {n}")
+    has_val = val_ids is not None and len(val_ids) > 0
+    plan = _plan(n, cfg)
+    data = {"ids": train_ids, "labels": labels, "pad_id": pad_id, "soft": soft_targets, "weight": sample_weight}
+    loss_fn = loss_fn or cross_entropy_loss
+    device = model_device(model)
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.get("warmup_steps", 0)), plan["total_steps"])
+    state = {"fingerprint": _fingerprint(train_ids, labels, cfg, seed), "global_step": 0, "epoch": 0,
+             "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": []}
+    ckpt = out_dir / "checkpoint"
+    resumed_from = _maybe_resume(ckpt, model, opt, sched, state)
+
+    model.train()
+    t0, done_rows = time.perf_counter(), 0
+    bar = tqdm(total=plan["total_steps"], initial=state["global_step"], desc=progress_desc, unit="step")
+    while state["global_step"] < plan["total_steps"]:
+        groups = epoch_groups(n, state["epoch"], seed, plan["batch_size"], plan["grad_accum"])
+        # on resume, skip the steps this epoch already consumed (same seeded order)
+        for group in groups[state["step_in_epoch"]:]:
+            loss, parts = _train_step(model, group, data, loss_fn, opt, sched, device)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            state["losses"].append(loss)
+            state["parts"].append(parts)
+            done_rows += sum(len(b) for b in group)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
+            _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched)
+            if state["global_step"] >= plan["total_steps"]:
+                break
+        else:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+    bar.close()
+    train_s = time.perf_counter() - t0
+    return _finish(model, state, has_val, val_ids, val_labels, pad_id, cfg, plan, out_dir,
+                   resumed_from, done_rows / max(train_s, 1e-9), train_s, n)
+
+
+def _maybe_resume(ckpt: Path, model, opt, sched, state: dict) -> int | None:
+    """Load checkpoint/ into model/opt/sched/state when it belongs to this run; returns its step."""
+    if not (ckpt / "state.json").exists():
+        return None
+    saved = json.loads((ckpt / "state.json").read_text())
+    if saved.get("fingerprint") != state["fingerprint"]:
+        log.warning("ignoring %s: written by different training settings or data", ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return None
+    state.update(load_checkpoint(ckpt, model, opt, sched))
+    log.info("resuming from %s at step %d (epoch %d)", ckpt, state["global_step"], state["epoch"])
+    return state["global_step"]
+
+
+def _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched) -> None:
+    """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
+    step = state["global_step"]
+    every = cfg.get("eval_every")
+    if has_val and every and step % int(every) == 0:
+        _record_eval(model, state, val_ids, val_labels, pad_id, plan["batch_size"], out_dir)
+    every = cfg.get("checkpoint_every")
+    if every and step % int(every) == 0 and step < plan["total_steps"]:
+        save_checkpoint(out_dir / "checkpoint", model, opt, sched, state)
+
+
+def _record_eval(model, state, val_ids, val_labels, pad_id, batch_size, out_dir: Path) -> None:
+    ev = _evaluate(model, val_ids, val_labels, pad_id, batch_size, state["global_step"])
+    state["evals"].append(ev)
+    log.info("step %d: val log loss %.4f, accuracy %.3f", ev["step"], ev["log_loss"], ev["accuracy"])
+    if state["best"] is None or ev["log_loss"] < state["best"]["log_loss"]:
+        state["best"] = ev
+        _save_model(model, out_dir / "best")
+
+
+def _load_best_into(model, best_dir: Path) -> None:
+    """Put the best adapter's weights back into the in-memory PeftModel."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_peft_weights(str(best_dir), device=str(model_device(model))))
+
+
+def _finish(model, state, has_val, val_ids, val_labels, pad_id, cfg, plan, out_dir: Path,
+            resumed_from, rows_per_s, train_s, n) -> dict:
+    """Final evaluation, final/ and metrics.json, then drop the checkpoint."""
+    if has_val:
+        if not state["evals"] or state["evals"][-1]["step"] != state["global_step"]:
+            _record_eval(model, state, val_ids, val_labels, pad_id, plan["batch_size"], out_dir)
+        with atomic_dir(out_dir / "final") as tmp:
+            shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
+        _load_best_into(model, out_dir / "best")
+    else:
+        _save_model(model, out_dir / "final")
+    metrics = _metrics(state, plan, resumed_from, rows_per_s, train_s, n, len(val_ids) if has_val else 0)
+    write_json(metrics, out_dir / "metrics.json")
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    return metrics
+
+
+def _metrics(state, plan, resumed_from, rows_per_s, train_s, n_train, n_val) -> dict:
+    losses = state["losses"]
+    tail = max(1, len(losses) // 10)  # the last 10% of steps
+    stride = max(1, len(losses) // 50)  # at most ~50 curve points
+    parts_tail = state["parts"][-tail:]
+    best = state["best"] or {}
+    return {
+        "steps": state["global_step"], "epochs": plan["epochs"], "n_train": n_train, "n_val": n_val,
+        "train_loss_first": losses[0], "train_loss_last": float(np.mean(losses[-tail:])),
+        "train_loss_curve": [[i + 1, losses[i]] for i in range(0, len(losses), stride)],
+        "train_loss_parts_last": {k: float(np.mean([p[k] for p in parts_tail if k in p]))
+                                  for k in (parts_tail[-1] if parts_tail else {})},
+        "best_val_log_loss": best.get("log_loss"), "val_accuracy": best.get("accuracy"),
+        "best_step": best.get("step"), "evals": state["evals"],
+        "samples_per_s": rows_per_s, "train_seconds": train_s, "resumed_from_step": resumed_from,
+    }
