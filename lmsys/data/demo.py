@@ -180,7 +180,7 @@ def _add_nulls(rng: np.random.Generator, rows: list[dict], share: float = 0.01) 
     """Set ~`share` of all turn entries (at least one) to None, as in the raw Kaggle files."""
     slots = [(i, f, t) for i, r in enumerate(rows) for f in ("prompt", "response_a", "response_b")
              for t in range(len(r[f]))]
-    for j in rng.choice(len(slots), 0, replace=False):
+    for j in rng.choice(len(slots), max(1, round(share * len(slots))), replace=False):
         i, f, t = slots[j]
         rows[i][f][t] = None
 
