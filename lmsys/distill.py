@@ -46,16 +46,16 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_log
 
     ce = F.cross_entropy(student_logits.float(), labels, reduction="none")          # [B]
     total = ce_weight * ce
-    parts = {"ce": float(ce.mean())}
+    parts = {"ce": float(ce.detach().mean())}
     log_ps = F.log_softmax(student_logits.float() / T, dim=-1)                       # [B, 3]
     for k, t in enumerate(teacher_logits):
         log_pt = F.log_softmax(t.detach().float() / T, dim=-1)                       # [B, 3]
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * T * T                      # [B]
         cos = 1 - F.cosine_similarity(log_ps.exp(), log_pt.exp(), dim=-1)            # [B]
         total = total + kl_weight * kl + cos_weight * cos
-        parts[f"kl_{k}"], parts[f"cos_{k}"] = float(kl.mean()), float(cos.mean())
+        parts[f"kl_{k}"], parts[f"cos_{k}"] = float(kl.detach().mean()), float(cos.detach().mean())
     loss = (w.float() * total).mean() / denom
-    parts["loss"] = float(loss)
+    parts["loss"] = float(loss.detach())
     return loss, parts
 
 

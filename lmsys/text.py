@@ -27,14 +27,14 @@ def join_turns(turns) -> str:
 def truncate_words(text: str, n: int) -> str:
     """First n whitespace-separated words, keeping the kept part's original spacing.
 
-    A text with <= n words comes back unchanged (trailing whitespace included); n <= 0 gives "".
+    A text with <= n words comes back unchanged (trailing whitespace included); else the cut
+    is right after the n-th word (n <= 0 keeps nothing).
     """
-    if n <= 0:
-        return ""
-    for i, m in enumerate(_WORD.finditer(text), 1):
-        if i == n:
-            # cut right after the n-th word only when another word follows
-            return text[:m.end()] if _WORD.search(text, m.end()) else text
+    end = 0
+    for i, m in enumerate(_WORD.finditer(text)):
+        if i >= n:          # an (n+1)-th word exists: cut after the n-th
+            return text[:end]
+        end = m.end()
     return text
 
 
@@ -158,7 +158,7 @@ def _fit(layout: Layout, p: list[int], a: list[int], b: list[int], max_length: i
                          f"over max_length={max_length}")
     if fixed + len(p) + len(a) + len(b) > max_length:
         # a long prompt would otherwise eat the answers; past zero answers the prompt gives way too
-        p = p[:max_length - fixed]
+        p = p[:min(prompt_tokens, max_length - fixed)]
         ka, kb = answer_budget(len(a), len(b), max_length - fixed - len(p))
         a, b = a[:ka], b[:kb]
     return EncodedParts(layout, p, a, b)

@@ -46,7 +46,7 @@ def cross_entropy_loss(logits, labels, soft_targets=None, sample_weight=None):
     """Default loss: (sample-weighted) mean cross-entropy on the hard labels. logits [B, 3]."""
     ce = F.cross_entropy(logits, labels, reduction="none")  # [B]
     loss = (ce * sample_weight).mean() if sample_weight is not None else ce.mean()
-    return loss, {"ce": float(ce.mean())}
+    return loss, {"ce": ce.detach().mean().item()}
 
 
 def val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -143,12 +143,12 @@ def _train_step(model, group, data: dict, loss_fn, opt, sched, device) -> tuple[
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, 3]
         take = lambda a: None if a is None else torch.as_tensor(a[idx], dtype=torch.float32, device=device)
         labels = torch.as_tensor(data["labels"][idx], dtype=torch.long, device=device)
-        loss, p = loss_fn(logits, labels, take(data["soft"]), take(data["weight"]))
+        loss, step_parts = loss_fn(logits, labels, take(data["soft"]), take(data["weight"]))
         share = len(idx) / rows  # micro-batch's share of the step's rows
         (loss * share).backward()
-        total += float(loss) * share
-        for k, v in p.items():
-            parts[k] = parts.get(k, 0.0) + float(v) * share
+        total += loss.item() * share
+        for k, v in step_parts.items():
+            parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     sched.step()
@@ -179,6 +179,8 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
     out_dir = Path(out_dir)
     n = len(train_ids)
     labels = np.asarray(train_labels, dtype=np.int64)
+    as_f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)
+    soft_targets, sample_weight = as_f32(soft_targets), as_f32(sample_weight)
     for name, a in (("train_labels", labels), ("soft_targets", soft_targets), ("sample_weight", sample_weight)):
         if a is not None and len(a) != n:
             raise ValueError(f"{name} has {len(a)} rows, train_ids {n}")

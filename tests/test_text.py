@@ -76,6 +76,7 @@ def test_truncate_words_keeps_spacing():
     assert T.truncate_words("a b ", 2) == "a b "          # <= n words: unchanged, trailing space too
     assert T.truncate_words("a b", 5) == "a b"
     assert T.truncate_words("a b", 0) == ""
+    assert T.truncate_words(" \n", 0) == " \n"              # no words: nothing to cut
 
 
 @SETTINGS

@@ -1,0 +1,98 @@
+"""What the model steps share: model specs, tokenizers, device, fold tables, encoding, and the
+work-dir pattern that keeps training outputs atomic while staying resumable."""
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lmsys import models
+from lmsys.data.folds import fold_split
+from lmsys.data.transforms import with_swaps
+from lmsys.io import atomic_dir
+from lmsys.paths import Layout
+from lmsys.text import encode_rows
+
+TINY_KINDS = models.TINY_KINDS
+
+
+def spec(cfg: dict, name: str) -> dict:
+    specs = cfg["models"]["specs"]
+    if name not in specs:
+        raise KeyError(f"model {name!r} has no spec in profile {cfg['profile']!r}; has {sorted(specs)}")
+    return {"name": name, "seed": cfg["seed"], **specs[name]}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype() -> torch.dtype:
+    """bf16 on a GPU (the recipe), fp32 on a CPU (bf16 matmuls are slow and lossy there)."""
+    return torch.bfloat16 if device().type == "cuda" else torch.float32
+
+
+def tokenizer(cfg: dict, layout: Layout, name: str):
+    return models.load_tokenizer(spec(cfg, name), layout.tokenizer)
+
+
+def build(cfg: dict, layout: Layout, name: str, init_adapter: Path | None = None, trainable: bool = True):
+    """(tokenizer, PeftModel) of model `name`, optionally continuing from an adapter."""
+    tok = tokenizer(cfg, layout, name)
+    return tok, models.build_model(spec(cfg, name), tok, init_adapter=init_adapter, device=device(),
+                                   trainable=trainable, dtype=dtype())
+
+
+def table(layout: Layout, name: str) -> pd.DataFrame:
+    return pd.read_parquet(layout.prepared / f"{name}.parquet")
+
+
+def competition_and_external(layout: Layout) -> pd.DataFrame:
+    return pd.concat([table(layout, "train"), table(layout, "external")], ignore_index=True)
+
+
+def fold_tables(layout: Layout, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training part, validation part) of fold k, before filtering and swapping."""
+    return fold_split(competition_and_external(layout), pd.read_csv(layout.folds_csv, dtype={"id": str}), k)
+
+
+def filtered_train(cfg: dict, layout: Layout, k: int) -> pd.DataFrame:
+    """Fold k's training part after step 2.5, with the A/B-swapped copies (column `swapped`),
+    cut to train_teacher.subset_size originals (seeded) when set."""
+    train, _ = fold_tables(layout, k)
+    keep = set(pd.read_csv(layout.filtered(k) / "train_ids.csv", dtype={"id": str})["id"])
+    train = train[train["id"].isin(keep)].reset_index(drop=True)
+    n = cfg["train_teacher"]["subset_size"]
+    if n is not None and n < len(train):
+        train = train.sample(n=n, random_state=cfg["seed"]).reset_index(drop=True)
+    return with_swaps(train)
+
+
+def encode(cfg: dict, df: pd.DataFrame, tok, max_length: int, swap: bool = False) -> list[list[int]]:
+    return encode_rows(df, tok, max_length, cfg["text"], swap=swap)
+
+
+def labels(df: pd.DataFrame) -> np.ndarray:
+    return df["label"].to_numpy(dtype=np.int64)
+
+
+@contextmanager
+def training_dir(out: Path):
+    """Train in `<out>.partial/` (kept across kills so the trainer resumes from its checkpoint),
+    then publish final/ + metrics.json as `out` in one rename."""
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    yield work
+    with atomic_dir(out) as tmp:
+        shutil.copytree(work / "final", tmp / "adapter")
+        shutil.copy2(work / "metrics.json", tmp / "metrics.json")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def adapter(step_dir: Path) -> Path:
+    """The published adapter inside a training step's output dir."""
+    return step_dir / "adapter"

@@ -1,0 +1,188 @@
+"""Steps 1, 2.5, 3, 4: the teachers.
+
+  tokenizer       tiny profile only: a byte-level BPE trained on the run's own text
+  post-pretrain   (model)       step 1: 3-class classifier on the UT data, 1 epoch, cosine+warmup
+  filter-argmax   (fold)        step 2.5: drop training rows the post-pretrained model confidently gets wrong
+  train-teacher   (model, fold) step 3: (Q)LoRA from the post-pretrained adapter, best checkpoint, resumable
+  teacher-logits  (model, fold) step 4: raw logits on the fold's training rows (both orders) and its validation rows
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from lmsys import models
+from lmsys.infer import predict_logits
+from lmsys.io import atomic_dir, write_json, write_table
+from lmsys.metrics import softmax
+from lmsys.paths import Layout
+from lmsys.steps import Step, StepResult, register
+from lmsys.steps import common as C
+from lmsys.text import format_text
+from lmsys.train import train_classifier
+
+log = logging.getLogger(__name__)
+
+
+def teachers(cfg: dict) -> list[str]:
+    return list(cfg["models"]["teachers"])
+
+
+def filter_model(cfg: dict) -> str:
+    """The post-pretrained model that filters (step 2.5): the first teacher."""
+    return teachers(cfg)[0]
+
+
+# ---------------------------------------------------------------- tokenizer (tiny only)
+
+def run_tokenizer(cfg: dict, layout: Layout) -> StepResult:
+    """Train the tiny profile's BPE on the prepared text; other profiles use the models' own."""
+    kinds = {C.spec(cfg, m)["kind"] for m in [*teachers(cfg), cfg["models"]["student"]]}
+    with atomic_dir(layout.tokenizer) as tmp:
+        if kinds & set(C.TINY_KINDS):
+            texts = [format_text(p, a, b, cfg["text"]) for name in ("train", "external", "ut", "test")
+                     for p, a, b in C.table(layout, name)[["prompt", "response_a", "response_b"]].itertuples(index=False)]
+            tok = models.train_tokenizer(texts, tmp, vocab_size=cfg["models"].get("tiny_vocab", 1024))
+            info = {"trained": True, "vocab_size": len(tok), "texts": len(texts)}
+        else:
+            info = {"trained": False, "reason": "no tiny model in this profile: each model uses its own tokenizer"}
+        (tmp / "tokenizer_info.json").write_text(json.dumps(info, indent=2))
+    return StepResult(outputs=[layout.tokenizer], metrics=info)
+
+
+# ---------------------------------------------------------------- step 1
+
+def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
+    """Step 1: train `model` as a 3-class classifier on the UT data (held-out 10% for validation)."""
+    p = cfg["post_pretrain"]
+    ut = C.table(layout, "ut")
+    if p["max_rows"] is not None:
+        ut = ut.sample(n=min(p["max_rows"], len(ut)), random_state=cfg["seed"])
+    ut = ut.sample(frac=1.0, random_state=cfg["seed"]).reset_index(drop=True)
+    n_val = max(1, len(ut) // 10)
+    val, train = ut.iloc[:n_val], ut.iloc[n_val:]
+    tok, net = C.build(cfg, layout, model)
+    L = cfg["text"]["train_max_length"]
+    out = layout.post_pretrain(model)
+    with C.training_dir(out) as work:
+        metrics = train_classifier(net, C.encode(cfg, train, tok, L), C.labels(train), work, {**p, "eval_every": None},
+                                   tok.pad_token_id, C.encode(cfg, val, tok, L), C.labels(val),
+                                   seed=cfg["seed"], progress_desc=f"post-pretrain {model}")
+    return StepResult(outputs=[out], metrics=_summary(metrics))
+
+
+def _summary(m: dict) -> dict:
+    return {k: m.get(k) for k in ("steps", "n_train", "n_val", "train_loss_first", "train_loss_last",
+                                  "best_val_log_loss", "val_accuracy", "samples_per_s", "train_seconds")}
+
+
+# ---------------------------------------------------------------- step 2.5
+
+def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
+    """Step 2.5: remove fold `fold`'s training rows whose post-pretrained argmax is wrong with
+    probability >= filter_argmax.threshold. Validation rows are never touched."""
+    name = filter_model(cfg)
+    train, _ = C.fold_tables(layout, fold)
+    tok, net = C.build(cfg, layout, name, init_adapter=C.adapter(layout.post_pretrain(name)), trainable=False)
+    probs = softmax(predict_logits(net, C.encode(cfg, train, tok, cfg["text"]["train_max_length"]),
+                                   tok.pad_token_id, cfg["teacher_logits"]["batch_size"], desc=f"filter fold{fold}"))
+    pred, conf = probs.argmax(1), probs.max(1)
+    drop = (pred != C.labels(train)) & (conf >= cfg["filter_argmax"]["threshold"])
+    per_class = {lab: int(drop[C.labels(train) == k].sum()) for k, lab in enumerate(("A", "B", "tie"))}
+    report = {"fold": fold, "model": name, "threshold": cfg["filter_argmax"]["threshold"],
+              "rows_in": len(train), "rows_removed": int(drop.sum()), "rows_kept": int((~drop).sum()),
+              "removed_per_class": per_class}
+    log.warning("filter-argmax fold %d: removed %d of %d training rows %s", fold, drop.sum(), len(train), per_class)
+    with atomic_dir(layout.filtered(fold)) as tmp:
+        pd.DataFrame({"id": train["id"][~drop]}).to_csv(tmp / "train_ids.csv", index=False)
+        pd.DataFrame({"id": train["id"][drop], "label": C.labels(train)[drop], "confidence": conf[drop]}
+                     ).to_csv(tmp / "removed.csv", index=False)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    return StepResult(outputs=[layout.filtered(fold)], metrics=report)
+
+
+# ---------------------------------------------------------------- step 3
+
+def run_train_teacher(cfg: dict, layout: Layout, model: str, fold: int) -> StepResult:
+    """Step 3: (Q)LoRA teacher on fold `fold`, from the post-pretrained adapter; resumable."""
+    train = C.filtered_train(cfg, layout, fold)
+    _, val = C.fold_tables(layout, fold)
+    tok, net = C.build(cfg, layout, model, init_adapter=C.adapter(layout.post_pretrain(model)))
+    L = cfg["text"]["train_max_length"]
+    out = layout.teacher(model, fold)
+    with C.training_dir(out) as work:
+        metrics = train_classifier(net, C.encode(cfg, train, tok, L), C.labels(train), work, cfg["train_teacher"],
+                                   tok.pad_token_id, C.encode(cfg, val, tok, L), C.labels(val),
+                                   seed=cfg["seed"] + fold, progress_desc=f"teacher {model} fold{fold}")
+    return StepResult(outputs=[out], metrics={"model": model, "fold": fold, **_summary(metrics)})
+
+
+# ---------------------------------------------------------------- step 4
+
+def _subset(df: pd.DataFrame, spec: str | None) -> pd.DataFrame:
+    """The seed's INFER_*_SUBSET "start-end" row range of the training part (null = all)."""
+    if not spec:
+        return df
+    start, end = (int(x) for x in str(spec).split("-"))
+    return df.iloc[start:end]
+
+
+def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> StepResult:
+    """Step 4: raw [A, B, tie] logits of teacher `model` of fold `fold` on every training row of the
+    fold (original and swapped, the student's training set) and on its validation rows (out of fold,
+    both orders). Output columns: id, swapped, split, label, logit_a, logit_b, logit_tie."""
+    c = cfg["teacher_logits"]
+    train = _subset(C.filtered_train(cfg, layout, fold), c["subset"]).assign(split="train")
+    _, val = C.fold_tables(layout, fold)
+    from lmsys.data.transforms import with_swaps
+    rows = pd.concat([train, with_swaps(val).assign(split="val")], ignore_index=True)
+    tok, net = C.build(cfg, layout, model, init_adapter=C.adapter(layout.teacher(model, fold)), trainable=False)
+    ids = C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"])
+    logits = predict_logits(net, ids, tok.pad_token_id, c["batch_size"], progress_every=c["progress_every"],
+                            desc=f"logits {model} fold{fold}")
+    if not np.isfinite(logits).all():
+        raise FloatingPointError(f"teacher {model} fold {fold}: non-finite logits")
+    out = pd.DataFrame({"id": rows["id"], "swapped": rows["swapped"], "split": rows["split"],
+                        "label": C.labels(rows), "logit_a": logits[:, 0], "logit_b": logits[:, 1],
+                        "logit_tie": logits[:, 2]})
+    write_table(out, layout.logits(model, fold))
+    v = out[out["split"] == "val"]
+    from lmsys.metrics import log_loss
+    oof = log_loss(softmax(v[["logit_a", "logit_b", "logit_tie"]].to_numpy()), v["label"].to_numpy())
+    return StepResult(outputs=[layout.logits(model, fold)],
+                      metrics={"model": model, "fold": fold, "rows": len(out), "val_log_loss": oof})
+
+
+# ---------------------------------------------------------------- registry
+
+_DATA = lambda layout: [layout.prepared / "train.parquet", layout.prepared / "external.parquet"]  # noqa: E731
+_MOD = ("lmsys.models", "lmsys.train", "lmsys.infer", "lmsys.text", "lmsys.steps.common", "lmsys.steps.teachers")
+
+register(Step("tokenizer", "0", run_tokenizer,
+              inputs=lambda cfg, layout: [layout.prepared],
+              outputs=lambda cfg, layout: [layout.tokenizer],
+              params=("models", "text"), modules=("lmsys.models", "lmsys.steps.teachers")))
+register(Step("post-pretrain", "1", run_post_pretrain,
+              inputs=lambda cfg, layout, model: [layout.prepared / "ut.parquet", layout.tokenizer],
+              outputs=lambda cfg, layout, model: [layout.post_pretrain(model)],
+              params=("post_pretrain", "models", "text", "seed"), fan_out=("model",), gpu=True, modules=_MOD))
+register(Step("filter-argmax", "2.5", run_filter_argmax,
+              inputs=lambda cfg, layout, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
+                                                layout.post_pretrain(filter_model(cfg))],
+              outputs=lambda cfg, layout, fold: [layout.filtered(fold)],
+              params=("filter_argmax", "models", "text", "teacher_logits.batch_size"), fan_out=("fold",), gpu=True,
+              modules=_MOD))
+register(Step("train-teacher", "3", run_train_teacher,
+              inputs=lambda cfg, layout, model, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
+                                                       layout.filtered(fold), layout.post_pretrain(model)],
+              outputs=lambda cfg, layout, model, fold: [layout.teacher(model, fold)],
+              params=("train_teacher", "models", "text", "seed"), fan_out=("model", "fold"), gpu=True, modules=_MOD))
+register(Step("teacher-logits", "4", run_teacher_logits,
+              inputs=lambda cfg, layout, model, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
+                                                       layout.filtered(fold), layout.teacher(model, fold)],
+              outputs=lambda cfg, layout, model, fold: [layout.logits(model, fold)],
+              params=("teacher_logits", "train_teacher.subset_size", "models", "text", "seed"),
+              fan_out=("model", "fold"), gpu=True, modules=_MOD))
