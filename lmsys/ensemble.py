@@ -159,7 +159,7 @@ def merge_into(model: torch.nn.Module, folds: list[tuple[dict, dict]], w: np.nda
 
 
 def ensemble_adapters(base_model_factory: Callable[[], torch.nn.Module], adapter_dirs: list, out_dir,
-                      method: str = "mean", weights=None, extra: dict | None = None) -> Path:
+                      method: str = "mean", weights=None, extra: dict | None = None, tokenizer=None) -> Path:
     """Combine K fold adapters (method mean | exact | weighted; weights [K] only for weighted) into
     a fresh base model from base_model_factory() and save it, atomically, as a full model
     (AutoModelForSequenceClassification.from_pretrained(out_dir) loads it) plus ensemble.json
@@ -177,5 +177,7 @@ def ensemble_adapters(base_model_factory: Callable[[], torch.nn.Module], adapter
             "lora_modules": len(read[0][0]), "full_tensors": sorted(read[0][1]), **(extra or {})}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer is not None:          # beside the weights, so the dir loads on its own
+            tokenizer.save_pretrained(tmp)
         write_json(meta, tmp / "ensemble.json")
     return Path(out_dir)

@@ -83,13 +83,15 @@ def labels(df: pd.DataFrame) -> np.ndarray:
 @contextmanager
 def training_dir(out: Path):
     """Train in `<out>.partial/` (kept across kills so the trainer resumes from its checkpoint),
-    then publish final/ + metrics.json as `out` in one rename."""
+    then publish final/ as `out/adapter` plus every top-level file (metrics.json, ...) in one rename."""
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     yield work
     with atomic_dir(out) as tmp:
         shutil.copytree(work / "final", tmp / "adapter")
-        shutil.copy2(work / "metrics.json", tmp / "metrics.json")
+        for f in work.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
     shutil.rmtree(work, ignore_errors=True)
 
 

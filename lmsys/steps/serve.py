@@ -1,0 +1,256 @@
+"""Steps 8, 8.5 and 9: inference with TTA + symmetrisation, and evaluation.
+
+  predict   step 8/8.5: the final model (quantized if step 7 ran, else the ensemble) on the test rows in
+            both A/B orders; swapped probabilities swapped back and averaged; submission.csv
+  evaluate  step 9: out-of-fold and per-fold log loss / accuracy / ECE before and after calibration,
+            ensembling, quantisation and TTA; DVC metrics and plots; report.md with images
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from transformers import AutoTokenizer
+
+from lmsys import metrics as M
+from lmsys.config import ROOT
+from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
+from lmsys.infer import predict_logits
+from lmsys.io import write_json, write_table
+from lmsys.paths import Layout
+from lmsys.steps import Step, StepResult, register
+from lmsys.steps import common as C
+from lmsys.steps.folds import active_folds
+from lmsys.steps.student import student_logits_path
+from lmsys.steps.teachers import teachers
+from lmsys.text import encode_rows
+from lmsys.tta import symmetrize
+
+
+# ---------------------------------------------------------------- steps 8 / 8.5
+
+def final_model_dir(cfg: dict, layout: Layout) -> Path:
+    return layout.quantized if cfg["quantize"]["enabled"] else layout.ensemble
+
+
+def load_final(model_dir: Path):
+    """(tokenizer, eval model) of a merged or quantized model dir (its tokenizer is saved inside)."""
+    from lmsys.models import load_for_inference
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if (Path(model_dir) / "quantize.json").exists():
+        from lmsys.quantize import load_quantized
+        return tok, load_quantized(model_dir, C.device())
+    return tok, load_for_inference(model_dir, {}, tok, device=C.device(), dtype=C.dtype())
+
+
+def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: int, batch_size: int,
+                  tta: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N, 3], probabilities of the plain original order [N, 3] or None without TTA).
+
+    With TTA the output is exactly symmetric: swapping A/B in `rows` exchanges p_A and p_B."""
+    z = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg), tok.pad_token_id, batch_size, desc="predict")
+    p = M.softmax(z)
+    if not tta:
+        return p, None
+    zs = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg, swap=True), tok.pad_token_id,
+                        batch_size, desc="predict swapped")
+    return symmetrize(p, M.softmax(zs)), p
+
+
+def submission(ids, probs: np.ndarray) -> pd.DataFrame:
+    out = pd.DataFrame(probs, columns=WINNER_COLUMNS)
+    out.insert(0, "id", list(ids))
+    return out[SUBMISSION_COLUMNS]
+
+
+def run_predict(cfg: dict, layout: Layout) -> StepResult:
+    """Steps 8/8.5: predict the prepared test rows with the final model; write submission.csv,
+    test_probs.parquet (TTA and plain) and last_run.json (what `lmsys predict` uses by default)."""
+    model_dir = final_model_dir(cfg, layout)
+    tok, model = load_final(model_dir)
+    test = C.table(layout, "test")
+    p, plain = predict_probs(model, tok, test, cfg["text"], cfg["text"]["infer_max_length"],
+                             cfg["predict"]["batch_size"], cfg["predict"]["tta"])
+    sub = submission(test["id"], p)
+    write_table(sub, layout.submission)
+    probs = sub.rename(columns=dict(zip(WINNER_COLUMNS, ("p_a", "p_b", "p_tie"))))
+    if plain is not None:
+        probs[["plain_a", "plain_b", "plain_tie"]] = plain
+    write_table(probs, layout.predictions / "test_probs.parquet")
+    write_json({"profile": cfg["profile"], "model": str(model_dir), "submission": str(layout.submission),
+                "report": str(layout.reports / "report.md"), "tta": cfg["predict"]["tta"]}, layout.last_run)
+    return StepResult(outputs=[layout.predictions], metrics={"rows": len(sub), "model": str(model_dir)})
+
+
+def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dict, tta: bool = True) -> pd.DataFrame:
+    """`lmsys predict`: validate a test CSV, predict, write the submission (every id once, rows sum to 1).
+    model_dir defaults to the last pipeline run's final model of the profile."""
+    from lmsys.data.validate import validate_file
+    layout = Layout(cfg["profile"])
+    if model_dir is None:
+        if not layout.last_run.exists():
+            raise FileNotFoundError(f"no model given and no pipeline run of profile {cfg['profile']!r} "
+                                    f"({layout.last_run} missing): run `lmsys run` or pass --model")
+        model_dir = Path(json.loads(layout.last_run.read_text())["model"])
+    v = validate_file(test_csv)
+    if len(v.quarantine):
+        raise ValueError(f"{test_csv}: {len(v.quarantine)} rows unusable {v.report()['reasons']}; "
+                         f"first row {int(v.quarantine['row'].iloc[0])}: run `lmsys validate` for details")
+    tok, model = load_final(model_dir)
+    p, _ = predict_probs(model, tok, v.clean, cfg["text"], cfg["text"]["infer_max_length"],
+                         cfg["predict"]["batch_size"], tta)
+    sub = submission(v.clean["id"], p)
+    write_table(sub, out_csv)
+    return sub
+
+
+# ---------------------------------------------------------------- step 9
+
+def _oof_teacher(cfg, layout, model, calibrated: bool) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for k in active_folds(cfg):
+        f = pd.read_parquet(student_logits_path(cfg, layout, model, k) if calibrated else layout.logits(model, k))
+        v = f[(f["split"] == "val") & ~f["swapped"]]
+        out[k] = (M.softmax(v[LOGIT_COLUMNS].to_numpy()), v["label"].to_numpy())
+    return out
+
+
+def _oof_student(cfg, layout, tta: bool) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for k in active_folds(cfg):
+        o = pd.read_parquet(layout.student(k) / "oof.parquet")
+        p = M.softmax(o[LOGIT_COLUMNS].to_numpy())
+        if tta:
+            p = symmetrize(p, M.softmax(o[[f"swapped_{c}" for c in LOGIT_COLUMNS]].to_numpy()))
+        out[k] = (p, o["label"].to_numpy())
+    return out
+
+
+def _pooled(per_fold: dict, bins: int) -> dict:
+    p = np.concatenate([v[0] for v in per_fold.values()])
+    y = np.concatenate([v[1] for v in per_fold.values()])
+    return {**M.summarize(p, y, bins), "per_fold_log_loss": {k: M.log_loss(*v) for k, v in per_fold.items()}}
+
+
+def _test_labels(cfg: dict, layout: Layout) -> pd.Series | None:
+    from lmsys.data.demo import demo_paths
+    from lmsys.steps.prepare import uses_demo
+    path = demo_paths(layout.demo_dir)["test_labels"] if uses_demo(cfg) else cfg["data"].get("test_labels")
+    return M.read_labels(path) if path and Path(path).exists() else None
+
+
+def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
+    """Step 9: metrics.json, plots (PNG + CSV for `dvc plots`), report.md under reports/<profile>/."""
+    bins, out = cfg["evaluate"]["ece_bins"], layout.reports
+    res: dict = {"teachers": {}, "student": {}}
+    for m in teachers(cfg):
+        res["teachers"][m] = {"raw": _pooled(_oof_teacher(cfg, layout, m, False), bins)}
+        if cfg["calibrate"]["enabled"]:
+            res["teachers"][m]["calibrated"] = _pooled(_oof_teacher(cfg, layout, m, True), bins)
+    student = {"plain": _oof_student(cfg, layout, False), "tta": _oof_student(cfg, layout, True)}
+    res["student"] = {k: _pooled(v, bins) for k, v in student.items()}
+    labels = _test_labels(cfg, layout)
+    if labels is not None:
+        probs = pd.read_parquet(layout.predictions / "test_probs.parquet")
+        y = labels.reindex(probs["id"].astype(str)).to_numpy()
+        res["test"] = {"final_model": final_model_dir(cfg, layout).name,
+                       "tta": M.summarize(probs[["p_a", "p_b", "p_tie"]].to_numpy(), y, bins)}
+        if "plain_a" in probs:
+            res["test"]["plain"] = M.summarize(probs[["plain_a", "plain_b", "plain_tie"]].to_numpy(), y, bins)
+    q = layout.quantized / "quantize.json"
+    if cfg["quantize"]["enabled"] and q.exists():
+        res["quantize"] = json.loads(q.read_text())
+    res["reference"] = _reference(cfg, layout, student["tta"])
+    p_oof = np.concatenate([v[0] for v in student["tta"].values()])
+    y_oof = np.concatenate([v[1] for v in student["tta"].values()])
+    plots = {"reliability": M.plot_reliability(p_oof, y_oof, out / "reliability.png", bins),
+             "fold_losses": M.plot_fold_losses(res["student"]["tta"]["per_fold_log_loss"], out / "fold_losses.png"),
+             "confusion": M.plot_confusion(p_oof, y_oof, out / "confusion.png")}
+    _dvc_plot_data(out, res, p_oof, y_oof)
+    write_json(_flat_metrics(res), out / "metrics.json")
+    write_json(res, out / "details.json")
+    M.write_report(out, _report_sections(cfg, res, plots), title=f"lmsys-pipeline report: profile {cfg['profile']}")
+    return StepResult(outputs=[out], metrics=_flat_metrics(res))
+
+
+def _reference(cfg: dict, layout: Layout, oof: dict) -> dict:
+    """Class-prior log loss on the OOF rows, and the demo's Bayes-optimal figure when known."""
+    from lmsys.data.demo import demo_paths
+    y = np.concatenate([v[1] for v in oof.values()])
+    ref = {"class_prior_log_loss": M.log_loss(np.tile(np.bincount(y, minlength=3) / len(y), (len(y), 1)), y),
+           "uniform_log_loss": float(np.log(3))}
+    truth = demo_paths(layout.demo_dir)["truth"]
+    if cfg["data"]["train"] is None and truth.exists():
+        t = json.loads(truth.read_text())
+        ref.update(demo_bayes_train=t["train"]["bayes_log_loss"], demo_bayes_test=t["test"]["bayes_log_loss"])
+    return ref
+
+
+def _flat_metrics(res: dict) -> dict:
+    flat = {"student_oof_log_loss": res["student"]["tta"]["log_loss"],
+            "student_oof_log_loss_no_tta": res["student"]["plain"]["log_loss"],
+            "student_oof_accuracy": res["student"]["tta"]["accuracy"],
+            "student_oof_ece": res["student"]["tta"]["ece"], **res["reference"]}
+    for m, r in res["teachers"].items():
+        flat[f"teacher_{m}_oof_log_loss"] = r["raw"]["log_loss"]
+        if "calibrated" in r:
+            flat[f"teacher_{m}_oof_log_loss_calibrated"] = r["calibrated"]["log_loss"]
+    for k, v in res.get("test", {}).items():
+        if isinstance(v, dict):
+            flat[f"test_log_loss_{k}"], flat[f"test_accuracy_{k}"] = v["log_loss"], v["accuracy"]
+    if "quantize" in res:
+        flat["quantize_log_loss_change"] = res["quantize"].get("log_loss_change")
+    return flat
+
+
+def _dvc_plot_data(out: Path, res: dict, p: np.ndarray, y: np.ndarray) -> None:
+    folds = res["student"]["tta"]["per_fold_log_loss"]
+    write_table(pd.DataFrame({"fold": list(folds), "log_loss": list(folds.values())}), out / "fold_losses.csv")
+    conf, correct = p.max(1), (p.argmax(1) == y)
+    edges = np.linspace(1 / 3, 1, 8)
+    b = np.clip(np.digitize(conf, edges) - 1, 0, len(edges) - 2)
+    rel = pd.DataFrame({"bin": b, "confidence": conf, "accuracy": correct}).groupby("bin").mean().reset_index()
+    write_table(rel, out / "reliability.csv")
+
+
+def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    teacher_rows = {f"{m} ({kind})": {k: v for k, v in r.items() if k != "per_fold_log_loss"}
+                    for m, t in res["teachers"].items() for kind, r in t.items()}
+    student_rows = {f"student ({kind})": {k: v for k, v in r.items() if k != "per_fold_log_loss"}
+                    for kind, r in res["student"].items()}
+    sections = {"Run": f"profile `{cfg['profile']}`, folds {active_folds(cfg)}, git `{rev or 'unknown'}`",
+                "Reference": res["reference"],
+                "Teachers, out of fold (before/after calibration)": teacher_rows,
+                "Student, out of fold (without/with TTA)": student_rows}
+    if "test" in res:
+        sections["Test set (final model, without/with TTA)"] = {k: v for k, v in res["test"].items() if isinstance(v, dict)}
+    if "quantize" in res:
+        sections["Quantisation"] = res["quantize"]
+    sections["Reliability (student OOF, TTA)"] = plots["reliability"]
+    sections["Per-fold log loss (student, TTA)"] = plots["fold_losses"]
+    sections["Confusion matrix (student OOF, TTA)"] = plots["confusion"]
+    return sections
+
+
+def _predict_inputs(cfg, layout):
+    return [layout.prepared / "test.parquet", final_model_dir(cfg, layout)]
+
+
+register(Step("predict", "8", run_predict, inputs=_predict_inputs,
+              outputs=lambda cfg, layout: [layout.predictions],
+              params=("predict", "text", "quantize.enabled"), gpu=True,
+              modules=("lmsys.infer", "lmsys.text", "lmsys.tta", "lmsys.models", "lmsys.steps.serve")))
+register(Step("evaluate", "9", run_evaluate,
+              inputs=lambda cfg, layout: [layout.predictions, layout.prepared,
+                                          *[layout.student(k) for k in active_folds(cfg)],
+                                          *[student_logits_path(cfg, layout, m, k) for m in teachers(cfg) for k in active_folds(cfg)],
+                                          *[layout.logits(m, k) for m in teachers(cfg) for k in active_folds(cfg)]],
+              outputs=lambda cfg, layout: [layout.reports],
+              params=("evaluate", "calibrate.enabled", "quantize.enabled"),
+              modules=("lmsys.metrics", "lmsys.steps.serve")))

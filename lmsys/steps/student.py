@@ -1,0 +1,208 @@
+"""Steps 4.5, 5, 6, 7: the student.
+
+  calibrate  (model)  step 4.5: vector (or temperature) scaling of a teacher's logits, fitted on its
+                      out-of-fold logits, applied to every logit the student will see
+  distill    (fold)   step 5: the student on fold k's training rows, loss = CE + per teacher KL + cosine
+  ensemble            step 6: the fold adapters combined (mean | exact | weighted) into one merged model
+  quantize            step 7: GPTQ 8-bit of the merged model (optional, quantize.enabled)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lmsys import models
+from lmsys.calibration import apply_calibration, fit_calibration
+from lmsys.data.schema import LOGIT_COLUMNS
+from lmsys.distill import distill_loss, info_gain_weights, prior_probs
+from lmsys.ensemble import ensemble_adapters, fold_gain, fold_weights
+from lmsys.infer import predict_logits
+from lmsys.io import atomic_dir, write_json, write_table
+from lmsys.metrics import log_loss, softmax
+from lmsys.paths import Layout
+from lmsys.steps import Step, StepResult, register
+from lmsys.steps import common as C
+from lmsys.steps.folds import active_folds
+from lmsys.steps.teachers import teachers
+from lmsys.train import train_classifier
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- step 4.5
+
+def student_logits_path(cfg: dict, layout: Layout, model: str, fold: int) -> Path:
+    """The teacher logits the student sees: calibrated when step 4.5 is on, raw otherwise."""
+    return layout.calibrated_logits(model, fold) if cfg["calibrate"]["enabled"] else layout.logits(model, fold)
+
+
+def run_calibrate(cfg: dict, layout: Layout, model: str) -> StepResult:
+    """Step 4.5: fit on teacher `model`'s out-of-fold logits (validation rows of every fold); report
+    before/after log loss on held-out halves (fit on one half, score the other, both ways); then fit
+    on all and apply to every logits file of the model."""
+    folds = active_folds(cfg)
+    frames = {k: pd.read_parquet(layout.logits(model, k)) for k in folds}
+    oof = pd.concat([f[f["split"] == "val"] for f in frames.values()], ignore_index=True)
+    z, y = oof[LOGIT_COLUMNS].to_numpy(), oof["label"].to_numpy()
+    half = np.random.default_rng(cfg["seed"]).permutation(len(oof)) % 2 == 0
+    before = after = 0.0
+    for fit_rows, score_rows in ((half, ~half), (~half, half)):
+        p = fit_calibration(z[fit_rows], y[fit_rows], cfg["calibrate"]["method"])
+        before += log_loss(softmax(z[score_rows]), y[score_rows]) * score_rows.sum() / len(y)
+        after += log_loss(softmax(apply_calibration(z[score_rows], p)), y[score_rows]) * score_rows.sum() / len(y)
+    params = fit_calibration(z, y, cfg["calibrate"]["method"])
+    params.update(model=model, heldout_log_loss_before=before, heldout_log_loss_after=after, oof_rows=len(oof))
+    for k, f in frames.items():
+        cal = f.copy()
+        cal[LOGIT_COLUMNS] = apply_calibration(f[LOGIT_COLUMNS].to_numpy(), params)
+        write_table(cal, layout.calibrated_logits(model, k))
+    write_json(params, layout.calibration(model))
+    return StepResult(outputs=[layout.calibration(model), layout.calibrated_logits(model, folds[0]).parent],
+                      metrics={"model": model, "heldout_log_loss_before": before, "heldout_log_loss_after": after})
+
+
+# ---------------------------------------------------------------- step 5
+
+def soft_targets(cfg: dict, layout: Layout, fold: int, rows: pd.DataFrame) -> np.ndarray:
+    """[N, n_teachers, 3] teacher logits joined to `rows` by (id, swapped)."""
+    out = []
+    for m in teachers(cfg):
+        t = pd.read_parquet(student_logits_path(cfg, layout, m, fold))
+        t = t[t["split"] == "train"].set_index(["id", "swapped"])[LOGIT_COLUMNS]
+        key = pd.MultiIndex.from_arrays([rows["id"], rows["swapped"]])
+        missing = ~key.isin(t.index)
+        if missing.any():
+            raise ValueError(f"fold {fold}: {missing.sum()} training rows have no logits from teacher {m} "
+                             f"(teacher_logits.subset limits them?); first id {rows['id'][missing].iloc[0]}")
+        out.append(t.loc[key].to_numpy())
+    return np.stack(out, axis=1).astype(np.float32)
+
+
+def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """RLP-style information-gain weights (mean 1), or None when distill.info_gain_weights is off."""
+    d = cfg["distill"]
+    if not d["info_gain_weights"]:
+        return None
+    if d["info_gain_baseline"] != "prior":
+        raise ValueError(f"distill.info_gain_baseline={d['info_gain_baseline']!r}: only 'prior' is wired into the step")
+    return info_gain_weights(soft.mean(axis=1), labels, prior_probs(labels)).astype(np.float32)
+
+
+def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
+    """Step 5: distil the teachers into the student on fold `fold`; best checkpoint by validation log
+    loss; also writes the student's out-of-fold probabilities (oof.parquet, both orders)."""
+    d = cfg["distill"]
+    train = C.filtered_train(cfg, layout, fold)
+    _, val = C.fold_tables(layout, fold)
+    soft = soft_targets(cfg, layout, fold, train)
+    y = C.labels(train)
+    name = cfg["models"]["student"]
+    tok, net = C.build(cfg, layout, name)
+    L = cfg["text"]["train_max_length"]
+    loss = partial(_loss, T=d["temperature"], ce=d["ce_weight"], kl=d["kl_weight"], cos=d["cos_weight"])
+    out = layout.student(fold)
+    with C.training_dir(out) as work:
+        metrics = train_classifier(net, C.encode(cfg, train, tok, L), y, work, d, tok.pad_token_id,
+                                   C.encode(cfg, val, tok, L), C.labels(val), soft_targets=soft, loss_fn=loss,
+                                   sample_weight=sample_weights(cfg, soft, y), seed=cfg["seed"] + fold,
+                                   progress_desc=f"student fold{fold}")
+        _write_oof(cfg, net, tok, val, work / "oof.parquet")
+    return StepResult(outputs=[out], metrics={"fold": fold, "best_val_log_loss": metrics["best_val_log_loss"],
+                                              "val_accuracy": metrics["val_accuracy"], "steps": metrics["steps"]})
+
+
+def _loss(logits, labels, soft, weight, T, ce, kl, cos):
+    return distill_loss(logits, labels, [soft[:, t] for t in range(soft.shape[1])], T=T,
+                        ce_weight=ce, kl_weight=kl, cos_weight=cos, sample_weight=weight)
+
+
+def _write_oof(cfg: dict, net, tok, val: pd.DataFrame, path: Path) -> None:
+    L, bs = cfg["text"]["infer_max_length"], cfg["predict"]["batch_size"]
+    z = predict_logits(net, C.encode(cfg, val, tok, L), tok.pad_token_id, bs, desc="oof")
+    zs = predict_logits(net, C.encode(cfg, val, tok, L, swap=True), tok.pad_token_id, bs, desc="oof swapped")
+    out = pd.DataFrame({"id": val["id"], "label": C.labels(val)})
+    out[LOGIT_COLUMNS] = z
+    out[[f"swapped_{c}" for c in LOGIT_COLUMNS]] = zs
+    write_table(out, path)
+
+
+# ---------------------------------------------------------------- step 6
+
+def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
+    """Step 6: combine the fold students (ensemble.method) into one merged model, saved with its
+    tokenizer so `lmsys predict` can load it alone."""
+    folds = active_folds(cfg)
+    method = cfg["ensemble"]["method"]
+    weights, gains = None, None
+    if method == "weighted":
+        gains = []
+        for k in folds:
+            o = pd.read_parquet(layout.student(k) / "oof.parquet")
+            y = o["label"].to_numpy()
+            gains.append(fold_gain(softmax(o[LOGIT_COLUMNS].to_numpy()), y, prior_probs(y)))
+        weights = fold_weights(gains, cfg["ensemble"]["tau"])
+    name = cfg["models"]["student"]
+    spec, tok = C.spec(cfg, name), C.tokenizer(cfg, layout, name)
+    factory = lambda: models.build_base_model(spec, tok, device=C.device(), dtype=C.dtype())  # noqa: E731
+    ensemble_adapters(factory, [C.adapter(layout.student(k)) for k in folds], layout.ensemble, method, weights,
+                      extra={"student": name, "gains": gains, "fold_ids": folds}, tokenizer=tok)
+    return StepResult(outputs=[layout.ensemble], metrics={"method": method, "folds": folds,
+                                                          "weights": None if weights is None else list(map(float, weights))})
+
+
+# ---------------------------------------------------------------- step 7
+
+def calibration_texts(cfg: dict, layout: Layout, n: int) -> list[str]:
+    from lmsys.text import format_text
+    train = C.table(layout, "train").sample(n=min(n, len(C.table(layout, "train"))), random_state=cfg["seed"])
+    return [format_text(p, a, b, cfg["text"]) for p, a, b in train[["prompt", "response_a", "response_b"]].itertuples(index=False)]
+
+
+def run_quantize(cfg: dict, layout: Layout) -> StepResult:
+    """Step 7: GPTQ of the merged student via transformers' GPTQConfig (gptqmodel backend); saved,
+    reloaded, and its log-loss change against the unquantised model measured on training rows."""
+    from lmsys.quantize import quantize_gptq
+    q = cfg["quantize"]
+    texts = calibration_texts(cfg, layout, q["n_calibration"])
+    metrics = quantize_gptq(layout.ensemble, layout.quantized, texts, bits=q["bits"], group_size=q["group_size"],
+                            model_seqlen=q["model_seqlen"], eval_fn=partial(_eval_model, cfg, layout))
+    return StepResult(outputs=[layout.quantized], metrics=metrics)
+
+
+def _eval_model(cfg: dict, layout: Layout, model, tok, n: int = 128) -> float:
+    """Log loss of `model` on up to n competition rows (the same rows for every model compared)."""
+    rows = C.table(layout, "train").sample(n=min(n, len(C.table(layout, "train"))), random_state=cfg["seed"] + 1)
+    z = predict_logits(model, C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
+                       cfg["predict"]["batch_size"], desc="quant-eval")
+    return log_loss(softmax(z), C.labels(rows))
+
+
+_MOD = ("lmsys.models", "lmsys.train", "lmsys.infer", "lmsys.text", "lmsys.steps.common", "lmsys.steps.student")
+_TEACHER_LOGITS = lambda cfg, layout, fold: [student_logits_path(cfg, layout, m, fold) for m in teachers(cfg)]  # noqa: E731
+
+register(Step("calibrate", "4.5", run_calibrate,
+              inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in active_folds(cfg)],
+              outputs=lambda cfg, layout, model: [layout.calibration(model), layout.calibrated_logits(model, 0).parent],
+              params=("calibrate", "seed"), fan_out=("model",),
+              modules=("lmsys.calibration", "lmsys.steps.student")))
+register(Step("distill", "5", run_distill,
+              inputs=lambda cfg, layout, fold: [layout.prepared / "train.parquet", layout.prepared / "external.parquet",
+                                                layout.folds_csv, layout.tokenizer, layout.filtered(fold),
+                                                *_TEACHER_LOGITS(cfg, layout, fold)],
+              outputs=lambda cfg, layout, fold: [layout.student(fold)],
+              params=("distill", "models", "text", "seed", "train_teacher.subset_size", "calibrate.enabled"),
+              fan_out=("fold",), gpu=True, modules=(*_MOD, "lmsys.distill")))
+register(Step("ensemble", "6", run_ensemble,
+              inputs=lambda cfg, layout: [layout.tokenizer, *[layout.student(k) for k in active_folds(cfg)]],
+              outputs=lambda cfg, layout: [layout.ensemble],
+              params=("ensemble", "models"), gpu=True, modules=(*_MOD, "lmsys.ensemble")))
+register(Step("quantize", "7", run_quantize,
+              inputs=lambda cfg, layout: [layout.ensemble, layout.prepared / "train.parquet"],
+              outputs=lambda cfg, layout: [layout.quantized],
+              params=("quantize", "text", "seed"), gpu=True, modules=(*_MOD, "lmsys.quantize")))

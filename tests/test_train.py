@@ -1,0 +1,160 @@
+"""The classification trainer: it learns, keeps the best adapter, and resumes exactly after a kill."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_worker
+from lmsys.infer import predict_logits
+from lmsys.models import build_model, load_for_inference, load_tokenizer, train_tokenizer
+from lmsys.train import cross_entropy_loss, train_classifier, val_metrics
+from train_worker import SPEC, corpus, make_task
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(corpus(), d, vocab_size=256)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(SPEC, tok_dir)
+
+
+def adapter(d: Path) -> dict:
+    return load_file(str(d / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float = 1e-5) -> None:
+    ta, tb = adapter(a), adapter(b)
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+
+
+def test_learns_marker_task_and_keeps_best(tmp_path, tok):
+    ids, y = make_task(320, len(tok), seed=0)
+    vids, vy = make_task(96, len(tok), seed=1)
+    cfg = {"epochs": 1, "lr": 3e-3, "warmup_steps": 2, "batch_size": 16, "grad_accum": 1,
+           "eval_every": 10, "checkpoint_every": 5}
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, cfg, tok.pad_token_id, vids, vy)
+
+    prior = np.bincount(y, minlength=3) / len(y)
+    prior_ll = float(-np.log(prior[vy]).mean())  # log loss of always predicting the class prior
+    assert m["steps"] == 20 and [e["step"] for e in m["evals"]] == [10, 20]
+    assert m["best_val_log_loss"] < min(math.log(3), prior_ll) - 0.2, m["evals"]
+    assert m["best_val_log_loss"] == min(e["log_loss"] for e in m["evals"])
+    assert m["samples_per_s"] > 0 and m["train_loss_last"] < m["train_loss_first"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_val_log_loss"] == m["best_val_log_loss"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final", "metrics.json"]  # checkpoint gone
+    assert_same_adapter(tmp_path / "best", tmp_path / "final", atol=0)
+    # the saved adapter reloads onto a fresh base and reproduces the recorded val log loss
+    model = load_for_inference(tmp_path / "final", SPEC, tok)
+    got = val_metrics(predict_logits(model, vids, tok.pad_token_id, 32), vy)
+    assert got["log_loss"] == pytest.approx(m["best_val_log_loss"], abs=1e-4)
+
+
+def test_custom_loss_gets_soft_targets_and_weights(tmp_path, tok):
+    ids, y = make_task(24, len(tok), seed=2)
+    soft = np.random.default_rng(0).normal(size=(24, 2, 3)).astype(np.float32)  # [N, teachers, 3]
+    weight = np.linspace(0.5, 1.5, 24)
+    seen = []
+
+    def loss_fn(logits, labels, soft_b, weight_b):
+        seen.append((logits.shape, labels.shape, soft_b.shape, weight_b.shape))
+        loss, parts = cross_entropy_loss(logits, labels, None, weight_b)
+        return loss, {**parts, "kl": torch.tensor(0.5)}
+
+    cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "grad_accum": 2}  # 3 batches -> steps of 2 + 1
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, cfg, tok.pad_token_id,
+                         soft_targets=soft, sample_weight=weight, loss_fn=loss_fn)
+    assert m["steps"] == 2 and len(seen) == 3
+    assert all(s[1:] == (torch.Size([8]), torch.Size([8, 2, 3]), torch.Size([8])) for s in seen)
+    assert m["train_loss_parts_last"]["kl"] == pytest.approx(0.5)
+    assert m["best_val_log_loss"] is None and (tmp_path / "final" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="soft_targets"):
+        train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "x", cfg, 0, soft_targets=soft[:3])
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, tok):
+    ids, y = make_task(44, len(tok), seed=4)  # steps of 24 + 20 rows; micro-batches 8, 8, 8 | 8, 8, 4
+    base = {"epochs": 1, "lr": 1e-2, "warmup_steps": 0}
+    train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "big", {**base, "batch_size": 24},
+                     tok.pad_token_id, seed=1)
+    train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "acc", {**base, "batch_size": 8, "grad_accum": 3},
+                     tok.pad_token_id, seed=1)
+    assert_same_adapter(tmp_path / "big" / "final", tmp_path / "acc" / "final")
+
+
+def test_resume_after_crash_in_process_with_dropout(tmp_path, tok):
+    """A crash mid-run leaves a checkpoint; the rerun continues it exactly (RNG included: dropout on)."""
+    spec = {**SPEC, "lora": {**SPEC["lora"], "dropout": 0.2}}
+    ids, y = make_task(40, len(tok), seed=3)
+    cfg = {"epochs": 2, "lr": 3e-3, "warmup_steps": 1, "batch_size": 8, "checkpoint_every": 3}  # 5 steps/epoch
+    calls = {"n": 0}
+
+    def crashing(*args):
+        calls["n"] += 1
+        if calls["n"] == 8:  # dies during step 8, after the checkpoint of step 6 (mid epoch 2)
+            raise RuntimeError("simulated crash")
+        return cross_entropy_loss(*args)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_classifier(build_model(spec, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id, loss_fn=crashing)
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["global_step"] == 6
+    m = train_classifier(build_model(spec, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id)
+    assert m["resumed_from_step"] == 6 and m["steps"] == 10 and not (tmp_path / "r" / "checkpoint").exists()
+    train_classifier(build_model(spec, tok), ids, y, tmp_path / "u", cfg, tok.pad_token_id)
+    assert_same_adapter(tmp_path / "r" / "final", tmp_path / "u" / "final")
+
+
+def test_stale_checkpoint_from_other_settings_is_ignored(tmp_path, tok):
+    ids, y = make_task(24, len(tok), seed=2)
+    cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8}
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"fingerprint": "other"}))
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, cfg, tok.pad_token_id)
+    assert m["resumed_from_step"] is None and m["steps"] == 3
+
+
+def _worker(tok_dir: Path, out: Path, sleep_s: float) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(TESTS / "train_worker.py"), str(tok_dir), str(out), str(sleep_s)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tok_dir):
+    """Kill a training process (SIGKILL) once a checkpoint exists, rerun it: same final adapter."""
+    killed = _worker(tok_dir, tmp_path / "killed", sleep_s=0.15)
+    straight = _worker(tok_dir, tmp_path / "straight", sleep_s=0.0)  # runs meanwhile
+    deadline = time.time() + 45
+    while not (tmp_path / "killed" / "checkpoint").exists():
+        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "final").exists()  # it really died mid-training
+    step = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["global_step"]
+    assert 2 <= step < 10
+    rerun = _worker(tok_dir, tmp_path / "killed", sleep_s=0.0)
+    for p in (rerun, straight):
+        assert p.wait(timeout=60) == 0, p.stderr.read().decode()[-2000:]
+    m = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert m["resumed_from_step"] == step and m["steps"] == 10
+    assert_same_adapter(tmp_path / "killed" / "final", tmp_path / "straight" / "final")
