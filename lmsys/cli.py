@@ -73,7 +73,7 @@ def cmd_step(args) -> int:
     from lmsys.steps.registry import run_step
     cfg = _config(args)
     keys = {k: getattr(args, k) for k in ("fold", "model") if getattr(args, k, None) is not None}
-    result = run_step(args.step, cfg, Layout(cfg["profile"]), **keys)
+    result = run_step(args.step, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
     print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
                      indent=2, default=str))
     return 0

@@ -1,0 +1,160 @@
+"""The pipeline flow: the seed's step list, steps 0 -> 9, folds and teachers fanned out.
+
+Each level of the graph is submitted at once (its tasks run in parallel on the task runner), then
+checked: a cache hit whose outputs no longer carry its key is rerun with refresh_cache. Optional
+steps follow params.yaml (calibrate.enabled, quantize.enabled, evaluate) unless the flow's
+parameters say otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+
+from flows.runners import make_task_runner
+from lmsys.config import ROOT, load_config
+from lmsys.io import write_json
+from lmsys.paths import Layout
+from lmsys.steps import STEPS
+from tasks.steps import outputs_match, run_step, task_label
+
+log = logging.getLogger(__name__)
+
+
+def plan(cfg: dict) -> list[list[tuple[str, dict]]]:
+    """The graph as levels of (step, keys); every task of a level depends only on earlier levels."""
+    from lmsys.steps.folds import active_folds
+    from lmsys.steps.prepare import uses_demo
+    folds, teachers = active_folds(cfg), list(cfg["models"]["teachers"])
+    levels = [[("demo-data", {})]] if uses_demo(cfg) else []
+    levels += [[("prepare", {})], [("folds", {}), ("tokenizer", {})],
+               [("post-pretrain", {"model": m}) for m in teachers],
+               [("filter-argmax", {"fold": k}) for k in folds],
+               [("train-teacher", {"model": m, "fold": k}) for m in teachers for k in folds],
+               [("teacher-logits", {"model": m, "fold": k}) for m in teachers for k in folds]]
+    if cfg["calibrate"]["enabled"]:
+        levels.append([("calibrate", {"model": m}) for m in teachers])
+    levels += [[("distill", {"fold": k}) for k in folds], [("ensemble", {})]]
+    if cfg["quantize"]["enabled"]:
+        levels.append([("quantize", {})])
+    levels.append([("predict", {})])
+    if cfg["evaluate"]["enabled"]:
+        levels.append([("evaluate", {})])
+    return levels
+
+
+def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
+    import dask
+    o = cfg["orchestration"]
+    t = run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
+                              timeout_seconds=o["timeout_s"], refresh_cache=refresh)
+    if STEPS[name].gpu and o["runner"] == "slurm":
+        with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
+            return t.submit(name, cfg, keys)
+    return t.submit(name, cfg, keys)
+
+
+def _run_level(level, cfg: dict) -> list[dict]:
+    """Submit a level, wait, rerun stale cache hits; returns one record per task."""
+    layout = Layout(cfg["profile"], cfg.get("root"))
+    futures = [(n, k, _submit(n, cfg, k, refresh=not all(Path(p).exists() for p in STEPS[n].outputs(cfg, layout, **k))))
+               for n, k in level]
+    records = []
+    for n, k, fut in futures:
+        res = fut.result()
+        state = fut.state.name
+        if state == "Cached" and not outputs_match(cfg, n, k, res["key"]):
+            get_run_logger().warning("%s: cache hit but its outputs were replaced since; rerunning", task_label(n, k))
+            fut = _submit(n, cfg, k, refresh=True)
+            res, state = fut.result(), "Completed (refreshed)"
+        records.append({"task": task_label(n, k), "state": state, **{x: res.get(x) for x in
+                        ("host", "slurm_job_id", "seconds", "finished", "key", "outputs", "metrics")}})
+    return records
+
+
+def _git_rev() -> str:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+@flow(name="lmsys-pipeline", log_prints=True)
+def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
+             train: str | None = None, test: str | None = None,
+             external: list[str] | None = None, ut: str | None = None,
+             folds: list[int] | None = None, teachers: list[str] | None = None,
+             calibrate: bool | None = None, quantize: bool | None = None, evaluate: bool = True,
+             runner: Literal["local", "slurm"] | None = None,
+             overrides: dict | None = None, root: str | None = None) -> dict:
+    """Run the whole recipe. Data defaults to the embedded demo (train=None); `folds`/`teachers` are
+    the seed's TEACHER_FOLDS / SKIP_QWEN / INFER_MODELS; `overrides` are dotted params keys."""
+    cfg = flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
+                      overrides, root)
+    logger = get_run_logger()
+    levels = plan(cfg)
+    n_tasks, done, records = sum(map(len, levels)), 0, []
+    progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
+    t0 = time.perf_counter()
+    for level in levels:
+        logger.info("running %s", ", ".join(task_label(n, k) for n, k in level))
+        records += _run_level(level, cfg)
+        done += len(level)
+        update_progress_artifact(progress, 100.0 * done / n_tasks)
+    return _finish(cfg, records, time.perf_counter() - t0)
+
+
+def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
+                overrides, root) -> dict:
+    over = dict(overrides or {})
+    for key, value in (("data.train", train), ("data.test", test), ("data.external", external), ("data.ut", ut),
+                       ("folds.use", folds), ("models.teachers", teachers), ("calibrate.enabled", calibrate),
+                       ("quantize.enabled", quantize), ("orchestration.runner", runner)):
+        if value is not None:
+            over[key] = value
+    cfg = load_config(profile, over)
+    cfg["evaluate"]["enabled"] = evaluate and cfg["evaluate"]["enabled"]
+    if root:
+        cfg["root"] = str(root)
+    return cfg
+
+
+def _finish(cfg: dict, records: list[dict], seconds: float) -> dict:
+    layout = Layout(cfg["profile"], cfg.get("root"))
+    summary = {"profile": cfg["profile"], "git_rev": _git_rev(), "seconds": seconds,
+               "tasks": len(records), "cached": sum(r["state"] == "Cached" for r in records),
+               "submission": str(layout.submission), "report": str(layout.reports / "report.md"),
+               "records": records}
+    write_json(summary, layout.art / "flow_run.json")
+    create_table_artifact(
+        [{"task": r["task"], "state": r["state"], "host": r["host"], "slurm_job_id": r["slurm_job_id"] or "",
+          "seconds": round(r["seconds"] or 0, 2)} for r in records],
+        key="lmsys-tasks", description=f"tasks of this run (git {summary['git_rev'][:10]})")
+    metrics = layout.reports / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        create_table_artifact([{"metric": k, "value": v} for k, v in m.items()], key="lmsys-metrics",
+                              description="evaluation metrics (step 9)")
+    report = layout.reports / "report.md"
+    if report.exists():
+        create_markdown_artifact(report.read_text(), key="lmsys-report", description=f"report at {report}")
+    return {k: v for k, v in summary.items() if k != "records"}
+
+
+def run_from_cli(args) -> int:
+    """`lmsys run`: the flow with the CLI's profile / runner / --set overrides."""
+    from lmsys.config import parse_override
+    overrides = dict(parse_override(o) for o in (args.set or []))
+    cfg = load_config(args.profile, overrides)
+    runner = args.runner or cfg["orchestration"]["runner"]
+    flow_fn = pipeline.with_options(task_runner=make_task_runner(cfg, runner))
+    out = flow_fn(profile=cfg["profile"], runner=runner, overrides=overrides)
+    print(f"pipeline done in {out['seconds']:.1f} s: {out['tasks']} tasks, {out['cached']} cached")
+    print(f"submission: {out['submission']}")
+    print(f"report:     {out['report']}")
+    return 0

@@ -1,0 +1,96 @@
+"""Prefect tasks: one per pipeline step, derived from the lmsys step registry.
+
+Cache key = sha256 of (step, fan-out keys, profile, the step's params.yaml values, the content
+hashes of its input files, the source hash of the lmsys modules it runs). Paths are never hashed
+as strings and Python objects are never pickled into the key. A task's result is small and
+JSON-able: output paths, metrics, the host and SLURM job it ran under.
+
+Every run writes a stamp (artifacts/<profile>/.stamps/<task>.json) naming the key its outputs were
+made under. The flow trusts a cache hit only when the outputs exist and carry the hit's key;
+otherwise it reruns the task with refresh_cache (outputs deleted or overwritten by other params).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from lmsys.io import tree_sha256, write_json
+from lmsys.paths import Layout
+from lmsys.steps import STEPS, Step
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def code_hash(step: Step) -> str:
+    """Hash of the source of every lmsys module the step runs (its registry entry names them)."""
+    h = hashlib.sha256()
+    for name in sorted({*step.modules, "lmsys.steps", "lmsys.io", "lmsys.paths", "lmsys.config"}):
+        h.update(name.encode())
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()
+
+
+def input_hashes(step: Step, cfg: dict, layout: Layout, keys: dict) -> dict[str, str]:
+    out = {}
+    for p in step.inputs(cfg, layout, **keys):
+        p = Path(p)
+        out[str(p)] = tree_sha256(p) if p.exists() else "missing"
+    return out
+
+
+def cache_key(name: str, cfg: dict, keys: dict) -> str:
+    step, layout = STEPS[name], Layout(cfg["profile"], cfg.get("root"))
+    blob = {"step": name, "keys": keys, "profile": cfg["profile"],
+            "params": {p: _get(cfg, p) for p in step.params},
+            "inputs": input_hashes(step, cfg, layout, keys), "code": code_hash(step)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def task_label(name: str, keys: dict) -> str:
+    return "-".join([name, *(f"{k}{v}" for k, v in sorted(keys.items()))])
+
+
+def stamp_path(cfg: dict, name: str, keys: dict) -> Path:
+    return Layout(cfg["profile"], cfg.get("root")).art / ".stamps" / f"{task_label(name, keys)}.json"
+
+
+def outputs_match(cfg: dict, name: str, keys: dict, key: str) -> bool:
+    """Do the step's outputs exist and come from a run under `key`?"""
+    step, layout = STEPS[name], Layout(cfg["profile"], cfg.get("root"))
+    stamp = stamp_path(cfg, name, keys)
+    if not stamp.exists() or not all(Path(p).exists() for p in step.outputs(cfg, layout, **keys)):
+        return False
+    return json.loads(stamp.read_text()).get("key") == key
+
+
+def _key_fn(context: TaskRunContext, parameters: dict) -> str:
+    return cache_key(parameters["name"], parameters["cfg"], parameters["keys"])
+
+
+@task(cache_key_fn=_key_fn, persist_result=True, log_prints=True)
+def run_step(name: str, cfg: dict, keys: dict) -> dict:
+    """Run one lmsys step (see lmsys.steps.registry) and return paths + metrics + where it ran."""
+    from lmsys.steps.registry import run_step as run
+    key = cache_key(name, cfg, keys)          # inputs as they are now, before the step runs
+    t0 = time.perf_counter()
+    result = run(name, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
+    info = {"step": name, "keys": keys, "key": key, "outputs": [str(p) for p in result.outputs],
+            "metrics": result.metrics, "host": socket.gethostname(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
+            "seconds": time.perf_counter() - t0, "finished": time.time()}
+    write_json({"key": key, "outputs": info["outputs"]}, stamp_path(cfg, name, keys))
+    return json.loads(json.dumps(info, default=str))
