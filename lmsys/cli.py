@@ -79,6 +79,45 @@ def cmd_step(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    if args.action is None:                     # the pipeline step
+        return cmd_step(args)
+    from lmsys.calibration import calibrate_apply_file, calibrate_fit_file
+    if args.action == "fit":
+        p = calibrate_fit_file(args.preds, args.out, args.method)
+        print(f"{args.method} scaling: log loss {p['nll_before']:.4f} -> {p['nll_after']:.4f} on {p['n']} rows; wrote {args.out}")
+    else:
+        calibrate_apply_file(args.preds, args.params_file, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    if args.test is None:                       # the pipeline step
+        return cmd_step(args)
+    from lmsys.steps.serve import predict_file
+    sub = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None, _config(args),
+                       tta=not args.no_tta)
+    print(f"wrote {args.out}: {len(sub)} rows")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    if args.preds is None:                      # the pipeline step
+        return cmd_step(args)
+    from lmsys.calibration import read_predictions
+    from lmsys.metrics import read_labels, softmax, summarize
+    ids, logits, _ = read_predictions(args.preds)
+    labels = read_labels(args.labels)
+    missing = [i for i in map(str, ids) if i not in labels.index]
+    if missing:
+        print(f"error: {len(missing)} prediction ids have no label (first: {missing[:5]})", file=sys.stderr)
+        return 2
+    m = summarize(softmax(logits), labels.reindex(list(map(str, ids))).to_numpy(), args.bins)
+    print(f"log loss {m['log_loss']:.4f}  accuracy {m['accuracy']:.4f}  ECE {m['ece']:.4f}  (n={m['n']})")
+    return 0
+
+
 def cmd_run(args) -> int:
     from flows.pipeline import run_from_cli
     return run_from_cli(args)
@@ -117,10 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_data)
 
+    p = sub.add_parser("calibrate", help="step 4.5 (--model M), or `calibrate fit|apply` on any predictions CSV")
+    p.add_argument("action", nargs="?", choices=("fit", "apply"))
+    p.add_argument("--preds", help="predictions CSV: id + logit_* or winner_* columns (+ label for fit)")
+    p.add_argument("--out", help="fit: params JSON; apply: calibrated CSV")
+    p.add_argument("--params-file", dest="params_file", help="apply: the params JSON written by fit")
+    p.add_argument("--method", default="vector", choices=("vector", "temperature"))
+    p.add_argument("--model", help="pipeline step: the teacher to calibrate")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_calibrate, step="calibrate")
+
+    p = sub.add_parser("predict", help="steps 8/8.5: submission for a test CSV (TTA), or the pipeline step without --test")
+    p.add_argument("--test", help="Kaggle test.csv")
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
+    p.add_argument("--no-tta", action="store_true", help="original order only")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_predict, step="predict")
+
+    p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
+    p.add_argument("--preds")
+    p.add_argument("--labels", help="id + label, or id + the three winner columns")
+    p.add_argument("--bins", type=int, default=15)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate, step="evaluate")
+
     for name, step in STEPS.items():
-        if name in ("folds", "demo-data"):
+        if name in ("folds", "demo-data", "calibrate", "predict", "evaluate"):
             continue
-        p = sub.add_parser(name, help=f"pipeline step {step.number}: {(step.run.__doc__ or '').strip().splitlines()[0] if step.run.__doc__ else name}")
+        doc = (step.run.__doc__ or name).strip().splitlines()[0].replace("%", "%%")
+        p = sub.add_parser(name, help=f"pipeline step {step.number}: {doc}")
         _add_config_args(p)
         if "fold" in step.fan_out:
             p.add_argument("--fold", type=int, required=True)
