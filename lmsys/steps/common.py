@@ -8,17 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from lmsys import models
 from lmsys.data.folds import fold_split
 from lmsys.data.transforms import with_swaps
 from lmsys.io import atomic_dir
 from lmsys.paths import Layout
 from lmsys.text import encode_rows
-
-TINY_KINDS = models.TINY_KINDS
-
 
 def spec(cfg: dict, name: str) -> dict:
     specs = cfg["models"]["specs"]
@@ -27,21 +22,28 @@ def spec(cfg: dict, name: str) -> dict:
     return {"name": name, "seed": cfg["seed"], **specs[name]}
 
 
-def device() -> torch.device:
+# torch, transformers and peft are imported inside the functions that use them, so that the CLI,
+# DVC and Prefect can list and hash the steps without paying several seconds of imports.
+
+def device():
+    import torch
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def dtype() -> torch.dtype:
+def dtype():
     """bf16 on a GPU (the recipe), fp32 on a CPU (bf16 matmuls are slow and lossy there)."""
+    import torch
     return torch.bfloat16 if device().type == "cuda" else torch.float32
 
 
 def tokenizer(cfg: dict, layout: Layout, name: str):
+    from lmsys import models
     return models.load_tokenizer(spec(cfg, name), layout.tokenizer)
 
 
 def build(cfg: dict, layout: Layout, name: str, init_adapter: Path | None = None, trainable: bool = True):
     """(tokenizer, PeftModel) of model `name`, optionally continuing from an adapter."""
+    from lmsys import models
     tok = tokenizer(cfg, layout, name)
     return tok, models.build_model(spec(cfg, name), tok, init_adapter=init_adapter, device=device(),
                                    trainable=trainable, dtype=dtype())

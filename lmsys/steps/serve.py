@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from transformers import AutoTokenizer
 
 from lmsys import metrics as M
 from lmsys.config import ROOT
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
-from lmsys.infer import predict_logits
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult, register
@@ -38,6 +36,8 @@ def final_model_dir(cfg: dict, layout: Layout) -> Path:
 
 def load_final(model_dir: Path):
     """(tokenizer, eval model) of a merged or quantized model dir (its tokenizer is saved inside)."""
+    from transformers import AutoTokenizer
+
     from lmsys.models import load_for_inference
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token is None:
@@ -53,6 +53,7 @@ def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: in
     """(probabilities [N, 3], probabilities of the plain original order [N, 3] or None without TTA).
 
     With TTA the output is exactly symmetric: swapping A/B in `rows` exchanges p_A and p_B."""
+    from lmsys.infer import predict_logits
     z = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg), tok.pad_token_id, batch_size, desc="predict")
     p = M.softmax(z)
     if not tta:

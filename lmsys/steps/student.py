@@ -8,29 +8,24 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from lmsys import models
-from lmsys.calibration import apply_calibration, fit_calibration
 from lmsys.data.schema import LOGIT_COLUMNS
-from lmsys.distill import distill_loss, info_gain_weights, prior_probs
-from lmsys.ensemble import ensemble_adapters, fold_gain, fold_weights
-from lmsys.infer import predict_logits
-from lmsys.io import atomic_dir, write_json, write_table
+from lmsys.io import write_json, write_table
 from lmsys.metrics import log_loss, softmax
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult, register
 from lmsys.steps import common as C
 from lmsys.steps.folds import active_folds
 from lmsys.steps.teachers import teachers
-from lmsys.train import train_classifier
+
+# torch-backed modules (calibration, distill, ensemble, infer, train, models) are imported inside
+# the step functions: listing and hashing steps must not cost the torch/peft imports.
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +41,7 @@ def run_calibrate(cfg: dict, layout: Layout, model: str) -> StepResult:
     """Step 4.5: fit on teacher `model`'s out-of-fold logits (validation rows of every fold); report
     before/after log loss on held-out halves (fit on one half, score the other, both ways); then fit
     on all and apply to every logits file of the model."""
+    from lmsys.calibration import apply_calibration, fit_calibration
     folds = active_folds(cfg)
     frames = {k: pd.read_parquet(layout.logits(model, k)) for k in folds}
     oof = pd.concat([f[f["split"] == "val"] for f in frames.values()], ignore_index=True)
@@ -86,6 +82,7 @@ def soft_targets(cfg: dict, layout: Layout, fold: int, rows: pd.DataFrame) -> np
 
 def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
     """RLP-style information-gain weights (mean 1), or None when distill.info_gain_weights is off."""
+    from lmsys.distill import info_gain_weights, prior_probs
     d = cfg["distill"]
     if not d["info_gain_weights"]:
         return None
@@ -97,6 +94,7 @@ def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray) -> np.ndarra
 def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
     """Step 5: distil the teachers into the student on fold `fold`; best checkpoint by validation log
     loss; also writes the student's out-of-fold probabilities (oof.parquet, both orders)."""
+    from lmsys.train import train_classifier
     d = cfg["distill"]
     train = C.filtered_train(cfg, layout, fold)
     _, val = C.fold_tables(layout, fold)
@@ -118,11 +116,13 @@ def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
 
 
 def _loss(logits, labels, soft, weight, T, ce, kl, cos):
+    from lmsys.distill import distill_loss
     return distill_loss(logits, labels, [soft[:, t] for t in range(soft.shape[1])], T=T,
                         ce_weight=ce, kl_weight=kl, cos_weight=cos, sample_weight=weight)
 
 
 def _write_oof(cfg: dict, net, tok, val: pd.DataFrame, path: Path) -> None:
+    from lmsys.infer import predict_logits
     L, bs = cfg["text"]["infer_max_length"], cfg["predict"]["batch_size"]
     z = predict_logits(net, C.encode(cfg, val, tok, L), tok.pad_token_id, bs, desc="oof")
     zs = predict_logits(net, C.encode(cfg, val, tok, L, swap=True), tok.pad_token_id, bs, desc="oof swapped")
@@ -137,6 +137,9 @@ def _write_oof(cfg: dict, net, tok, val: pd.DataFrame, path: Path) -> None:
 def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
     """Step 6: combine the fold students (ensemble.method) into one merged model, saved with its
     tokenizer so `lmsys predict` can load it alone."""
+    from lmsys import models
+    from lmsys.distill import prior_probs
+    from lmsys.ensemble import ensemble_adapters, fold_gain, fold_weights
     folds = active_folds(cfg)
     method = cfg["ensemble"]["method"]
     weights, gains = None, None
@@ -177,6 +180,7 @@ def run_quantize(cfg: dict, layout: Layout) -> StepResult:
 
 def _eval_model(cfg: dict, layout: Layout, model, tok, n: int = 128) -> float:
     """Log loss of `model` on up to n competition rows (the same rows for every model compared)."""
+    from lmsys.infer import predict_logits
     rows = C.table(layout, "train").sample(n=min(n, len(C.table(layout, "train"))), random_state=cfg["seed"] + 1)
     z = predict_logits(model, C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
                        cfg["predict"]["batch_size"], desc="quant-eval")

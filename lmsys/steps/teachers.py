@@ -14,15 +14,12 @@ import logging
 import numpy as np
 import pandas as pd
 
-from lmsys import models
-from lmsys.infer import predict_logits
-from lmsys.io import atomic_dir, write_json, write_table
+from lmsys.io import atomic_dir, write_table
 from lmsys.metrics import softmax
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult, register
 from lmsys.steps import common as C
 from lmsys.text import format_text
-from lmsys.train import train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +37,10 @@ def filter_model(cfg: dict) -> str:
 
 def run_tokenizer(cfg: dict, layout: Layout) -> StepResult:
     """Train the tiny profile's BPE on the prepared text; other profiles use the models' own."""
+    from lmsys import models
     kinds = {C.spec(cfg, m)["kind"] for m in [*teachers(cfg), cfg["models"]["student"]]}
     with atomic_dir(layout.tokenizer) as tmp:
-        if kinds & set(C.TINY_KINDS):
+        if kinds & set(models.TINY_KINDS):
             texts = [format_text(p, a, b, cfg["text"]) for name in ("train", "external", "ut", "test")
                      for p, a, b in C.table(layout, name)[["prompt", "response_a", "response_b"]].itertuples(index=False)]
             tok = models.train_tokenizer(texts, tmp, vocab_size=cfg["models"].get("tiny_vocab", 1024))
@@ -57,6 +55,7 @@ def run_tokenizer(cfg: dict, layout: Layout) -> StepResult:
 
 def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
     """Step 1: train `model` as a 3-class classifier on the UT data (held-out 10% for validation)."""
+    from lmsys.train import train_classifier
     p = cfg["post_pretrain"]
     ut = C.table(layout, "ut")
     if p["max_rows"] is not None:
@@ -84,6 +83,7 @@ def _summary(m: dict) -> dict:
 def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
     """Step 2.5: remove fold `fold`'s training rows whose post-pretrained argmax is wrong with
     probability >= filter_argmax.threshold. Validation rows are never touched."""
+    from lmsys.infer import predict_logits
     name = filter_model(cfg)
     train, _ = C.fold_tables(layout, fold)
     tok, net = C.build(cfg, layout, name, init_adapter=C.adapter(layout.post_pretrain(name)), trainable=False)
@@ -108,6 +108,7 @@ def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
 
 def run_train_teacher(cfg: dict, layout: Layout, model: str, fold: int) -> StepResult:
     """Step 3: (Q)LoRA teacher on fold `fold`, from the post-pretrained adapter; resumable."""
+    from lmsys.train import train_classifier
     train = C.filtered_train(cfg, layout, fold)
     _, val = C.fold_tables(layout, fold)
     tok, net = C.build(cfg, layout, model, init_adapter=C.adapter(layout.post_pretrain(model)))
@@ -134,6 +135,7 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     """Step 4: raw [A, B, tie] logits of teacher `model` of fold `fold` on every training row of the
     fold (original and swapped, the student's training set) and on its validation rows (out of fold,
     both orders). Output columns: id, swapped, split, label, logit_a, logit_b, logit_tie."""
+    from lmsys.infer import predict_logits
     c = cfg["teacher_logits"]
     train = _subset(C.filtered_train(cfg, layout, fold), c["subset"]).assign(split="train")
     _, val = C.fold_tables(layout, fold)
