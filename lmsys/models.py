@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -95,7 +94,8 @@ def _pretrained_source(spec: dict) -> str:
 
 
 def _token(token: str | None) -> str | None:
-    return token or os.environ.get("HF_TOKEN") or None
+    from lmsys.secrets import hf_token
+    return hf_token(token)
 
 
 def load_tokenizer(spec: dict, tokenizer_dir: str | Path | None = None, token: str | None = None):

@@ -92,7 +92,7 @@ def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dic
     """`lmsys predict`: validate a test CSV, predict, write the submission (every id once, rows sum to 1).
     model_dir defaults to the last pipeline run's final model of the profile."""
     from lmsys.data.validate import validate_file
-    layout = Layout(cfg["profile"])
+    layout = Layout(cfg["profile"], cfg.get("root"))
     if model_dir is None:
         if not layout.last_run.exists():
             raise FileNotFoundError(f"no model given and no pipeline run of profile {cfg['profile']!r} "
