@@ -1,9 +1,23 @@
 """Task runners: `local` (threads in this process, default one at a time: the steps seed torch's
 global RNG, so parallel threads would break determinism) and `slurm` (dask-jobqueue SLURMCluster
-through prefect-dask: each worker is one SLURM job with --gres=gpu:N and the Dask resource GPU=N)."""
+through prefect-dask: each worker is one SLURM job with --gres=gpu:N and the Dask resource GPU=N).
+
+The slurm runner needs a Prefect API every process can reach (PREFECT_API_URL: a `prefect server
+start`): without one each worker would start its own ephemeral API and the flow would never see
+its tasks. The jobs get PREFECT_API_URL exported in their script (SLURM also exports the submitting
+environment by default), this venv's python, and write their logs to artifacts/<profile>/slurm-logs.
+"""
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from prefect.task_runners import ThreadPoolTaskRunner
+
+from lmsys.paths import Layout
 
 
 def make_task_runner(cfg: dict, runner: str | None = None):
@@ -11,23 +25,107 @@ def make_task_runner(cfg: dict, runner: str | None = None):
     if runner == "local":
         return ThreadPoolTaskRunner(max_workers=int(cfg["orchestration"].get("local_workers", 1)))
     if runner == "slurm":
-        return slurm_task_runner(cfg["orchestration"]["slurm"])
+        return slurm_task_runner(cfg)
     raise ValueError(f"unknown runner {runner!r}; choose local or slurm")
 
 
-def slurm_cluster_kwargs(s: dict) -> dict:
-    """SLURMCluster arguments from params.yaml's orchestration.slurm."""
+def prefect_api_url() -> str | None:
+    from prefect.settings import get_current_settings
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def check_slurm(cfg: dict, gpu_tasks: list[str] = ()) -> None:
+    """Fail before anything is submitted when no SLURM worker could ever run the flow's tasks."""
+    s = cfg["orchestration"]["slurm"]
+    if not prefect_api_url():
+        raise ValueError("the slurm runner needs a Prefect server every SLURM job can reach: start one "
+                         "(`prefect server start --host <address the nodes reach>`) and set PREFECT_API_URL "
+                         "(e.g. http://127.0.0.1:4200/api); without it every process starts its own ephemeral API")
     gpus = int(s["gpus_per_job"])
+    if gpu_tasks and gpus < 1:
+        raise ValueError(f"orchestration.slurm.gpus_per_job={gpus}: no SLURM worker would offer a GPU, yet "
+                         f"{len(gpu_tasks)} task(s) need one ({', '.join(gpu_tasks[:4])}"
+                         f"{', ...' if len(gpu_tasks) > 4 else ''}); set gpus_per_job >= 1 or use --runner local")
+    if int(s["max_jobs"]) < 1:
+        raise ValueError(f"orchestration.slurm.max_jobs={s['max_jobs']}: no worker job could start")
+
+
+def log_dir(cfg: dict) -> Path:
+    return Layout(cfg["profile"], cfg.get("root")).art / "slurm-logs"
+
+
+def slurm_cluster_kwargs(cfg: dict) -> dict:
+    """SLURMCluster arguments from params.yaml's orchestration.slurm."""
+    s = cfg["orchestration"]["slurm"]
+    gpus = int(s["gpus_per_job"])
+    prologue = list(s["prologue"] or [])
+    url = prefect_api_url()
+    if url:                                    # explicit, also where sbatch runs with --export=NONE
+        prologue.append(f"export PREFECT_API_URL={shlex.quote(url)}")
     kw = {"queue": s["queue"], "account": s["account"], "walltime": s["walltime"], "memory": s["memory"],
-          "cores": int(s["cores"]), "processes": int(s["processes"]), "job_script_prologue": list(s["prologue"]),
+          "cores": int(s["cores"]), "processes": int(s["processes"]), "job_script_prologue": prologue,
           "job_extra_directives": [f"--gres=gpu:{gpus}"] if gpus else [],
-          "worker_extra_args": ["--resources", f"GPU={gpus}"] if gpus else []}
+          "worker_extra_args": ["--resources", f"GPU={gpus}"] if gpus else [],
+          "python": sys.executable, "log_directory": str(log_dir(cfg)), "job_name": "lmsys-worker",
+          "scheduler_options": {"dashboard_address": ":0"}}
     if s.get("interface"):
         kw["interface"] = s["interface"]
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def slurm_task_runner(s: dict):
+def slurm_task_runner(cfg: dict):
     from prefect_dask import DaskTaskRunner
-    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=slurm_cluster_kwargs(s),
-                          adapt_kwargs={"minimum": int(s["min_jobs"]), "maximum": int(s["max_jobs"])})
+    check_slurm(cfg)
+    s = cfg["orchestration"]["slurm"]
+    # target_duration: one job per ready task (up to max_jobs). Dask's default sizes the cluster by
+    # expected seconds of work (5 s per worker), which with unknown or short-task durations would
+    # run two long folds one after the other on one job.
+    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=slurm_cluster_kwargs(cfg),
+                          adapt_kwargs={"minimum": int(s["min_jobs"]), "maximum": int(s["max_jobs"]),
+                                        "target_duration": "10ms", "wait_count": 10})
+
+
+# ---------------------------------------------------------------- waiting on a SLURM level
+
+def wait_for_level(futures: list, labels: list[str], cfg: dict, task_runner) -> None:
+    """Block until every future is done; raise when no worker has been connected for
+    orchestration.slurm.worker_wait_s while tasks wait (a task needing a worker that no job can
+    provide would otherwise wait forever). A no-op for runners other than Dask."""
+    client = getattr(task_runner, "client", None) if type(task_runner).__name__ == "DaskTaskRunner" else None
+    if client is None:
+        return
+    import distributed
+    wait_s = float(cfg["orchestration"]["slurm"]["worker_wait_s"])
+    last_worker = time.monotonic()
+    pending = list(zip(futures, labels))
+    while pending:
+        pending = [(f, n) for f, n in pending if not f.wrapped_future.done()]
+        if not pending:
+            return
+        if client.nthreads():
+            last_worker = time.monotonic()
+        elif time.monotonic() - last_worker > wait_s:
+            raise RuntimeError(no_worker_message(cfg, task_runner, [n for _, n in pending], wait_s))
+        try:
+            distributed.wait([f.wrapped_future for f, _ in pending], timeout=1, return_when="FIRST_COMPLETED")
+        except distributed.TimeoutError:
+            pass
+
+
+def no_worker_message(cfg: dict, task_runner, waiting: list[str], wait_s: float) -> str:
+    s = cfg["orchestration"]["slurm"]
+    cluster = getattr(task_runner, "_cluster", None)
+    ids = [str(j.job_id) for j in getattr(cluster, "workers", {}).values() if getattr(j, "job_id", None)]
+    if ids:
+        q = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True, text=True)
+        jobs = "; ".join(q.stdout.split("\n")[:-1] if q.stdout else []) or f"{', '.join(ids)} (no longer queued)"
+    else:
+        jobs = "none submitted"
+        if cluster is not None:                # ask sbatch why, without submitting
+            r = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True, text=True)
+            jobs += f"; sbatch --test-only says: {(r.stderr or r.stdout).strip()[-300:]}"
+    return (f"no SLURM worker joined within {wait_s:g} s (orchestration.slurm.worker_wait_s) while "
+            f"{len(waiting)} task(s) waited ({', '.join(waiting[:4])}). SLURM jobs: {jobs}. Check "
+            f"orchestration.slurm (queue={s['queue']!r}, gpus_per_job={s['gpus_per_job']}, memory={s['memory']!r}, "
+            f"cores={s['cores']}) against `sinfo -o '%P %c %m %G'`; worker logs in {log_dir(cfg)}")

@@ -3,7 +3,8 @@
 Cache key = sha256 of (step, fan-out keys, profile, the step's params.yaml values, the content
 hashes of its input files, the source hash of the lmsys modules it runs). Paths are never hashed
 as strings and Python objects are never pickled into the key. A task's result is small and
-JSON-able: output paths, metrics, the host and SLURM job it ran under.
+JSON-able: output paths, metrics, the host, pid and SLURM job it ran under, when it started and
+finished. While a task runs, artifacts/<profile>/.running/<task>.json names where it runs.
 
 Every run writes a stamp (artifacts/<profile>/.stamps/<task>.json) naming the key its outputs were
 made under. The flow trusts a cache hit only when the outputs exist and carry the hit's key;
@@ -26,6 +27,7 @@ from prefect.context import TaskRunContext
 from lmsys.io import tree_sha256, write_json
 from lmsys.paths import Layout
 from lmsys.steps import STEPS, Step
+import lmsys.steps.registry  # noqa: F401,E402  (registers every step: a run whose tasks are all cached never imports it otherwise)
 
 
 def _get(cfg: dict, dotted: str):
@@ -44,11 +46,19 @@ def code_hash(step: Step) -> str:
     return h.hexdigest()
 
 
+def _key_path(p: Path, layout: Layout) -> str:
+    """An input's name in the key: relative to the run root (a moved checkout or root keeps its cache)."""
+    try:
+        return p.resolve().relative_to(layout.root.resolve()).as_posix()
+    except ValueError:
+        return str(p)                          # outside the root (user data): named as given
+
+
 def input_hashes(step: Step, cfg: dict, layout: Layout, keys: dict) -> dict[str, str]:
     out = {}
     for p in step.inputs(cfg, layout, **keys):
         p = Path(p)
-        out[str(p)] = tree_sha256(p) if p.exists() else "missing"
+        out[_key_path(p, layout)] = tree_sha256(p) if p.exists() else "missing"
     return out
 
 
@@ -66,6 +76,11 @@ def task_label(name: str, keys: dict) -> str:
 
 def stamp_path(cfg: dict, name: str, keys: dict) -> Path:
     return Layout(cfg["profile"], cfg.get("root")).art / ".stamps" / f"{task_label(name, keys)}.json"
+
+
+def running_path(cfg: dict, name: str, keys: dict) -> Path:
+    """Marker of a task in progress: where (host, pid, SLURM job) it runs since when."""
+    return Layout(cfg["profile"], cfg.get("root")).art / ".running" / f"{task_label(name, keys)}.json"
 
 
 def outputs_match(cfg: dict, name: str, keys: dict, key: str) -> bool:
@@ -86,11 +101,14 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
     """Run one lmsys step (see lmsys.steps.registry) and return paths + metrics + where it ran."""
     from lmsys.steps.registry import run_step as run
     key = cache_key(name, cfg, keys)          # inputs as they are now, before the step runs
+    where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
+             "started": time.time()}
+    marker = running_path(cfg, name, keys)
+    write_json({"task": task_label(name, keys), **where}, marker)
     t0 = time.perf_counter()
     result = run(name, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
     info = {"step": name, "keys": keys, "key": key, "outputs": [str(p) for p in result.outputs],
-            "metrics": result.metrics, "host": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
-            "seconds": time.perf_counter() - t0, "finished": time.time()}
+            "metrics": result.metrics, **where, "seconds": time.perf_counter() - t0, "finished": time.time()}
     write_json({"key": key, "outputs": info["outputs"]}, stamp_path(cfg, name, keys))
+    marker.unlink(missing_ok=True)
     return json.loads(json.dumps(info, default=str))

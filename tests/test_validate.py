@@ -135,3 +135,16 @@ def test_unusable_files(tmp_path):
     (tmp_path / "w.csv").write_text("id,prompt,response_a,response_b,winner_model_a\n")
     with pytest.raises(UnusableFile, match="not all of"):
         validate_file(tmp_path / "w.csv")
+
+
+def test_demo_data_passes_validate(demo_dir):
+    """Every file of the embedded demo competition validates with exit 0 (null turns are warnings)."""
+    from lmsys.data.demo import demo_paths
+    paths = demo_paths(demo_dir)
+    for role in ("train", "test", "external", "ut"):
+        r = lmsys("validate", str(paths[role]))
+        assert r.returncode == 0, f"{role}: {r.stdout}{r.stderr}"
+    warned = lmsys("validate", str(paths["train"])).stdout
+    assert "warning null_turn" in warned
+    truth = json.loads(paths["truth"].read_text())
+    assert truth["train"]["bayes_log_loss"] < truth["train"]["prior_log_loss"] - 0.1

@@ -177,9 +177,14 @@ def _battles(rng: np.random.Generator, n: int, models: list[str], multi_turn: bo
 
 
 def _add_nulls(rng: np.random.Generator, rows: list[dict], share: float = 0.01) -> None:
-    """Set ~`share` of all turn entries (at least one) to None, as in the raw Kaggle files."""
+    """Set ~`share` of all turn entries (at least one) to None, as in the raw Kaggle files.
+
+    Only later turns of multi-turn rows: a null there is kept as "" with a warning, whereas a
+    conversation or answer with no content at all is quarantined by validation."""
     slots = [(i, f, t) for i, r in enumerate(rows) for f in ("prompt", "response_a", "response_b")
-             for t in range(len(r[f]))]
+             for t in range(1, len(r[f]))]
+    if not slots:
+        return
     for j in rng.choice(len(slots), max(1, round(share * len(slots))), replace=False):
         i, f, t = slots[j]
         rows[i][f][t] = None
