@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from flows.runners import make_task_runner
+from flows.runners import check_slurm, make_task_runner, wait_for_level
 from lmsys.config import ROOT, load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
-from lmsys.steps import STEPS
-from tasks.steps import outputs_match, run_step, task_label
+from tasks.steps import STEPS, outputs_match, run_step, task_label   # tasks.steps registers every step
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
     return t.submit(name, cfg, keys)
 
 
-def _run_level(level, cfg: dict) -> list[dict]:
+def _run_level(level, cfg: dict, task_runner=None) -> list[dict]:
     """Submit a level, wait, rerun stale cache hits; returns one record per task."""
     layout = Layout(cfg["profile"], cfg.get("root"))
     futures = [(n, k, _submit(n, cfg, k, refresh=not all(Path(p).exists() for p in STEPS[n].outputs(cfg, layout, **k))))
                for n, k in level]
+    wait_for_level([f for _, _, f in futures], [task_label(n, k) for n, k, _ in futures], cfg, task_runner)
     records = []
     for n, k, fut in futures:
         res = fut.result()
@@ -73,9 +75,11 @@ def _run_level(level, cfg: dict) -> list[dict]:
         if state == "Cached" and not outputs_match(cfg, n, k, res["key"]):
             get_run_logger().warning("%s: cache hit but its outputs were replaced since; rerunning", task_label(n, k))
             fut = _submit(n, cfg, k, refresh=True)
+            wait_for_level([fut], [task_label(n, k)], cfg, task_runner)
             res, state = fut.result(), "Completed (refreshed)"
-        records.append({"task": task_label(n, k), "state": state, **{x: res.get(x) for x in
-                        ("host", "slurm_job_id", "seconds", "finished", "key", "outputs", "metrics")}})
+        records.append({"task": task_label(n, k), "step": n, "gpu": STEPS[n].gpu, "state": state,
+                        **{x: res.get(x) for x in ("host", "slurm_job_id", "pid", "started", "seconds", "finished",
+                                                   "key", "outputs", "metrics")}})
     return records
 
 
@@ -84,7 +88,7 @@ def _git_rev() -> str:
     return r.stdout.strip() or "unknown"
 
 
-@flow(name="lmsys-pipeline", log_prints=True)
+@flow(name="lmsys-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
              train: str | None = None, test: str | None = None,
              external: list[str] | None = None, ut: str | None = None,
@@ -93,17 +97,24 @@ def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
              runner: Literal["local", "slurm"] | None = None,
              overrides: dict | None = None, root: str | None = None) -> dict:
     """Run the whole recipe. Data defaults to the embedded demo (train=None); `folds`/`teachers` are
-    the seed's TEACHER_FOLDS / SKIP_QWEN / INFER_MODELS; `overrides` are dotted params keys."""
+    the seed's TEACHER_FOLDS / SKIP_QWEN / INFER_MODELS; `overrides` are dotted params keys.
+    The task runner is the flow's (see run_pipeline, which picks it from the runner)."""
     cfg = flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
                       overrides, root)
     logger = get_run_logger()
     levels = plan(cfg)
+    task_runner = FlowRunContext.get().task_runner
+    if cfg["orchestration"]["runner"] == "slurm":
+        if type(task_runner).__name__ != "DaskTaskRunner":
+            raise ValueError(f"runner 'slurm' but this flow run's task runner is {type(task_runner).__name__}: "
+                             "start it with flows.pipeline.run_pipeline(..., runner='slurm') or `lmsys run --runner slurm`")
+        check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])
     n_tasks, done, records = sum(map(len, levels)), 0, []
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
     t0 = time.perf_counter()
     for level in levels:
         logger.info("running %s", ", ".join(task_label(n, k) for n, k in level))
-        records += _run_level(level, cfg)
+        records += _run_level(level, cfg, task_runner)
         done += len(level)
         update_progress_artifact(progress, 100.0 * done / n_tasks)
     return _finish(cfg, records, time.perf_counter() - t0)
@@ -126,11 +137,18 @@ def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, 
 
 def _finish(cfg: dict, records: list[dict], seconds: float) -> dict:
     layout = Layout(cfg["profile"], cfg.get("root"))
+    ctx = FlowRunContext.get()
     summary = {"profile": cfg["profile"], "git_rev": _git_rev(), "seconds": seconds,
+               "runner": cfg["orchestration"]["runner"], "flow_run_id": str(ctx.flow_run.id) if ctx else None,
                "tasks": len(records), "cached": sum(r["state"] == "Cached" for r in records),
                "submission": str(layout.submission), "report": str(layout.reports / "report.md"),
                "records": records}
+    from lmsys.lineage import lineage_markdown, record_flow_run     # dvc.lock entries + data record of the run
+    lineage = record_flow_run(cfg, [t for level in plan(cfg) for t in level])
+    summary["dvc"] = {"stages": lineage["stages"], "note": lineage["note"], "git_rev": lineage["git_rev"]}
     write_json(summary, layout.art / "flow_run.json")
+    create_markdown_artifact(lineage_markdown(lineage, summary.get("flow_run_id")), key="lmsys-lineage",
+                             description=f"git {lineage['git_rev'][:12]} and the dvc.lock hashes this run produced")
     create_table_artifact(
         [{"task": r["task"], "state": r["state"], "host": r["host"], "slurm_job_id": r["slurm_job_id"] or "",
           "seconds": round(r["seconds"] or 0, 2)} for r in records],
@@ -146,14 +164,24 @@ def _finish(cfg: dict, records: list[dict], seconds: float) -> dict:
     return {k: v for k, v in summary.items() if k != "records"}
 
 
+def run_pipeline(profile: str = "tiny", runner: str | None = None, overrides: dict | None = None,
+                 root: str | None = None, **params) -> dict:
+    """The flow on the task runner that `runner` (default: orchestration.runner) names; the other
+    arguments are the flow's parameters. Returns the flow's summary."""
+    cfg = flow_config(profile, params.get("train"), params.get("test"), params.get("external"), params.get("ut"),
+                      params.get("folds"), params.get("teachers"), params.get("calibrate"), params.get("quantize"),
+                      params.get("evaluate", True), runner, overrides, root)
+    runner = cfg["orchestration"]["runner"]
+    flow_fn = pipeline.with_options(task_runner=make_task_runner(cfg, runner))
+    return flow_fn(profile=profile, runner=runner, overrides=overrides, root=root, **params)
+
+
 def run_from_cli(args) -> int:
     """`lmsys run`: the flow with the CLI's profile / runner / --set overrides."""
     from lmsys.config import parse_override
     overrides = dict(parse_override(o) for o in (args.set or []))
     cfg = load_config(args.profile, overrides)
-    runner = args.runner or cfg["orchestration"]["runner"]
-    flow_fn = pipeline.with_options(task_runner=make_task_runner(cfg, runner))
-    out = flow_fn(profile=cfg["profile"], runner=runner, overrides=overrides)
+    out = run_pipeline(profile=cfg["profile"], runner=args.runner, overrides=overrides)
     print(f"pipeline done in {out['seconds']:.1f} s: {out['tasks']} tasks, {out['cached']} cached")
     print(f"submission: {out['submission']}")
     print(f"report:     {out['report']}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,10 +96,12 @@ def wait_for_level(futures: list, labels: list[str], cfg: dict, task_runner) -> 
     client = getattr(task_runner, "client", None) if type(task_runner).__name__ == "DaskTaskRunner" else None
     if client is None:
         return
-    import distributed
     wait_s = float(cfg["orchestration"]["slurm"]["worker_wait_s"])
     last_worker = time.monotonic()
     pending = list(zip(futures, labels))
+    done = threading.Event()
+    for f in futures:
+        f.wrapped_future.add_done_callback(lambda _: done.set())
     while pending:
         pending = [(f, n) for f, n in pending if not f.wrapped_future.done()]
         if not pending:
@@ -107,10 +110,8 @@ def wait_for_level(futures: list, labels: list[str], cfg: dict, task_runner) -> 
             last_worker = time.monotonic()
         elif time.monotonic() - last_worker > wait_s:
             raise RuntimeError(no_worker_message(cfg, task_runner, [n for _, n in pending], wait_s))
-        try:
-            distributed.wait([f.wrapped_future for f, _ in pending], timeout=1, return_when="FIRST_COMPLETED")
-        except distributed.TimeoutError:
-            pass
+        done.wait(1.0)
+        done.clear()
 
 
 def no_worker_message(cfg: dict, task_runner, waiting: list[str], wait_s: float) -> str:

@@ -1,0 +1,201 @@
+"""The slurm runner for real: prefect-dask's DaskTaskRunner over a dask-jobqueue SLURMCluster on the
+single-node SLURM of start_slurm.sh (fake GPU GRES gpu:2), reporting to the test Prefect server.
+
+  slurm_run        the small pipeline on two 1-GPU jobs (undisturbed; also the reference)
+  slurm_fault_run  a copy of that root without the fold-0 teacher: the flow retrains it, and the
+                   test scancels the job running it as soon as its first checkpoint exists; Dask
+                   reruns the task on another job and the trainer resumes from <out>.partial/checkpoint
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orch_config import SLURM
+
+FAULT_TASK = "train-teacher-fold0-modelllama"
+
+
+def _records(root: Path) -> dict[str, dict]:
+    rec = json.loads((Path(root) / "artifacts" / "tiny" / "flow_run.json").read_text())["records"]
+    return {r["task"]: r for r in rec}
+
+
+@pytest.fixture(scope="session")
+def slurm_run(slurm, pipeline_api, tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm-root")
+    t0 = time.perf_counter()
+    out = pipeline_api.run_pipeline(profile="tiny", runner="slurm", overrides=SLURM, root=str(root))
+    print(f"\n[slurm run] {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
+    return root, out, _records(root)
+
+
+@pytest.fixture(scope="session")
+def slurm_fault_run(slurm_run, pipeline_api, tmp_path_factory):
+    ref_root = slurm_run[0]
+    root = tmp_path_factory.mktemp("slurm-fault-root") / "run"
+    shutil.copytree(ref_root, root, ignore=shutil.ignore_patterns("slurm-logs"))
+    shutil.rmtree(root / "artifacts" / "tiny" / "teachers" / "llama" / "fold0")
+    box: dict = {}
+
+    def flow():
+        try:
+            box["out"] = pipeline_api.run_pipeline(profile="tiny", runner="slurm", overrides=SLURM, root=str(root))
+        except BaseException as e:                     # noqa: BLE001  (re-raised in the test thread)
+            box["error"] = e
+
+    # the flow thread keeps this thread's Prefect settings (the test server), held in contextvars
+    th = threading.Thread(target=contextvars.copy_context().run, args=(flow,), daemon=True)
+    t0 = time.perf_counter()
+    th.start()
+    marker = root / "artifacts" / "tiny" / ".running" / f"{FAULT_TASK}.json"
+    deadline = time.monotonic() + 400
+    ckpt = None
+    while th.is_alive() and time.monotonic() < deadline:
+        found = sorted(root.glob("**/*.partial/checkpoint"))
+        if found and marker.exists():
+            ckpt = found[0]
+            break
+        time.sleep(0.05)
+    assert ckpt is not None, f"no checkpoint appeared under {root} ({box.get('error')!r})"
+    where = json.loads(marker.read_text())
+    job = where["slurm_job_id"]
+    assert job, where
+    r = subprocess.run(["scancel", str(job)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cancelled_at = time.time()
+    print(f"\n[slurm fault] scancel job {job} at {ckpt} (task started on {where['host']} pid {where['pid']})", file=sys.stderr)
+    th.join(timeout=540)
+    assert not th.is_alive(), "the flow did not finish within 9 min of the scancel"
+    if "error" in box:
+        raise box["error"]
+    print(f"\n[slurm fault run] {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
+    return root, box["out"], _records(root), {"job": str(job), "checkpoint": ckpt, "cancelled_at": cancelled_at}
+
+
+# ---------------------------------------------------------------- fail fast, no SLURM job needed
+
+def test_job_script_python_interface_logs_and_api_url(pipeline_api, prefect_server, tmp_path):
+    from dask_jobqueue import SLURMCluster
+
+    from flows.runners import slurm_cluster_kwargs
+    from lmsys.config import load_config
+    cfg = load_config("tiny", SLURM)
+    cfg["root"] = str(tmp_path)
+    kw = slurm_cluster_kwargs(cfg)
+    with SLURMCluster(**kw) as cluster:
+        script = cluster.job_script()
+    assert f"{sys.executable} -m distributed.cli.dask_worker" in script          # the venv's python
+    assert "--interface lo" in script and "--resources GPU=1" in script
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
+    assert f"#SBATCH -e {tmp_path}/artifacts/tiny/slurm-logs/" in script         # logs in the run root
+    assert f"export PREFECT_API_URL={prefect_server}" in script
+
+
+def test_gpus_per_job_zero_fails_before_submitting(pipeline_api, slurm, tmp_path):
+    with pytest.raises(ValueError, match=r"gpus_per_job=0: no SLURM worker would offer a GPU"):
+        pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(tmp_path),
+                                  overrides={**SLURM, "orchestration.slurm.gpus_per_job": 0})
+    assert not (tmp_path / "artifacts" / "tiny" / "slurm-logs").exists()           # no cluster was started
+    assert not (tmp_path / "data").exists()                                        # no task ran
+
+
+def test_no_worker_within_worker_wait_fails_clearly(pipeline_api, slurm, tmp_path):
+    over = {**SLURM, "orchestration.slurm.gpus_per_job": 3,     # the node has gpu:2: sbatch refuses every job
+            "orchestration.slurm.min_jobs": 0, "orchestration.slurm.worker_wait_s": 5}
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"no SLURM worker joined within 5 s \(orchestration.slurm.worker_wait_s\)") as e:
+        pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(tmp_path), overrides=over)
+    assert "demo-data" in str(e.value) and "gpus_per_job=3" in str(e.value)
+    assert "sbatch --test-only says" in str(e.value) or "SLURM jobs: " in str(e.value)
+    print(f"\n[no worker] {time.perf_counter() - t0:.1f} s: {e.value}", file=sys.stderr)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_slurm_runner_without_prefect_api_url_fails(pipeline_api, monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from lmsys.cli import main
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ValueError, match=r"the slurm runner needs a Prefect server.*PREFECT_API_URL"):
+            main(["run", "--runner", "slurm", "--profile", "tiny"])
+
+
+# ---------------------------------------------------------------- the undisturbed SLURM run
+
+def test_gpu_steps_run_inside_slurm_jobs(slurm_run):
+    _, out, rec = slurm_run
+    assert out["runner"] == "slurm" and out["tasks"] == len(rec) == 17 and out["cached"] == 0
+    gpu = {t: r for t, r in rec.items() if r["gpu"]}
+    assert {r["step"] for r in gpu.values()} == {"post-pretrain", "filter-argmax", "train-teacher", "teacher-logits",
+                                                 "distill", "ensemble", "predict"}
+    for t, r in gpu.items():
+        assert r["slurm_job_id"] and r["slurm_job_id"].isdigit(), (t, r)
+        assert r["host"], (t, r)
+    # CPU steps run on the same workers (every worker here is a GPU job), so they have a job too
+    cpu_jobs = {t: r["slurm_job_id"] for t, r in rec.items() if not r["gpu"]}
+    print(f"\n[slurm run] CPU steps ran in jobs {cpu_jobs}", file=sys.stderr)
+    assert len({r["slurm_job_id"] for r in rec.values()}) >= 2
+
+
+def test_two_folds_run_at_the_same_time_on_two_jobs(slurm_run):
+    _, _, rec = slurm_run
+    pairs = []
+    for step in ("train-teacher", "distill"):
+        a, b = sorted((r for r in rec.values() if r["step"] == step), key=lambda r: r["task"])
+        overlap = min(a["finished"], b["finished"]) - max(a["started"], b["started"])
+        pairs.append((step, a["slurm_job_id"], b["slurm_job_id"], round(overlap, 1)))
+        assert a["finished"] - a["started"] == pytest.approx(a["seconds"], abs=1.0)
+    print(f"\n[slurm run] fold pairs (step, job, job, overlap s): {pairs}", file=sys.stderr)
+    assert any(ja != jb and overlap > 0 for _, ja, jb, overlap in pairs), pairs
+
+
+def test_worker_tasks_report_to_the_test_server(slurm_run, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    _, out, rec = slurm_run
+    run_id = uuid.UUID(out["flow_run_id"])
+    with get_client(sync_client=True) as client:
+        assert str(client.api_url).rstrip("/") == prefect_server.rstrip("/")
+        assert client.read_flow_run(run_id).state.is_completed()
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    done = {r.name.rsplit("-", 1)[0] for r in runs if r.state and r.state.is_completed()}
+    assert set(rec) <= done, sorted(set(rec) - done)
+
+
+# ---------------------------------------------------------------- a worker job cancelled mid-training
+
+def test_scancel_mid_training_resumes_and_matches_the_undisturbed_run(slurm_run, slurm_fault_run):
+    ref_root, _, _ = slurm_run
+    root, out, rec, fault = slurm_fault_run
+    assert out["tasks"] == 17
+    r = rec[FAULT_TASK]
+    assert r["state"] == "Completed" and r["slurm_job_id"] != fault["job"], r          # finished on another job
+    assert r["started"] < fault["cancelled_at"] < r["finished"] or r["started"] > fault["cancelled_at"], r
+    teacher = Path("artifacts/tiny/teachers/llama/fold0")
+    metrics = json.loads((root / teacher / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] and metrics["resumed_from_step"] > 0, metrics
+    assert not (root / "artifacts/tiny/teachers/llama/fold0.partial").exists()
+    ref_adapter = sorted(p.relative_to(ref_root / teacher) for p in (ref_root / teacher / "adapter").rglob("*") if p.is_file())
+    assert ref_adapter
+    for rel in ref_adapter:                                       # the published adapter, byte for byte
+        assert (root / teacher / rel).read_bytes() == (ref_root / teacher / rel).read_bytes(), rel
+    logits = Path("artifacts/tiny/logits/llama/fold0.parquet")
+    assert rec["teacher-logits-fold0-modelllama"]["state"] != "Cached"          # its input dir changed (metrics.json)
+    assert (root / logits).read_bytes() == (ref_root / logits).read_bytes()
+    # same logits -> same keys downstream: the student side is a cache hit, the submission the reference's
+    assert all(rec[t]["state"] == "Cached" for t in ("calibrate-modelllama", "distill-fold0", "distill-fold1", "ensemble", "predict"))
+    sub = Path("artifacts/tiny/predictions/submission.csv")
+    assert (root / sub).read_bytes() == (ref_root / sub).read_bytes()
+    assert os.path.getsize(root / sub) > 0
