@@ -109,7 +109,9 @@ def wait_for_level(futures: list, labels: list[str], cfg: dict, task_runner) -> 
         if client.nthreads():
             last_worker = time.monotonic()
         elif time.monotonic() - last_worker > wait_s:
-            raise RuntimeError(no_worker_message(cfg, task_runner, [n for _, n in pending], wait_s))
+            msg = no_worker_message(cfg, task_runner, [n for _, n in pending], wait_s)
+            _stop_scaling(task_runner)
+            raise RuntimeError(msg)
         done.wait(1.0)
         done.clear()
 
@@ -130,3 +132,16 @@ def no_worker_message(cfg: dict, task_runner, waiting: list[str], wait_s: float)
             f"{len(waiting)} task(s) waited ({', '.join(waiting[:4])}). SLURM jobs: {jobs}. Check "
             f"orchestration.slurm (queue={s['queue']!r}, gpus_per_job={s['gpus_per_job']}, memory={s['memory']!r}, "
             f"cores={s['cores']}) against `sinfo -o '%P %c %m %G'`; worker logs in {log_dir(cfg)}")
+
+
+def _stop_scaling(task_runner) -> None:
+    """Stop adaptive scaling, and forget the jobs that never started (sbatch refused them), so the
+    cluster closes cleanly: distributed asserts at close that every job it created was started."""
+    from distributed.core import Status
+    cluster = getattr(task_runner, "_cluster", None)
+    adaptive = getattr(cluster, "_adaptive", None)
+    if adaptive is not None:
+        adaptive.stop()
+    for job in list(getattr(cluster, "_created", ())):
+        if job.status == Status.created:
+            cluster._created.discard(job)
