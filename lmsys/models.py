@@ -219,6 +219,11 @@ def build_model(spec: dict, tokenizer, init_adapter: str | Path | None = None,
     """Base + LoRA. With init_adapter, continue from that adapter (LoRA weights and head), e.g.
     the post-pretrained one; otherwise a fresh, seeded LoRA. trainable=False freezes it (eval mode)."""
     base = build_base_model(spec, tokenizer, device=device, dtype=dtype, token=token)
+    if trainable and spec.get("gradient_checkpointing") and not spec.get("quantization"):
+        # recompute activations in backward: the 9B student at 1024 tokens fits batch 4 on 80 GB
+        # (nf4 teachers get it from prepare_model_for_kbit_training)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
     torch.manual_seed(spec_seed(spec) + 1)  # the fresh LoRA init is reproducible too
     if init_adapter is not None:
         model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=trainable)
