@@ -226,12 +226,12 @@ def main() -> None:
         runs = runs[:3]        # default: both students and the small profile's (real) teacher
     else:
         runs = [r for r in runs if f"{r[0]}/{r[1]}" in args.only]
-    t0 = time.perf_counter()
+    t0, mach = time.perf_counter(), machine()
     with tempfile.TemporaryDirectory(prefix="lmsys-bench-") as d:
         tmp = Path(d)
         data = datasets(tmp, n_demo=load_config("tiny")["demo"]["rows"])
         results = [bench_model(p, m, role, data, tmp, args.quick) for p, m, role in runs]
-    report = {"benchmark": "cpu_inference", "machine": machine(), "quick": args.quick,
+    report = {"benchmark": "cpu_inference", "machine": mach, "quick": args.quick,
               "datasets": {k: len(v) for k, v in data.items()}, "seconds": time.perf_counter() - t0,
               "load_avg_at_end": list(os.getloadavg()),
               "note": "samples per CPU-second of this process (torch threads as in machine.torch_threads) are the primary "
@@ -280,7 +280,31 @@ def markdown(report: dict) -> str:
         "micro-batch padded to max_length (random batches, no sorting in either). Fresh LoRA adapters: speed only.",
         "",
         summary_table(report),
+        "",
+        reading(report),
     ])
+
+
+def reading(report: dict) -> str:
+    """Plain-words reading of the figures (computed, so it stays true on a rerun)."""
+    rows = [(r, d, v) for r in report["results"] for d, v in r["datasets"].items()]
+    sat = {d: v["padding_full_set"]["share_at_max_length"] for r, d, v in rows if r["profile"] == "small"}
+    inf = [v["inference"]["speedup"] for _, _, v in rows]
+    trn = [v["training"]["speedup"] for _, _, v in rows if "training" in v]
+    long_ = {f"{r['model']}/{d}": v["inference_L2000"]["speedup"] for r, d, v in rows if "inference_L2000" in v}
+    pad2k = [v["padding_full_set_L2000"]["fixed_over_sorted"] for r, d, v in rows if r["kind"] != "tiny-gemma2"
+             and "padding_full_set_L2000" in v]
+    diff = max(v[k]["max_abs_logit_diff"] for _, _, v in rows for k in v if k.startswith("inference"))
+    return (
+        "Reading: at the tiny and small profiles' own lengths (256/384 tokens) the texts fill the window "
+        f"({', '.join(f'{100 * x:.0f}% of {d}' for d, x in sat.items())} rows reach 256 tokens), so sorting buys "
+        f"{min(inf):.2f}x-{max(inf):.2f}x in inference (the most on the demo data, nothing on vicuna80) and per-batch "
+        f"padding in training (random batches, no sorting) {min(trn):.2f}x-{max(trn):.2f}x, i.e. noise. The gain is a long-context one: at the full "
+        f"profile's 2000 tokens the real tokenizers (MiniLM, Gemma 3) would compute {min(pad2k):.1f}x-{max(pad2k):.1f}x "
+        f"fewer padded positions sorted than fixed, and the tiny model timed at 2000 tokens ran "
+        f"{', '.join(f'{v:.1f}x ({k})' for k, v in long_.items())} faster sorted (attention grows faster than "
+        f"linearly in the padded length). Sorted and naive logits agree to {diff:.1e} (padding does not change results). "
+        "MiniLM cannot take 2000 positions (512 max), the Gemma 3 270M teacher at 2000 is too slow to time here.")
 
 
 def summary_table(report: dict) -> str:

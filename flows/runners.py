@@ -121,12 +121,12 @@ def no_worker_message(cfg: dict, task_runner, waiting: list[str], wait_s: float)
     cluster = getattr(task_runner, "_cluster", None)
     ids = [str(j.job_id) for j in getattr(cluster, "workers", {}).values() if getattr(j, "job_id", None)]
     if ids:
-        q = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True, text=True)
+        q = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True, text=True, check=False)
         jobs = "; ".join(q.stdout.split("\n")[:-1] if q.stdout else []) or f"{', '.join(ids)} (no longer queued)"
     else:
         jobs = "none submitted"
         if cluster is not None:                # ask sbatch why, without submitting
-            r = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True, text=True)
+            r = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True, text=True, check=False)
             jobs += f"; sbatch --test-only says: {(r.stderr or r.stdout).strip()[-300:]}"
     return (f"no SLURM worker joined within {wait_s:g} s (orchestration.slurm.worker_wait_s) while "
             f"{len(waiting)} task(s) waited ({', '.join(waiting[:4])}). SLURM jobs: {jobs}. Check "

@@ -24,10 +24,10 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
+import lmsys.steps.registry  # noqa: F401  (registers every step: a run whose tasks are all cached never imports it otherwise)
 from lmsys.io import tree_sha256, write_json
 from lmsys.paths import Layout
 from lmsys.steps import STEPS, Step
-import lmsys.steps.registry  # noqa: F401,E402  (registers every step: a run whose tasks are all cached never imports it otherwise)
 
 
 def _get(cfg: dict, dotted: str):
@@ -106,9 +106,11 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
     marker = running_path(cfg, name, keys)
     write_json({"task": task_label(name, keys), **where}, marker)
     t0 = time.perf_counter()
-    result = run(name, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
+    try:
+        result = run(name, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
+    finally:
+        marker.unlink(missing_ok=True)         # stays only where the process died mid-task
     info = {"step": name, "keys": keys, "key": key, "outputs": [str(p) for p in result.outputs],
             "metrics": result.metrics, **where, "seconds": time.perf_counter() - t0, "finished": time.time()}
     write_json({"key": key, "outputs": info["outputs"]}, stamp_path(cfg, name, keys))
-    marker.unlink(missing_ok=True)
     return json.loads(json.dumps(info, default=str))

@@ -19,7 +19,6 @@ import sys
 import time
 
 import pytest
-
 from orch_config import SMALL
 
 PROBE = "lmsys_code_probe"
