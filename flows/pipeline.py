@@ -179,9 +179,12 @@ def run_pipeline(profile: str = "tiny", runner: str | None = None, overrides: di
 def run_from_cli(args) -> int:
     """`lmsys run`: the flow with the CLI's profile / runner / --set overrides."""
     from lmsys.config import parse_override
+    if getattr(args, "params", None):
+        raise SystemExit("lmsys run reads the repo's params.yaml (the flow's workers must see the same file); "
+                         "change values with --set KEY=VALUE")
     overrides = dict(parse_override(o) for o in (args.set or []))
     cfg = load_config(args.profile, overrides)
-    out = run_pipeline(profile=cfg["profile"], runner=args.runner, overrides=overrides)
+    out = run_pipeline(profile=cfg["profile"], runner=args.runner, overrides=overrides, root=args.root)
     print(f"pipeline done in {out['seconds']:.1f} s: {out['tasks']} tasks, {out['cached']} cached")
     print(f"submission: {out['submission']}")
     print(f"report:     {out['report']}")

@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline as a Prefect flow")
     _add_config_args(p)
     p.add_argument("--runner", choices=("local", "slurm"))
+    p.add_argument("--root", help="where data/, artifacts/ and reports/ go (default: the repo)")
     p.set_defaults(func=cmd_run)
     return ap
 
