@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lmsys.lineage import EVENT_DATA_ADDED  # noqa: E402
+from lmsys.lineage import EVENT_DATA_ADDED
 
 POOL = "lmsys-local"
 CRON = "0 3 * * *"

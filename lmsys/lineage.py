@@ -103,7 +103,7 @@ def _cli(name: str, fan_out: tuple) -> str:
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             args = build_parser().parse_args(argv)
-        direct = getattr(args, "step", None) == name and getattr(args, "func").__name__ in (
+        direct = getattr(args, "step", None) == name and args.func.__name__ in (
             "cmd_step", "cmd_folds", "cmd_calibrate", "cmd_predict", "cmd_evaluate")
     except SystemExit:
         direct = False
@@ -310,7 +310,7 @@ def record_flow_run(cfg: dict, tasks: list[tuple[str, dict]]) -> dict:
 
 
 def lineage_markdown(info: dict, flow_run_id: str | None = None) -> str:
-    lines = [f"# lmsys run lineage", "", f"- git revision: `{info['git_rev']}`"]
+    lines = ["# lmsys run lineage", "", f"- git revision: `{info['git_rev']}`"]
     if flow_run_id:
         lines.append(f"- flow run: `{flow_run_id}`")
     lines += [f"- DVC: {info['note']}", ""]
