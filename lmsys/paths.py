@@ -96,4 +96,4 @@ class Layout:
     @property
     def last_run(self) -> Path:
         """JSON naming the final model and outputs of the last pipeline run of this profile."""
-        return self.art / "last_run.json"
+        return self.predictions / "last_run.json"

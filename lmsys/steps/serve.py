@@ -141,7 +141,7 @@ def _pooled(per_fold: dict, bins: int) -> dict:
 def _test_labels(cfg: dict, layout: Layout) -> pd.Series | None:
     from lmsys.data.demo import demo_paths
     from lmsys.steps.prepare import uses_demo
-    path = demo_paths(layout.demo_dir)["test_labels"] if uses_demo(cfg) else cfg["data"].get("test_labels")
+    path = demo_paths(layout.demo_dir)["test_labels"] if uses_demo(cfg) else cfg["data"]["test_labels"]
     return M.read_labels(path) if path and Path(path).exists() else None
 
 
@@ -239,6 +239,16 @@ def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
     return sections
 
 
+def _label_files(cfg: dict, layout: Layout) -> list[Path]:
+    """Files step 9 reads besides artifacts: the test labels and the demo's truth.json, when there are any."""
+    from lmsys.data.demo import demo_paths
+    from lmsys.steps.prepare import uses_demo
+    if uses_demo(cfg):
+        p = demo_paths(layout.demo_dir)
+        return [p["test_labels"], p["truth"]]
+    return [Path(cfg["data"]["test_labels"])] if cfg["data"]["test_labels"] else []
+
+
 def _predict_inputs(cfg, layout):
     return [layout.prepared / "test.parquet", final_model_dir(cfg, layout)]
 
@@ -248,7 +258,7 @@ register(Step("predict", "8", run_predict, inputs=_predict_inputs,
               params=("predict", "text", "quantize.enabled"), gpu=True,
               modules=("lmsys.infer", "lmsys.text", "lmsys.tta", "lmsys.models", "lmsys.steps.serve")))
 register(Step("evaluate", "9", run_evaluate,
-              inputs=lambda cfg, layout: [layout.predictions, layout.prepared,
+              inputs=lambda cfg, layout: [layout.predictions, layout.prepared, *_label_files(cfg, layout),
                                           *[layout.student(k) for k in active_folds(cfg)],
                                           *[student_logits_path(cfg, layout, m, k) for m in teachers(cfg) for k in active_folds(cfg)],
                                           *[layout.logits(m, k) for m in teachers(cfg) for k in active_folds(cfg)]],
