@@ -58,7 +58,7 @@ def predict_logits(model: torch.nn.Module, ids: list[list[int]], pad_id: int, ba
     out = np.empty((n, 3), dtype=np.float32)
     n_batches = (n + batch_size - 1) // batch_size
     model.eval()
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), 0   # own row count: a disabled tqdm (TQDM_DISABLE=1) keeps bar.n at 0
     with torch.inference_mode(), tqdm(total=n, desc=desc, unit="row", leave=False) as bar:
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -66,8 +66,9 @@ def predict_logits(model: torch.nn.Module, ids: list[list[int]], pad_id: int, ba
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             out[idx] = logits.float().cpu().numpy()  # scatter back to input positions
             bar.update(len(idx))
+            done += len(idx)
             if progress_every and ((b + 1) % progress_every == 0 or b + 1 == n_batches):
-                rate = bar.n / max(time.perf_counter() - t0, 1e-9)
+                rate = done / max(time.perf_counter() - t0, 1e-9)
                 log.info("%s: batch %d/%d, %d/%d rows, %.1f rows/s, eta %.0f s", desc, b + 1,
-                         n_batches, bar.n, n, rate, (n - bar.n) / rate)
+                         n_batches, done, n, rate, (n - done) / rate)
     return out
