@@ -27,6 +27,9 @@ from lmsys.paths import Layout
 from tasks.steps import STEPS, outputs_match, run_step, task_label   # tasks.steps registers every step
 
 log = logging.getLogger(__name__)
+# Seconds between updates of the progress artifact (one API call each): a level that finishes sooner
+# (all cached, or a tiny step) is reported with the next one; the last level is always reported.
+PROGRESS_EVERY_S = 5.0
 
 
 def plan(cfg: dict) -> list[list[tuple[str, dict]]]:
@@ -111,12 +114,14 @@ def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
         check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])
     n_tasks, done, records = sum(map(len, levels)), 0, []
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
-    t0 = time.perf_counter()
-    for level in levels:
+    t0 = last_update = time.perf_counter()
+    for i, level in enumerate(levels):
         logger.info("running %s", ", ".join(task_label(n, k) for n, k in level))
         records += _run_level(level, cfg, task_runner)
         done += len(level)
-        update_progress_artifact(progress, 100.0 * done / n_tasks)
+        if time.perf_counter() - last_update >= PROGRESS_EVERY_S or i == len(levels) - 1:
+            update_progress_artifact(progress, 100.0 * done / n_tasks)
+            last_update = time.perf_counter()
     return _finish(cfg, records, time.perf_counter() - t0)
 
 
