@@ -11,9 +11,13 @@ with all weights 1 and two teachers this is the recipe's (CE + KL_q + cos_q + KL
 Per-sample weights multiply every per-sample term before the batch mean.
 
 Information-gain weights (RLP-style, optional): r_i = log p_teacher(y_i) - log p_baseline(y_i),
-how much better the teacher explains row i than a baseline (class prior, or an EMA of the student).
+how much better the teacher explains row i than a baseline: the class prior (fixed weights,
+info_gain_weights) or an EMA of the student's own predictions (EmaInfoGainWeights, updated as the
+student trains).
 """
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -71,20 +75,30 @@ def info_gain_weights(teacher_logits, labels, baseline_probs, tau: float = 1.0) 
     w_i = N * softmax(r / tau)_i: every weight > 0, strictly increasing in r_i, mean exactly 1.
     (exp(r) = p_teacher / p_baseline, so with tau = 1 a row weighs its likelihood ratio, relative
     to the others.) Raises ValueError on shapes, labels outside 0..2, or tau <= 0."""
-    z = np.asarray(teacher_logits, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    base = np.asarray(baseline_probs, dtype=np.float64)
+    log_pt, y = _teacher_log_likelihood(teacher_logits, labels)
     n = len(y)
-    if z.shape != (n, 3) or n == 0 or not np.all(np.isin(y, (0, 1, 2))):
-        raise ValueError(f"teacher_logits must be [N, 3] and labels [N] in 0..2; got {z.shape}, {y.shape}")
+    base = np.asarray(baseline_probs, dtype=np.float64)
     if base.shape == (3,):
         base = np.broadcast_to(base, (n, 3))
     if base.shape != (n, 3) or tau <= 0:
         raise ValueError(f"baseline_probs must be [N, 3] or [3] and tau > 0; got {base.shape}, tau={tau}")
-    rows = np.arange(n)
-    r = np.log(np.clip(softmax(z)[rows, y], 1e-15, 1)) - np.log(np.clip(base[rows, y], 1e-15, 1))   # [N]
+    return _mean_one(log_pt - np.log(np.clip(base[np.arange(n), y], 1e-15, 1)), tau)
+
+
+def _teacher_log_likelihood(teacher_logits, labels) -> tuple[np.ndarray, np.ndarray]:
+    """log p_teacher(y_i) [N] (clipped at 1e-15) and the labels [N] as int64; validates shapes."""
+    z = np.asarray(teacher_logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(y)
+    if z.shape != (n, 3) or n == 0 or not np.all(np.isin(y, (0, 1, 2))):
+        raise ValueError(f"teacher_logits must be [N, 3] and labels [N] in 0..2; got {z.shape}, {y.shape}")
+    return np.log(np.clip(softmax(z)[np.arange(n), y], 1e-15, 1)), y
+
+
+def _mean_one(r: np.ndarray, tau: float) -> np.ndarray:
+    """N * softmax(r / tau): positive, increasing in r, mean exactly 1."""
     e = np.exp((r - r.max()) / tau)          # max-shifted: no overflow; r is bounded so no underflow to 0
-    return n * e / e.sum()
+    return len(r) * e / e.sum()
 
 
 class EmaBaseline:
@@ -118,3 +132,44 @@ class EmaBaseline:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.probs = float(state["decay"]), np.asarray(state["probs"], dtype=np.float64).copy()
+
+
+class EmaInfoGainWeights:
+    """Information-gain weights against an EMA of the student (distill.info_gain_baseline: ema),
+    recomputed as training goes. It is a dynamic sample_weight for lmsys.train.train_classifier:
+      batch(idx)          weights [b] of rows idx: info_gain_weights(teacher, labels, ema, tau)[idx],
+                          i.e. mean 1 over all N rows against the baseline as it is now
+      observe(idx, p)     fold the student's probabilities p [b, 3] on rows idx into the EMA
+      state_dict() / load_state_dict(s)   the EMA, saved in training checkpoints (exact resume)
+      fingerprint()       identity of teacher, labels, prior, decay and tau (checkpoint validity)
+    A row the student already explains as well as the teacher loses weight; one it still gets
+    wrong while the teacher gets it right gains weight."""
+
+    def __init__(self, teacher_logits, labels, prior, decay: float = 0.5, tau: float = 1.0):
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.log_pt, self.labels = _teacher_log_likelihood(teacher_logits, labels)   # [N], [N]
+        self.tau = float(tau)
+        self.ema = EmaBaseline(len(self.labels), prior, decay)
+        self._id = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in (
+            self.log_pt, self.labels, self.ema.probs[0], np.array([decay, tau])))).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx) -> np.ndarray:
+        rows = np.arange(len(self.labels))
+        r = self.log_pt - np.log(np.clip(self.ema.probs[rows, self.labels], 1e-15, 1))   # [N]
+        return _mean_one(r, self.tau)[np.asarray(idx)]
+
+    def observe(self, idx, student_probs) -> None:
+        self.ema.update(idx, student_probs)
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+
+    def fingerprint(self) -> str:
+        return self._id

@@ -11,9 +11,14 @@ out_dir layout:
   final/        best when val is given, else the last weights
   metrics.json  written last; the checkpoint is deleted after it
 
-Resume: when checkpoint/ exists and was written by the same run settings, training continues
-exactly where it stopped (same data order: each epoch's permutation comes from (seed, epoch));
-a checkpoint from other settings is discarded with a warning.
+Resume: when checkpoint/ exists and was written by the same run (every setting in cfg but
+checkpoint_every, the seed, the token ids, labels, soft targets, sample weights and the trainable
+parameters' names and shapes), training continues exactly where it stopped (same data order: each
+epoch's permutation comes from (seed, epoch)); a checkpoint of another run is discarded with a warning.
+
+Sample weights are an array [N] or a dynamic object (e.g. lmsys.distill.EmaInfoGainWeights) with
+batch(idx) -> [b] weights, observe(idx, probs [b, 3]) after each forward, state_dict /
+load_state_dict (saved in checkpoints) and fingerprint().
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -40,6 +45,24 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
                   tuple[torch.Tensor, dict]]
+
+
+class DynamicWeights(Protocol):
+    """Sample weights that depend on the student as it trains (see the module docstring)."""
+    def __len__(self) -> int: ...
+    def batch(self, idx: np.ndarray) -> np.ndarray: ...
+    def observe(self, idx: np.ndarray, probs: np.ndarray) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def fingerprint(self) -> str: ...
+
+
+# cfg keys that do not change what a run computes: a checkpoint stays valid when they change
+RESUME_NEUTRAL_KEYS = ("checkpoint_every",)
+
+
+def is_dynamic(weight) -> bool:
+    return weight is not None and hasattr(weight, "observe")
 
 
 def cross_entropy_loss(logits, labels, soft_targets=None, sample_weight=None):
@@ -77,13 +100,20 @@ def epoch_groups(n: int, epoch: int, seed: int, bs: int, accum: int) -> list[lis
     return [batches[i:i + accum] for i in range(0, len(batches), accum)]
 
 
-def _fingerprint(train_ids, train_labels, cfg: dict, seed: int) -> str:
-    """Identity of a run's settings: a checkpoint resumes only the run that wrote it."""
+def _fingerprint(model, data: dict, cfg: dict, seed: int) -> str:
+    """Identity of a run: a checkpoint resumes only the run that wrote it (settings incl. the loss's,
+    which the steps keep in cfg; data; soft targets; weights; the trainable parameters)."""
     h = hashlib.sha256()
-    keys = ("epochs", "lr", "warmup_steps", "batch_size", "grad_accum", "max_steps", "weight_decay")
-    h.update(json.dumps({k: cfg.get(k) for k in keys} | {"seed": seed}, sort_keys=True).encode())
-    h.update(np.asarray([len(r) for r in train_ids], dtype=np.int64).tobytes())
-    h.update(np.asarray(train_labels, dtype=np.int64).tobytes())
+    settings = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL_KEYS} | {"seed": seed}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for row in data["ids"]:
+        h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
+    h.update(data["labels"].tobytes())
+    for a in (data["soft"], None if is_dynamic(data["weight"]) else data["weight"]):
+        h.update(b"-" if a is None else a.tobytes())
+    if is_dynamic(data["weight"]):
+        h.update(f"{type(data['weight']).__name__}:{data['weight'].fingerprint()}".encode())
+    h.update(json.dumps([(k, list(p.shape)) for k, p in model.named_parameters() if p.requires_grad]).encode())
     return h.hexdigest()[:16]
 
 
@@ -104,17 +134,17 @@ def _set_rng_states(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, sched, state: dict) -> None:
-    """Trainable weights, optimizer, scheduler, RNG and loop state, swapped in atomically."""
+def save_checkpoint(path: Path, model, opt, sched, state: dict, weights: DynamicWeights | None = None) -> None:
+    """Trainable weights, optimizer, scheduler, RNG, dynamic-weight and loop state, swapped in atomically."""
     with atomic_dir(path) as tmp:
         trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": _rng_states()}, tmp / "optim.pt")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_states(),
+                    "weights": weights.state_dict() if weights is not None else None}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state))
 
 
-def load_checkpoint(path: Path, model, opt, sched) -> dict:
+def load_checkpoint(path: Path, model, opt, sched, weights: DynamicWeights | None = None) -> dict:
     """Restore what save_checkpoint wrote; returns the loop state."""
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -124,6 +154,8 @@ def load_checkpoint(path: Path, model, opt, sched) -> dict:
     opt.load_state_dict(rest["optimizer"])
     sched.load_state_dict(rest["scheduler"])
     _set_rng_states(rest["rng"])
+    if weights is not None:
+        weights.load_state_dict(rest["weights"])
     return json.loads((path / "state.json").read_text())
 
 
@@ -138,12 +170,16 @@ def _train_step(model, group, data: dict, loss_fn, opt, sched, device) -> tuple[
     """Forward/backward every micro-batch of one optimizer step, clip, step. Returns the loss."""
     rows = sum(len(b) for b in group)
     total, parts = 0.0, {}
+    w, dynamic = data["weight"], is_dynamic(data["weight"])
     for idx in group:
         ids, mask = pad_batch([data["ids"][i] for i in idx], data["pad_id"])  # [b, T] each
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, 3]
-        take = lambda a: None if a is None else torch.as_tensor(a[idx], dtype=torch.float32, device=device)
+        as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)
         labels = torch.as_tensor(data["labels"][idx], dtype=torch.long, device=device)
-        loss, step_parts = loss_fn(logits, labels, take(data["soft"]), take(data["weight"]))
+        weight = as_t(w.batch(idx) if dynamic else None if w is None else w[idx])     # [b] or None
+        loss, step_parts = loss_fn(logits, labels, as_t(None if data["soft"] is None else data["soft"][idx]), weight)
+        if dynamic:                           # after the weights of this batch were taken
+            w.observe(idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy())
         share = len(idx) / rows  # micro-batch's share of the step's rows
         (loss * share).backward()
         total += loss.item() * share
@@ -167,20 +203,21 @@ def _evaluate(model, val_ids, val_labels, pad_id, batch_size, step: int) -> dict
 def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray, out_dir: str | Path,
                      cfg: dict, pad_id: int, val_ids: list[list[int]] | None = None,
                      val_labels: np.ndarray | None = None, soft_targets: np.ndarray | None = None,
-                     loss_fn: LossFn | None = None, sample_weight: np.ndarray | None = None,
+                     loss_fn: LossFn | None = None, sample_weight: np.ndarray | DynamicWeights | None = None,
                      seed: int = 0, progress_desc: str = "train") -> dict:
     """Train `model` (a 3-label classifier, usually a PeftModel) and return its metrics dict.
 
     cfg: batch_size, lr, and optionally epochs (1), grad_accum (1), warmup_steps (0), max_steps
     (overrides epochs), eval_every, checkpoint_every, weight_decay (0). soft_targets [N, n_teachers, 3]
-    and sample_weight [N] are sliced per batch for loss_fn(logits, labels, soft, weight) -> (loss,
-    parts); default loss is cross-entropy. On return the model holds the final weights.
+    and sample_weight [N] (or DynamicWeights) are sliced per batch for loss_fn(logits, labels, soft,
+    weight) -> (loss, parts); default loss is cross-entropy. On return the model holds the final weights.
     Raises ValueError on mismatched lengths or an empty training set."""
     out_dir = Path(out_dir)
     n = len(train_ids)
     labels = np.asarray(train_labels, dtype=np.int64)
     as_f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)
-    soft_targets, sample_weight = as_f32(soft_targets), as_f32(sample_weight)
+    soft_targets = as_f32(soft_targets)
+    sample_weight = sample_weight if is_dynamic(sample_weight) else as_f32(sample_weight)
     for name, a in (("train_labels", labels), ("soft_targets", soft_targets), ("sample_weight", sample_weight)):
         if a is not None and len(a) != n:
             raise ValueError(f"{name} has {len(a)} rows, train_ids {n}")
@@ -196,10 +233,11 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.get("warmup_steps", 0)), plan["total_steps"])
-    state = {"fingerprint": _fingerprint(train_ids, labels, cfg, seed), "global_step": 0, "epoch": 0,
+    state = {"fingerprint": _fingerprint(model, data, cfg, seed), "global_step": 0, "epoch": 0,
              "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": []}
     ckpt = out_dir / "checkpoint"
-    resumed_from = _maybe_resume(ckpt, model, opt, sched, state)
+    dyn = sample_weight if is_dynamic(sample_weight) else None
+    resumed_from = _maybe_resume(ckpt, model, opt, sched, state, dyn)
 
     model.train()
     t0, done_rows = time.perf_counter(), 0
@@ -216,7 +254,7 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
             done_rows += sum(len(b) for b in group)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
-            _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched)
+            _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched, dyn)
             if state["global_step"] >= plan["total_steps"]:
                 break
         else:
@@ -228,21 +266,21 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
                    resumed_from, done_rows / max(train_s, 1e-9), train_s, n)
 
 
-def _maybe_resume(ckpt: Path, model, opt, sched, state: dict) -> int | None:
+def _maybe_resume(ckpt: Path, model, opt, sched, state: dict, weights: DynamicWeights | None) -> int | None:
     """Load checkpoint/ into model/opt/sched/state when it belongs to this run; returns its step."""
     if not (ckpt / "state.json").exists():
         return None
     saved = json.loads((ckpt / "state.json").read_text())
     if saved.get("fingerprint") != state["fingerprint"]:
-        log.warning("ignoring %s: written by different training settings or data", ckpt)
+        log.warning("ignoring %s: written by another run (other settings, data, targets, weights or model)", ckpt)
         shutil.rmtree(ckpt, ignore_errors=True)
         return None
-    state.update(load_checkpoint(ckpt, model, opt, sched))
+    state.update(load_checkpoint(ckpt, model, opt, sched, weights))
     log.info("resuming from %s at step %d (epoch %d)", ckpt, state["global_step"], state["epoch"])
     return state["global_step"]
 
 
-def _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched) -> None:
+def _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched, weights) -> None:
     """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
     step = state["global_step"]
     every = cfg.get("eval_every")
@@ -250,7 +288,7 @@ def _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, o
         _record_eval(model, state, val_ids, val_labels, pad_id, plan["batch_size"], out_dir)
     every = cfg.get("checkpoint_every")
     if every and step % int(every) == 0 and step < plan["total_steps"]:
-        save_checkpoint(out_dir / "checkpoint", model, opt, sched, state)
+        save_checkpoint(out_dir / "checkpoint", model, opt, sched, state, weights)
 
 
 def _record_eval(model, state, val_ids, val_labels, pad_id, batch_size, out_dir: Path) -> None:

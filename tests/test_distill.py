@@ -100,3 +100,47 @@ def test_ema_baseline():
     assert np.allclose(EmaBaseline(2, [1, 1, 1]).probs.sum(1), 1)
     with pytest.raises(ValueError):
         EmaBaseline(2, [1, 1, 1], decay=1.0)
+
+
+def test_ema_info_gain_weights_follow_the_student():
+    from lmsys.distill import EmaInfoGainWeights
+    z = np.array([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0], [3.0, 0, 0]])   # teacher right on every row
+    y = np.array([0, 1, 2, 0])
+    w = EmaInfoGainWeights(z, y, prior=[1, 1, 1], decay=0.5, tau=1.0)
+    first = w.batch(np.arange(4))
+    assert np.allclose(first, 1.0) and np.isclose(first.mean(), 1.0)      # same gain over a uniform prior
+    # the student learns rows 0 and 1: their baseline rises, their gain and weight fall
+    w.observe([0, 1], [[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]])
+    after = w.batch(np.arange(4))
+    assert np.isclose(after.mean(), 1.0) and (after > 0).all()
+    assert after[0] < 1 < after[2] and np.isclose(after[0], after[1]) and np.isclose(after[2], after[3])
+    assert np.allclose(w.batch([2, 0]), after[[2, 0]])                       # a batch is a slice of the whole
+    # the EMA state round-trips (training checkpoints) and the fingerprint names the configuration
+    v = EmaInfoGainWeights(z, y, prior=[1, 1, 1], decay=0.5, tau=1.0)
+    assert v.fingerprint() == w.fingerprint() != EmaInfoGainWeights(z, y, [1, 1, 1], decay=0.9).fingerprint()
+    v.load_state_dict(w.state_dict())
+    assert np.array_equal(v.batch(np.arange(4)), after)
+    with pytest.raises(ValueError):
+        EmaInfoGainWeights(z, y, [1, 1, 1], tau=0)
+    with pytest.raises(ValueError):
+        EmaInfoGainWeights(z[:3], y, [1, 1, 1])
+
+
+def test_distill_step_weights_follow_params():
+    from lmsys.config import load_config
+    from lmsys.distill import EmaInfoGainWeights
+    from lmsys.steps.student import sample_weights
+    soft = np.random.default_rng(0).normal(size=(12, 2, 3))                  # [N, teachers, 3]
+    y = np.arange(12) % 3
+    cfg = load_config("tiny")
+    assert sample_weights(cfg, soft, y) is None                              # off by default
+    cfg["distill"]["info_gain_weights"] = True
+    fixed = sample_weights(cfg, soft, y)
+    assert fixed.shape == (12,) and np.isclose(fixed.mean(), 1.0) and fixed.std() > 0
+    cfg["distill"]["info_gain_baseline"] = "ema"
+    ema = sample_weights(cfg, soft, y)
+    assert isinstance(ema, EmaInfoGainWeights)
+    assert np.allclose(ema.batch(np.arange(12)), fixed, atol=1e-5)           # before training: the prior baseline
+    cfg["distill"]["info_gain_baseline"] = "teacher"
+    with pytest.raises(ValueError, match="info_gain_baseline must be 'prior' or 'ema'"):
+        sample_weights(cfg, soft, y)

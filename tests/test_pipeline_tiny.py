@@ -146,3 +146,21 @@ def test_secret_never_written(tiny_run):
     leaks = [str(p) for p in layout.root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []
     assert log_file.stat().st_size > 0 and SECRET not in log_file.read_text()
+
+
+def test_distill_step_with_ema_information_gain_weights(tiny_run, tmp_path):
+    """Step 5 with distill.info_gain_baseline: ema, on a copy of the run's root: it trains with the
+    EMA information-gain weights (lmsys.distill.EmaInfoGainWeights) and reports them (mean 1)."""
+    import shutil
+
+    from lmsys.steps.registry import run_step
+    _, layout, results, _ = tiny_run
+    root = tmp_path / "root"
+    shutil.copytree(layout.root, root, ignore=shutil.ignore_patterns("run.log"))
+    over = {"distill.info_gain_weights": True, "distill.info_gain_baseline": "ema", "distill.max_steps": 6}
+    cfg2 = {**load_config("tiny", {"quantize.enabled": True, **over}), "root": str(root)}
+    res = run_step("distill", cfg2, Layout("tiny", root), fold=0)
+    w = res.metrics["sample_weights"]
+    assert w["baseline"] == "ema" and w["mean"] == pytest.approx(1.0) and w["min"] < w["max"], w
+    assert res.metrics["steps"] == 6 and np.isfinite(res.metrics["best_val_log_loss"])
+    assert results[("distill", (("fold", 0),))].metrics["sample_weights"] is None     # off in the main run

@@ -123,6 +123,70 @@ def test_resume_after_crash_in_process_with_dropout(tmp_path, tok):
     assert_same_adapter(tmp_path / "r" / "final", tmp_path / "u" / "final")
 
 
+def test_dynamic_weights_are_used_observed_and_resumed_exactly(tmp_path, tok):
+    """EMA information-gain weights (lmsys.distill) change as the student trains; a crash and resume
+    restores their state from the checkpoint, so the result equals an uninterrupted run's."""
+    from lmsys.distill import EmaInfoGainWeights
+    ids, y = make_task(40, len(tok), seed=5)
+    teacher = np.eye(3)[y] * 4.0                                                   # [N, 3], right on every row
+    make = lambda: EmaInfoGainWeights(teacher, y, prior=np.bincount(y, minlength=3), decay=0.5)  # noqa: E731
+    cfg = {"epochs": 2, "lr": 3e-3, "warmup_steps": 1, "batch_size": 8, "checkpoint_every": 3}   # 5 steps/epoch
+    seen, calls = [], {"n": 0}
+
+    def loss(logits, labels, soft, weight, crash_at=None):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise RuntimeError("simulated crash")
+        seen.append(weight.clone())
+        return cross_entropy_loss(logits, labels, None, weight)
+
+    w = make()
+    train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "u", cfg, tok.pad_token_id, sample_weight=w, loss_fn=loss)
+    assert len(seen) == 10 and all(s.shape == (8,) for s in seen)
+    assert not torch.allclose(seen[0], seen[-1])                                   # the weights moved
+    assert np.isclose(w.batch(np.arange(40)).mean(), 1.0) and not np.allclose(w.ema.probs[0], w.ema.probs[-1])
+    crash_at = calls["n"] + 8                                                      # dies in step 8, after step 6's checkpoint
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id, sample_weight=make(),
+                         loss_fn=lambda *a: loss(*a, crash_at=crash_at))
+    r = make()
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id, sample_weight=r)
+    assert m["resumed_from_step"] == 6
+    assert np.array_equal(r.ema.probs, w.ema.probs)                                # EMA restored, then the same updates
+    assert_same_adapter(tmp_path / "r" / "final", tmp_path / "u" / "final")
+
+
+def test_checkpoint_of_another_loss_or_weighting_is_not_resumed(tmp_path, tok):
+    """Settings outside the optimizer (a loss weight in cfg, the sample weights) are part of a run's
+    identity: a checkpoint left by a run with other ones is discarded, not continued."""
+    ids, y = make_task(40, len(tok), seed=6)
+    cfg = {"epochs": 1, "lr": 3e-3, "batch_size": 8, "checkpoint_every": 2, "temperature": 1.0}
+    calls = {"n": 0}
+
+    def crash_at_4(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return cross_entropy_loss(*args)
+
+    def left_checkpoint(out):
+        calls["n"] = 0
+        with pytest.raises(RuntimeError):
+            train_classifier(build_model(SPEC, tok), ids, y, out, cfg, tok.pad_token_id, loss_fn=crash_at_4)
+        assert (out / "checkpoint").exists()
+
+    left_checkpoint(tmp_path / "a")
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "a", {**cfg, "temperature": 2.0}, tok.pad_token_id)
+    assert m["resumed_from_step"] is None and m["steps"] == 5
+    left_checkpoint(tmp_path / "b")
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "b", cfg, tok.pad_token_id,
+                         sample_weight=np.linspace(0.5, 1.5, 40))
+    assert m["resumed_from_step"] is None
+    left_checkpoint(tmp_path / "c")                                                # control: the same run resumes
+    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "c", {**cfg, "checkpoint_every": 3}, tok.pad_token_id)
+    assert m["resumed_from_step"] == 2
+
+
 def test_stale_checkpoint_from_other_settings_is_ignored(tmp_path, tok):
     ids, y = make_task(24, len(tok), seed=2)
     cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8}

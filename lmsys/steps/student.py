@@ -80,15 +80,21 @@ def soft_targets(cfg: dict, layout: Layout, fold: int, rows: pd.DataFrame) -> np
     return np.stack(out, axis=1).astype(np.float32)
 
 
-def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
-    """RLP-style information-gain weights (mean 1), or None when distill.info_gain_weights is off."""
-    from lmsys.distill import info_gain_weights, prior_probs
+def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray):
+    """RLP-style information-gain weights of the training rows, from the teachers' mean logits
+    soft [N, n_teachers, 3] and labels [N]: fixed weights [N] (mean 1) against the class prior, a
+    lmsys.distill.EmaInfoGainWeights (recomputed as the student trains) against an EMA of the
+    student, or None when distill.info_gain_weights is off. Raises ValueError on another baseline."""
+    from lmsys.distill import EmaInfoGainWeights, info_gain_weights, prior_probs
     d = cfg["distill"]
     if not d["info_gain_weights"]:
         return None
-    if d["info_gain_baseline"] != "prior":
-        raise ValueError(f"distill.info_gain_baseline={d['info_gain_baseline']!r}: only 'prior' is wired into the step")
-    return info_gain_weights(soft.mean(axis=1), labels, prior_probs(labels)).astype(np.float32)
+    teacher, prior = soft.mean(axis=1), prior_probs(labels)        # [N, 3], [3]
+    if d["info_gain_baseline"] == "prior":
+        return info_gain_weights(teacher, labels, prior, d["info_gain_tau"]).astype(np.float32)
+    if d["info_gain_baseline"] == "ema":
+        return EmaInfoGainWeights(teacher, labels, prior, decay=d["info_gain_ema_decay"], tau=d["info_gain_tau"])
+    raise ValueError(f"distill.info_gain_baseline must be 'prior' or 'ema', got {d['info_gain_baseline']!r}")
 
 
 def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
@@ -105,14 +111,25 @@ def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
     L = cfg["text"]["train_max_length"]
     loss = partial(_loss, T=d["temperature"], ce=d["ce_weight"], kl=d["kl_weight"], cos=d["cos_weight"])
     out = layout.student(fold)
+    weights = sample_weights(cfg, soft, y)
     with C.training_dir(out) as work:
         metrics = train_classifier(net, C.encode(cfg, train, tok, L), y, work, d, tok.pad_token_id,
                                    C.encode(cfg, val, tok, L), C.labels(val), soft_targets=soft, loss_fn=loss,
-                                   sample_weight=sample_weights(cfg, soft, y), seed=cfg["seed"] + fold,
-                                   progress_desc=f"student fold{fold}")
+                                   sample_weight=weights, seed=cfg["seed"] + fold, progress_desc=f"student fold{fold}")
         _write_oof(cfg, net, tok, val, work / "oof.parquet")
     return StepResult(outputs=[out], metrics={"fold": fold, "best_val_log_loss": metrics["best_val_log_loss"],
-                                              "val_accuracy": metrics["val_accuracy"], "steps": metrics["steps"]})
+                                              "val_accuracy": metrics["val_accuracy"], "steps": metrics["steps"],
+                                              "sample_weights": _weight_summary(cfg, weights)})
+
+
+def _weight_summary(cfg: dict, weights) -> dict | None:
+    """min / mean / max of the information-gain weights over the training rows (at the end of
+    training for the ema baseline), or None when they are off."""
+    if weights is None:
+        return None
+    w = weights if isinstance(weights, np.ndarray) else weights.batch(np.arange(len(weights)))
+    return {"baseline": cfg["distill"]["info_gain_baseline"], "min": float(w.min()), "mean": float(w.mean()),
+            "max": float(w.max())}
 
 
 def _loss(logits, labels, soft, weight, T, ce, kl, cos):
