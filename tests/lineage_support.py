@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RETRY_STATUS = (429, 502, 503)     # as prefect.client.base.PrefectHttpxSyncClient retries them
+
+
 class PrefectServer:
     """`prefect server start` on 127.0.0.1:<free port> with the env's PREFECT_HOME."""
 
@@ -101,7 +105,7 @@ class PrefectServer:
         home = Path(env["PREFECT_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         self.log = home / "server.log"
-        senv = {**env, "PREFECT_UI_ENABLED": "false"}
+        senv = {**env, "PREFECT_UI_ENABLED": "false", "PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
         self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                       "--port", str(self.port)], env=senv, stdout=open(self.log, "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -122,12 +126,21 @@ class PrefectServer:
     def env(self, env: dict) -> dict:
         return {**env, "PREFECT_API_URL": self.url}
 
-    def api(self, method: str, path: str, body: dict | None = None):
+    def api(self, method: str, path: str, body: dict | None = None, tries: int = 6):
+        """JSON in, JSON out. Retries what Prefect's own client retries (RETRY_STATUS): the server
+        answers 503 when SQLite is busy (its transaction rolled back), e.g. while a worker polls."""
         req = urllib.request.Request(f"{self.url}{path}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or "null")
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or "null")
+            except urllib.error.HTTPError as e:
+                if e.code not in RETRY_STATUS or attempt == tries - 1:
+                    raise
+                print(f"[prefect api] {method} {path}: HTTP {e.code}, retry {attempt + 1}", file=sys.stderr)
+                time.sleep(min(2 ** attempt, 10))
 
     def flow_runs(self, **flt) -> list[dict]:
         return self.api("POST", "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC", **flt})
