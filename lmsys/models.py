@@ -86,11 +86,24 @@ def _gguf_location(spec: dict) -> tuple[str, str]:
 
 
 def _pretrained_source(spec: dict) -> str:
-    if spec.get("path"):
-        return str(spec["path"])
+    """A local dir: the spec's path (a dir, or a hub name already in the local Hugging Face cache)
+    or its pip package's. Nothing is downloaded at run time (every load passes local_files_only);
+    a hub name missing from the cache raises FileNotFoundError saying how to fetch it beforehand."""
     if spec.get("package"):
         return _package_model_dir(spec["package"])
-    raise ValueError("pretrained spec needs 'path' or 'package'")
+    if not spec.get("path"):
+        raise ValueError("pretrained spec needs 'path' or 'package'")
+    path = str(spec["path"])
+    if Path(path).exists():
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception as e:                       # noqa: BLE001  (not cached: say what to do)
+        raise FileNotFoundError(
+            f"model {path!r} is neither a local dir nor in the Hugging Face cache, and nothing is downloaded at "
+            f"run time: fetch it beforehand on a machine with access (`hf download {path}`, HF_TOKEN for gated "
+            f"models) or point the spec's path at a local copy") from e
 
 
 def _token(token: str | None) -> str | None:

@@ -134,6 +134,21 @@ def test_hf_token_passed_to_hub_never_logged(tmp_path, tok, monkeypatch, caplog)
     assert "hf_secret_value" not in caplog.text
 
 
+def test_hub_names_resolve_from_the_local_cache_only(tmp_path, tok, monkeypatch):
+    """A hub name loads from the Hugging Face cache when it is there; otherwise a clear error, no download."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    snap = cache / "models--some-org--some-model" / "snapshots" / ("0" * 40)
+    build_base_model(tiny("tiny-llama"), tok).save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    model = build_base_model({"kind": "pretrained", "path": "some-org/some-model"}, tok)
+    assert model.config.num_labels == 3
+    with pytest.raises(FileNotFoundError, match=r"'some-org/not-cached'.*nothing is downloaded at run time"):
+        build_base_model({"kind": "pretrained", "path": "some-org/not-cached"}, tok)
+
+
 def test_nf4_quantized_load_constructs_on_cpu(tmp_path, tok):
     pytest.importorskip("bitsandbytes")
     build_base_model(tiny("tiny-llama"), tok).save_pretrained(tmp_path / "m")
