@@ -69,11 +69,17 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def step_keys(args) -> dict:
+    """The step's own fan-out keys from the parsed options (`lmsys predict --model DIR` without
+    --test runs step 8, whose --model is not a key of it)."""
+    from lmsys.steps import STEPS
+    return {k: getattr(args, k) for k in STEPS[args.step].fan_out if getattr(args, k, None) is not None}
+
+
 def cmd_step(args) -> int:
     from lmsys.steps.registry import run_step
     cfg = _config(args)
-    keys = {k: getattr(args, k) for k in ("fold", "model") if getattr(args, k, None) is not None}
-    result = run_step(args.step, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
+    result = run_step(args.step, cfg, Layout(cfg["profile"], cfg.get("root")), **step_keys(args))
     print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
                      indent=2, default=str))
     return 0
@@ -105,10 +111,18 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     if args.preds is None:                      # the pipeline step
         return cmd_step(args)
+    import pandas as pd
+
     from lmsys.calibration import read_predictions
     from lmsys.metrics import read_labels, softmax, summarize
-    ids, logits, _ = read_predictions(args.preds)
-    labels = read_labels(args.labels)
+    ids, logits, own = read_predictions(args.preds)
+    if args.labels is None:                     # the predictions file's own `label` column
+        if own is None:
+            print(f"error: {args.preds} has no `label` column: pass --labels", file=sys.stderr)
+            return 2
+        labels = pd.Series(own, index=list(map(str, ids)))
+    else:
+        labels = read_labels(args.labels)
     missing = [i for i in map(str, ids) if i not in labels.index]
     if missing:
         print(f"error: {len(missing)} prediction ids have no label (first: {missing[:5]})", file=sys.stderr)
@@ -176,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
     p.add_argument("--preds")
-    p.add_argument("--labels", help="id + label, or id + the three winner columns")
+    p.add_argument("--labels", help="id + label, or id + the three winner columns (default: the preds file's label column)")
     p.add_argument("--bins", type=int, default=15)
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate, step="evaluate")

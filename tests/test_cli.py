@@ -51,6 +51,23 @@ def test_evaluate_missing_labels(preds):
     assert r.returncode == 2 and "have no label" in r.stderr
 
 
+def test_evaluate_reads_the_preds_files_own_labels(preds):
+    own = lmsys("evaluate", "--preds", str(preds / "preds.csv"))
+    given = lmsys("evaluate", "--preds", str(preds / "preds.csv"), "--labels", str(preds / "labels.csv"))
+    assert own.returncode == 0 and own.stdout == given.stdout, own.stderr
+    pd.read_csv(preds / "preds.csv").drop(columns="label").to_csv(preds / "unlabelled.csv", index=False)
+    r = lmsys("evaluate", "--preds", str(preds / "unlabelled.csv"))
+    assert r.returncode == 2 and "no `label` column: pass --labels" in r.stderr
+
+
+def test_step_commands_pass_only_the_steps_own_keys():
+    from lmsys.cli import build_parser, step_keys
+    parse = build_parser().parse_args
+    assert step_keys(parse(["predict", "--model", "some/dir"])) == {}          # --model of `lmsys predict` is no key
+    assert step_keys(parse(["train-teacher", "--fold", "1", "--model", "llama"])) == {"fold": 1, "model": "llama"}
+    assert step_keys(parse(["calibrate", "--model", "qwen"])) == {"model": "qwen"}
+
+
 def test_config_profiles_and_overrides():
     tiny, full = load_config("tiny"), load_config("full")
     assert tiny["models"]["specs"]["gemma"]["kind"] == "tiny-gemma2"
