@@ -71,6 +71,9 @@ def ingest_new_data(path: str, kind: Literal["train", "external", "ut", "test"] 
         data["external"] = [*data["external"], str(new)]
     else:
         data[kind] = str(new)
+    if uses_demo(base) and kind != "test":      # the demo's test set stays: so do its labels (step 9's test metrics)
+        from lmsys.data.demo import demo_paths
+        overrides = {**(overrides or {}), "data.test_labels": str(demo_paths(layout.demo_dir)["test_labels"])}
     logger.info("running the pipeline with %s as %s: %s", new.name, kind, data)
     data["external"] = data["external"] or None
     cfg = flow_config(profile, data["train"], data["test"], data["external"], data["ut"], None, None, None,

@@ -8,8 +8,6 @@ parameters say otherwise.
 from __future__ import annotations
 
 import json
-import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Literal
@@ -21,12 +19,11 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 
 from flows.runners import check_slurm, make_task_runner, wait_for_level
-from lmsys.config import ROOT, load_config
+from lmsys.config import load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
 from tasks.steps import STEPS, outputs_match, run_step, task_label   # tasks.steps registers every step
 
-log = logging.getLogger(__name__)
 # Seconds between updates of the progress artifact (one API call each): a level that finishes sooner
 # (all cached, or a tiny step) is reported with the next one; the last level is always reported.
 PROGRESS_EVERY_S = 5.0
@@ -86,11 +83,6 @@ def _run_level(level, cfg: dict, task_runner=None) -> list[dict]:
     return records
 
 
-def _git_rev() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
-
-
 @flow(name="lmsys-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
              train: str | None = None, test: str | None = None,
@@ -122,7 +114,7 @@ def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
         if time.perf_counter() - last_update >= PROGRESS_EVERY_S or i == len(levels) - 1:
             update_progress_artifact(progress, 100.0 * done / n_tasks)
             last_update = time.perf_counter()
-    return _finish(cfg, records, time.perf_counter() - t0)
+    return _finish(cfg, levels, records, time.perf_counter() - t0)
 
 
 def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
@@ -140,16 +132,16 @@ def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, 
     return cfg
 
 
-def _finish(cfg: dict, records: list[dict], seconds: float) -> dict:
+def _finish(cfg: dict, levels: list[list[tuple[str, dict]]], records: list[dict], seconds: float) -> dict:
     layout = Layout(cfg["profile"], cfg.get("root"))
     ctx = FlowRunContext.get()
-    summary = {"profile": cfg["profile"], "git_rev": _git_rev(), "seconds": seconds,
+    from lmsys.lineage import git_rev, lineage_markdown, record_flow_run   # dvc.lock entries + data record of the run
+    summary = {"profile": cfg["profile"], "git_rev": git_rev(), "seconds": seconds,
                "runner": cfg["orchestration"]["runner"], "flow_run_id": str(ctx.flow_run.id) if ctx else None,
                "tasks": len(records), "cached": sum(r["state"] == "Cached" for r in records),
                "submission": str(layout.submission), "report": str(layout.reports / "report.md"),
                "records": records}
-    from lmsys.lineage import lineage_markdown, record_flow_run     # dvc.lock entries + data record of the run
-    lineage = record_flow_run(cfg, [t for level in plan(cfg) for t in level])
+    lineage = record_flow_run(cfg, [t for level in levels for t in level])
     summary["dvc"] = {"stages": lineage["stages"], "note": lineage["note"], "git_rev": lineage["git_rev"]}
     write_json(summary, layout.art / "flow_run.json")
     create_markdown_artifact(lineage_markdown(lineage, summary.get("flow_run_id")), key="lmsys-lineage",

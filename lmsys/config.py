@@ -47,6 +47,14 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def get_dotted(cfg: Mapping, key: str) -> Any:
+    """cfg["a"]["b"] for key "a.b"; None where the path does not exist."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
 def load_config(profile: str | None = None, overrides: Mapping[str, Any] | None = None,
                 params_path: Path | str | None = None) -> dict:
     """Return the resolved config of `profile` (default: params.yaml's `profile`)."""

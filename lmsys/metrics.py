@@ -60,7 +60,7 @@ def accuracy(probs, labels) -> float:
     return float((p.argmax(axis=1) == y).mean())
 
 
-def _bins(probs, labels, n_bins: int):
+def reliability_bins(probs, labels, n_bins: int):
     """Top-label reliability bins: per equal-width confidence bin, (count, mean confidence, accuracy)."""
     p, y = _check(probs, labels)
     if n_bins < 1:
@@ -77,7 +77,7 @@ def _bins(probs, labels, n_bins: int):
 
 def ece(probs, labels, n_bins: int = 15) -> float:
     """Top-label expected calibration error: sum over bins of |bin|/N * |accuracy - confidence|."""
-    count, conf, acc = _bins(probs, labels, n_bins)
+    count, conf, acc = reliability_bins(probs, labels, n_bins)
     return float((count / count.sum() * np.abs(acc - conf)).sum())
 
 
@@ -132,7 +132,7 @@ def _save(fig: Figure, path) -> Path:
 
 def plot_reliability(probs, labels, path, n_bins: int = 15) -> Path:
     """Top-label reliability diagram: accuracy vs confidence per bin, bar width ~ bin count."""
-    count, conf, acc = _bins(probs, labels, n_bins)
+    count, conf, acc = reliability_bins(probs, labels, n_bins)
     centers = (np.arange(n_bins) + 0.5) / n_bins
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.add_subplot()

@@ -23,24 +23,19 @@ from pathlib import Path
 
 from prefect import task
 from prefect.context import TaskRunContext
+from prefect.transactions import get_transaction
 
 import lmsys.steps.registry  # noqa: F401  (registers every step: a run whose tasks are all cached never imports it otherwise)
+from lmsys.config import get_dotted
 from lmsys.io import tree_sha256, write_json
 from lmsys.paths import Layout
 from lmsys.steps import STEPS, Step
 
 
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def code_hash(step: Step) -> str:
     """Hash of the source of every lmsys module the step runs (its registry entry names them)."""
     h = hashlib.sha256()
-    for name in sorted({*step.modules, "lmsys.steps", "lmsys.io", "lmsys.paths", "lmsys.config"}):
+    for name in step.code_modules():
         h.update(name.encode())
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()
@@ -65,7 +60,7 @@ def input_hashes(step: Step, cfg: dict, layout: Layout, keys: dict) -> dict[str,
 def cache_key(name: str, cfg: dict, keys: dict) -> str:
     step, layout = STEPS[name], Layout(cfg["profile"], cfg.get("root"))
     blob = {"step": name, "keys": keys, "profile": cfg["profile"],
-            "params": {p: _get(cfg, p) for p in step.params},
+            "params": {p: get_dotted(cfg, p) for p in step.params},
             "inputs": input_hashes(step, cfg, layout, keys), "code": code_hash(step)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -100,7 +95,8 @@ def _key_fn(context: TaskRunContext, parameters: dict) -> str:
 def run_step(name: str, cfg: dict, keys: dict) -> dict:
     """Run one lmsys step (see lmsys.steps.registry) and return paths + metrics + where it ran."""
     from lmsys.steps.registry import run_step as run
-    key = cache_key(name, cfg, keys)          # inputs as they are now, before the step runs
+    tx = get_transaction()                    # Prefect's key for this run: _key_fn's, inputs before the step
+    key = tx.key if tx is not None and tx.key else cache_key(name, cfg, keys)   # (called outside a flow: compute it)
     where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
              "started": time.time()}
     marker = running_path(cfg, name, keys)

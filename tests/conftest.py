@@ -33,6 +33,23 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """The tiny models' tokenizer: a byte-level BPE (vocab 300) trained on train_worker.corpus()."""
+    from lmsys.models import train_tokenizer
+    from train_worker import corpus
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(corpus(), d, vocab_size=300)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    """That tokenizer loaded as the pipeline loads a tiny model's (pad token, right padding)."""
+    from lmsys.models import load_tokenizer
+    return load_tokenizer({"kind": "tiny-llama"}, tok_dir)
+
+
+@pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small demo competition, generated once per test session."""
     from lmsys.data.demo import make_demo_data

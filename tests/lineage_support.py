@@ -163,12 +163,7 @@ class PrefectServer:
         return rows[0] if rows else None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_background(self.proc)
 
 
 def start_background(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:

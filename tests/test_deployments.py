@@ -147,3 +147,5 @@ def test_data_add_triggers_a_run_on_the_new_file(ops, tmp_path):
     report = json.loads((path / "artifacts/tiny/prepared/report.json").read_text())
     assert str(added) in report["files"] and report["files"][str(added)]["rows_clean"] == 60
     assert (path / "artifacts/tiny/predictions/submission.csv").exists()
+    metrics = json.loads((path / "reports/tiny/metrics.json").read_text())       # the demo test set keeps its labels
+    assert any(k.startswith("test_log_loss") for k in metrics), sorted(metrics)

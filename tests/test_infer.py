@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from lmsys.infer import pad_batch, predict_logits
-from lmsys.models import TINY_KINDS, build_model, load_tokenizer, train_tokenizer
-from train_worker import corpus, make_task
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(corpus(), d, vocab_size=300)
-    return load_tokenizer({"kind": "tiny-llama"}, d)
+from lmsys.models import TINY_KINDS, build_model
+from train_worker import make_task
 
 
 def tiny_model(kind, tok):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from train_worker import corpus, make_task
+from train_worker import make_task
 
 from lmsys.infer import predict_logits
 from lmsys.infer_packed import (
@@ -18,14 +18,7 @@ from lmsys.infer_packed import (
     pooled_index,
     predict_logits_packed,
 )
-from lmsys.models import build_model, load_tokenizer, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(corpus(), d, vocab_size=300)
-    return load_tokenizer({"kind": "tiny-llama"}, d)
+from lmsys.models import build_model
 
 
 def tiny_model(kind, tok, attn="eager", **extra):

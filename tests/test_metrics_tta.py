@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
-from lmsys.data.schema import WINNER_COLUMNS
 from lmsys.metrics import (accuracy, ece, log_loss, plot_confusion, plot_fold_losses, plot_reliability,
                            read_labels, softmax, summarize, write_report)
 from lmsys.tta import swap_probs, symmetrize

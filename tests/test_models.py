@@ -21,18 +21,6 @@ def tiny(kind: str) -> dict:
     return {"kind": kind, "hidden": 64, "layers": 2, "heads": 4, "lora": LORA}
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(corpus(), d, vocab_size=300)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tiny("tiny-llama"), tok_dir)
-
-
 def padded_batch(tok, texts):
     enc = tok(texts, padding=True, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]

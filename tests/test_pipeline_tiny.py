@@ -31,9 +31,10 @@ def tiny_run(tmp_path_factory):
     cfg["root"] = str(root)
     layout = Layout("tiny", root)
     log_file = root / "run.log"
-    handler = logging.FileHandler(log_file)
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.DEBUG)
+    handler, root_logger = logging.FileHandler(log_file), logging.getLogger()
+    old_level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
     old = os.environ.get("HF_TOKEN")
     os.environ["HF_TOKEN"] = SECRET            # must never reach a log or an artifact
     results = {}
@@ -42,7 +43,9 @@ def tiny_run(tmp_path_factory):
             for name, keys in level:
                 results[(name, tuple(sorted(keys.items())))] = run_step(name, cfg, layout, **keys)
     finally:
-        logging.getLogger().removeHandler(handler)
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(old_level)
+        handler.close()
         if old is None:
             os.environ.pop("HF_TOKEN", None)
         else:
@@ -136,9 +139,14 @@ def test_predict_cli_default_model(tiny_run, tmp_path):
     cfg, layout, _, _ = tiny_run
     from lmsys.data.demo import demo_paths
     from lmsys.steps.serve import predict_file
-    out = tmp_path / "sub.csv"
-    sub = predict_file(demo_paths(layout.demo_dir)["test"], out, None, cfg)
-    assert pd.read_csv(out).shape == (len(sub), 4)
+    out, test = tmp_path / "sub.csv", demo_paths(layout.demo_dir)["test"]
+    predict_file(test, out, None, cfg)
+    sub, want = pd.read_csv(out, dtype={"id": str}), pd.read_csv(test, dtype={"id": str})
+    assert list(sub.columns) == SUBMISSION_COLUMNS and sorted(sub["id"]) == sorted(want["id"])   # every test id once
+    np.testing.assert_allclose(sub[SUBMISSION_COLUMNS[1:]].sum(axis=1), 1.0, atol=1e-6)
+    # the default model is the pipeline's final one: the same probabilities as the run's submission
+    run = pd.read_csv(layout.submission, dtype={"id": str}).set_index("id").loc[sub["id"]]
+    np.testing.assert_allclose(sub[SUBMISSION_COLUMNS[1:]].to_numpy(), run.to_numpy(), atol=1e-5)
 
 
 def test_secret_never_written(tiny_run):

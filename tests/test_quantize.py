@@ -13,7 +13,6 @@ pytest.importorskip("optimum")
 
 from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: E402
 
-from lmsys.models import train_tokenizer  # noqa: E402
 from lmsys.quantize import METRICS_FILE, load_quantized, quantize_gptq, resolve_group_size  # noqa: E402
 from train_worker import corpus  # noqa: E402
 
@@ -30,11 +29,6 @@ def _save_tiny(kind: str, d, tok) -> None:
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(d)
     tok.save_pretrained(d)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(corpus(), tmp_path_factory.mktemp("tok"), vocab_size=300)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 
+# Modules every step runs besides its own: part of every step's code (cache key, DVC deps).
+BASE_MODULES = ("lmsys.steps", "lmsys.io", "lmsys.paths", "lmsys.config")
+
+
 @dataclass
 class StepResult:
     outputs: list[Path]                        # files/dirs written
@@ -30,6 +34,10 @@ class Step:
     fan_out: tuple[str, ...] = ()              # () | ("fold",) | ("model",) | ("model", "fold")
     gpu: bool = False                          # needs a GPU worker on the slurm runner
     modules: tuple[str, ...] = ()              # lmsys modules whose source goes into the code hash
+
+    def code_modules(self) -> list[str]:
+        """Every module whose source is this step's code: its own and BASE_MODULES, sorted."""
+        return sorted({*self.modules, *BASE_MODULES})
 
 
 STEPS: dict[str, Step] = {}

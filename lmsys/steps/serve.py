@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from lmsys import metrics as M
-from lmsys.config import ROOT
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
@@ -172,7 +170,7 @@ def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
     plots = {"reliability": M.plot_reliability(p_oof, y_oof, out / "reliability.png", bins),
              "fold_losses": M.plot_fold_losses(res["student"]["tta"]["per_fold_log_loss"], out / "fold_losses.png"),
              "confusion": M.plot_confusion(p_oof, y_oof, out / "confusion.png")}
-    _dvc_plot_data(out, res, p_oof, y_oof)
+    _dvc_plot_data(out, res, p_oof, y_oof, bins)
     write_json(_flat_metrics(res), out / "metrics.json")
     write_json(res, out / "details.json")
     M.write_report(out, _report_sections(cfg, res, plots), title=f"lmsys-pipeline report: profile {cfg['profile']}")
@@ -209,18 +207,19 @@ def _flat_metrics(res: dict) -> dict:
     return flat
 
 
-def _dvc_plot_data(out: Path, res: dict, p: np.ndarray, y: np.ndarray) -> None:
+def _dvc_plot_data(out: Path, res: dict, p: np.ndarray, y: np.ndarray, bins: int) -> None:
+    """fold_losses.csv and reliability.csv (the bins of the reliability PNG and the ECE; empty ones left out)."""
     folds = res["student"]["tta"]["per_fold_log_loss"]
     write_table(pd.DataFrame({"fold": list(folds), "log_loss": list(folds.values())}), out / "fold_losses.csv")
-    conf, correct = p.max(1), (p.argmax(1) == y)
-    edges = np.linspace(1 / 3, 1, 8)
-    b = np.clip(np.digitize(conf, edges) - 1, 0, len(edges) - 2)
-    rel = pd.DataFrame({"bin": b, "confidence": conf, "accuracy": correct}).groupby("bin").mean().reset_index()
-    write_table(rel, out / "reliability.csv")
+    count, conf, acc = M.reliability_bins(p, y, bins)
+    used = count > 0
+    write_table(pd.DataFrame({"bin": np.flatnonzero(used), "confidence": conf[used], "accuracy": acc[used],
+                              "count": count[used].astype(int)}), out / "reliability.csv")
 
 
 def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from lmsys.lineage import git_rev
+    rev = git_rev()                              # the code's revision
     teacher_rows = {f"{m} ({kind})": {k: v for k, v in r.items() if k != "per_fold_log_loss"}
                     for m, t in res["teachers"].items() for kind, r in t.items()}
     student_rows = {f"student ({kind})": {k: v for k, v in r.items() if k != "per_fold_log_loss"}
