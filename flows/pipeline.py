@@ -93,17 +93,22 @@ def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
              overrides: dict | None = None, root: str | None = None) -> dict:
     """Run the whole recipe. Data defaults to the embedded demo (train=None); `folds`/`teachers` are
     the seed's TEACHER_FOLDS / SKIP_QWEN / INFER_MODELS; `overrides` are dotted params keys.
-    The task runner is the flow's (see run_pipeline, which picks it from the runner)."""
+    The task runner is the flow's (see run_pipeline, which picks it from the runner); started with the
+    decorator's thread runner and runner 'slurm' (a deployment run from the UI), the flow runs itself as
+    a subflow on the SLURM Dask runner."""
     cfg = flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
                       overrides, root)
     logger = get_run_logger()
     levels = plan(cfg)
     task_runner = FlowRunContext.get().task_runner
     if cfg["orchestration"]["runner"] == "slurm":
+        check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])   # before any job
         if type(task_runner).__name__ != "DaskTaskRunner":
-            raise ValueError(f"runner 'slurm' but this flow run's task runner is {type(task_runner).__name__}: "
-                             "start it with flows.pipeline.run_pipeline(..., runner='slurm') or `lmsys run --runner slurm`")
-        check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])
+            logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
+            return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(
+                profile=profile, train=train, test=test, external=external, ut=ut, folds=folds, teachers=teachers,
+                calibrate=calibrate, quantize=quantize, evaluate=evaluate, runner=runner, overrides=overrides,
+                root=root)
     n_tasks, done, records = sum(map(len, levels)), 0, []
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
     t0 = last_update = time.perf_counter()
