@@ -248,13 +248,14 @@ def main() -> None:
         cache_base_models()
 
     t0 = time.perf_counter()
+    mach = machine()                          # load average at the start (machine() reads it now)
     timings = run(cfg, layout, resume=not args.fresh)
     wall = time.perf_counter() - t0
     folds = list(range(cfg["folds"]["n_folds"]))
     teacher = cfg["models"]["teachers"][0]
     cal = json.loads(layout.calibration(teacher).read_text())
     results = {
-        "benchmark": "small_profile", "machine": machine(), "torch_threads": args.threads,
+        "benchmark": "small_profile", "machine": mach, "torch_threads": args.threads,
         "load_avg_at_end": list(os.getloadavg()), "base_model_load_cache": not args.no_load_cache,
         "data": {"train": str(train_file), "ut": str(JUDGES), **data_info},
         "overrides": {k: v for k, v in overrides.items()},
