@@ -134,10 +134,23 @@ def _weights(method: str, k: int, weights) -> np.ndarray:
     return w / w.sum()
 
 
+def _to(parts: list[tuple], device: torch.device) -> list[tuple]:
+    """(A, B, s) triples as float32 on `device` (adapters are read onto the CPU)."""
+    return [(a.to(device, torch.float32), b.to(device, torch.float32), s) for a, b, s in parts]
+
+
+def _merged(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base + delta computed in float32 on the base's device, cast back to the base's dtype."""
+    return (base.float() + delta.to(base.device, torch.float32)).to(base.dtype)
+
+
 @torch.no_grad()
 def merge_into(model: torch.nn.Module, folds: list[tuple[dict, dict]], w: np.ndarray, method: str) -> None:
     """Add each module's combined delta to the model's weights and overwrite the full tensors
-    (score head) with their weighted mean, in place. Raises ValueError on mismatched keys/shapes."""
+    (score head) with their weighted mean, in place. The adapter tensors (CPU, as read_adapter
+    returns them) go to each base weight's device; the merge is done in float32 there and cast to
+    the base weight's dtype, so a bf16 base on cuda (or any device, 'meta' included) merges where
+    it lives. Raises ValueError on mismatched keys/shapes."""
     sd = model.state_dict()   # tensors share storage with the parameters
     lora0, full0 = folds[0]
     for i, (lora, full) in enumerate(folds[1:], 1):
@@ -147,15 +160,15 @@ def merge_into(model: torch.nn.Module, folds: list[tuple[dict, dict]], w: np.nda
     for key in lora0:
         if key not in sd:
             raise ValueError(f"adapter module {key!r} not in the base model")
-        delta = _delta([lora[key] for lora, _ in folds], w, method)
+        delta = _delta(_to([lora[key] for lora, _ in folds], sd[key].device), w, method)
         if delta.shape != sd[key].shape:
             raise ValueError(f"{key}: delta {tuple(delta.shape)} vs base {tuple(sd[key].shape)}")
-        sd[key].copy_((sd[key].float() + delta).to(sd[key].dtype))
+        sd[key].copy_(_merged(sd[key], delta))
     for key in full0:
         if key not in sd or sd[key].shape != full0[key].shape:
             raise ValueError(f"adapter tensor {key!r} {tuple(full0[key].shape)} does not match the base model")
-        avg = sum(float(wk) * full[key] for wk, (_, full) in zip(w, folds))
-        sd[key].copy_(avg.to(sd[key].dtype))
+        avg = sum(float(wk) * full[key].float() for wk, (_, full) in zip(w, folds))     # fp32, on the CPU
+        sd[key].copy_(avg.to(sd[key].device, sd[key].dtype))
 
 
 def ensemble_adapters(base_model_factory: Callable[[], torch.nn.Module], adapter_dirs: list, out_dir,
