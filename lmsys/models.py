@@ -245,7 +245,32 @@ def build_model(spec: dict, tokenizer, init_adapter: str | Path | None = None,
     if not trainable:
         model.requires_grad_(False)
         model.eval()
+    elif upcast_trainable(model) and init_adapter is not None:
+        # the adapter's fp32 head was loaded into the bf16 copy: load it again into the fp32 one
+        from peft import load_peft_weights, set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_peft_weights(str(init_adapter), device="cpu"))
     return model.to(device) if not spec.get("quantization") else model
+
+
+def upcast_trainable(model: torch.nn.Module) -> int:
+    """Cast every trainable (requires_grad) parameter that is not float32 to float32, in place, so
+    AdamW updates are not rounded away in bf16; the frozen base keeps its dtype (bf16 compute).
+    peft already keeps LoRA weights in fp32 and casts their input; a module_to_save copy (the
+    `score` head) gets a forward pre-hook casting its input to fp32, so it computes the logits in
+    fp32. Returns the number of parameters cast (0 on an all-fp32 model: nothing changes)."""
+    cast = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        for p in own:
+            p.data = p.data.float()
+        if own:
+            module.register_forward_pre_hook(_inputs_to_fp32)
+        cast += len(own)
+    return cast
+
+
+def _inputs_to_fp32(module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def load_for_inference(model_dir_or_adapter: str | Path, spec: dict, tokenizer,

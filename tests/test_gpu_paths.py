@@ -75,3 +75,58 @@ def test_bf16_merge_is_the_fp32_merge_rounded_once(fold_dirs, tmp_path):
         assert torch.equal(got[k], v.to(torch.bfloat16)), k
         changed += not torch.equal(v, base[k])
     assert changed >= 2 * 7 + 1          # every adapted projection of both layers and the head moved
+
+
+# ---------------------------------------------------------------- fp32 trainable parameters
+
+def _batch(tok, n=8):
+    from train_worker import make_task
+    ids, labels = make_task(n, len(tok), seed=5)
+    from lmsys.infer import pad_batch
+    x, mask = pad_batch(ids, tok.pad_token_id)
+    return x, mask, torch.as_tensor(labels)
+
+
+def _head(model) -> torch.Tensor:
+    return model.base_model.model.score.modules_to_save["default"].weight
+
+
+def test_bf16_student_trains_fp32_params_and_moves_the_head(tok, tmp_path):
+    """Tiny Gemma-2 student built in bf16 with gradient checkpointing (the full profile's student):
+    every requires_grad parameter (LoRA and the score head copy) is fp32, the frozen base stays bf16,
+    and one AdamW step at the full profile's lr 5e-5 changes every head weight (in bf16 most such
+    updates round to nothing). Saved and rebuilt from the adapter, the fp32 head comes back exactly."""
+    from lmsys.models import build_model
+    spec = {**GEMMA, "gradient_checkpointing": True}
+    model = build_model(spec, tok, dtype=torch.bfloat16)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
+    assert {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32} == {}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    model.train()
+    before = _head(model).detach().clone()
+    x, mask, y = _batch(tok)
+    logits = model(input_ids=x, attention_mask=mask).logits
+    assert logits.dtype == torch.float32                       # the head computes in fp32
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    opt = torch.optim.AdamW(trainable.values(), lr=5e-5)
+    opt.step()
+    after = _head(model).detach()
+    assert after.dtype == torch.float32 and bool((after != before).all())
+    # the same update in bf16 would leave most weights where they were: what fp32 buys
+    rounded = (after.to(torch.bfloat16) != before.to(torch.bfloat16)).float().mean().item()
+    print(f"head weights that a bf16 copy would see move: {rounded:.1%}")
+    assert rounded < 0.9
+    model.save_pretrained(tmp_path / "adapter")
+    again = build_model(spec, tok, init_adapter=tmp_path / "adapter", dtype=torch.bfloat16)
+    assert _head(again).dtype == torch.float32 and torch.equal(_head(again).detach(), after)
+    assert all(p.dtype == torch.float32 for p in again.parameters() if p.requires_grad)
+
+
+def test_fp32_build_is_unchanged(tok):
+    """On the CPU (fp32) nothing is cast and no hook is added: the tiny pipeline's path is as before."""
+    from lmsys.models import build_model, upcast_trainable
+    model = build_model(GEMMA, tok)
+    assert upcast_trainable(model) == 0
+    assert not model.base_model.model.score.modules_to_save["default"]._forward_pre_hooks
