@@ -9,7 +9,10 @@ one), the identity is returned instead, so fitting never raises NLL on the data 
 
 Files: predictions CSVs carry `id` plus either the logit columns (logit_a, logit_b, logit_tie) or
 the probability columns (winner_model_a, winner_model_b, winner_tie, turned into logits by log,
-clipped at 1e-7), and optionally `label` (0/1/2).
+clipped at 1e-7), and optionally `label` (0/1/2). A params file (calibrate_fit_file) records the
+kind it was fitted on (`fitted_on`: logits | probabilities); load_params checks its schema (method,
+three finite scales and biases, or a finite temperature > 0) and calibrate_apply_file refuses a
+predictions file of the other kind or a --method that differs from the file's.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from lmsys.io import write_json, write_table
 from lmsys.metrics import softmax
 
 METHODS = ("vector", "temperature")
+KINDS = ("logits", "probabilities")        # what a params file was fitted on
 PROB_CLIP = 1e-7
 
 
@@ -51,10 +55,57 @@ def _identity(method: str) -> dict:
     raise ValueError(f"unknown calibration method {method!r}; supported: {METHODS}")
 
 
+def check_params(params, where: str = "calibration params") -> dict:
+    """Return `params` when it is a usable fit_calibration dict: method in METHODS; vector: `scale`
+    and `bias`, three finite numbers each; temperature: a finite `temperature` > 0. Raises
+    ValueError naming `where` and what is wrong."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    method = params.get("method")
+    if method not in METHODS:
+        raise ValueError(f"{where}: method {method!r} is not one of {METHODS}")
+    keys = ("scale", "bias") if method == "vector" else ("temperature",)
+    for key in keys:
+        if key not in params:
+            raise ValueError(f"{where}: {method} params need `{key}`")
+        try:
+            v = np.asarray(params[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: `{key}` is not numeric: {params[key]!r}") from None
+        if v.shape != ((3,) if method == "vector" else ()) or not np.all(np.isfinite(v)):
+            raise ValueError(f"{where}: `{key}` must be {'three finite numbers' if method == 'vector' else 'a finite number'}, "
+                             f"got {params[key]!r}")
+    if method == "temperature" and float(params["temperature"]) <= 0:
+        raise ValueError(f"{where}: temperature must be > 0, got {params['temperature']!r}")
+    return params
+
+
+def load_params(path, method: str | None = None, kind: str | None = None) -> dict:
+    """Read and check a params JSON written by calibrate_fit_file (check_params, plus `fitted_on`
+    in KINDS). With `method` / `kind`, also require the file's method / fitted-on kind to match.
+    Raises ValueError (FileNotFoundError when the file is missing) naming the file and the problem."""
+    path = Path(path)
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a calibration params JSON: {e.msg} at line {e.lineno}") from None
+    check_params(params, str(path))
+    if params.get("fitted_on") not in KINDS:
+        raise ValueError(f"{path}: `fitted_on` must be one of {KINDS} (refit with `lmsys calibrate fit`), "
+                         f"got {params.get('fitted_on')!r}")
+    if method is not None and method != params["method"]:
+        raise ValueError(f"{path}: holds {params['method']} scaling but --method {method} was asked for")
+    if kind is not None and kind != params["fitted_on"]:
+        raise ValueError(f"{path}: fitted on {params['fitted_on']} but the predictions file has {kind}: "
+                         f"apply it to a file of the same kind")
+    return params
+
+
 def apply_calibration(logits, params: dict) -> np.ndarray:
     """Calibrated logits [N, 3] (float64) from logits [N, 3] and a fit_calibration dict.
-    Raises ValueError on a bad shape or an unknown method."""
+    Raises ValueError on a bad shape or params that fail check_params."""
     z, _ = _check(logits)
+    check_params(params)
     method = params.get("method")
     if method == "vector":
         return z * np.asarray(params["scale"], dtype=np.float64) + np.asarray(params["bias"], dtype=np.float64)
@@ -65,8 +116,9 @@ def apply_calibration(logits, params: dict) -> np.ndarray:
 
 def fit_calibration(logits, labels, method: str = "vector", max_iter: int = 200) -> dict:
     """Fit `method` on logits [N, 3] and labels [N] (0/1/2). Returns a JSON-able dict: method,
-    scale + bias (vector) or temperature, nll_before, nll_after, n, fallback (True when the fit
-    did not help and the identity was kept). Raises ValueError on bad inputs or an unknown method."""
+    scale + bias (vector) or temperature, nll_before (identity), nll_after (the returned
+    parameters, measured), nll_fit (the optimiser's end point, None if non-finite), n, fallback
+    (True when the fit ended higher than nll_before or non-finite, and the identity was kept). Raises ValueError on bad inputs or an unknown method."""
     params = _identity(method)
     z, y = _check(logits, labels)
     zt, yt = torch.from_numpy(z), torch.from_numpy(y)
@@ -87,14 +139,17 @@ def fit_calibration(logits, labels, method: str = "vector", max_iter: int = 200)
 
     opt.step(closure)
     with torch.no_grad():
-        nll_after = float(F.cross_entropy(calib(), yt))
-    fitted = np.isfinite(nll_after) and nll_after <= nll_before
+        nll_fit = float(F.cross_entropy(calib(), yt))
+    fitted = bool(np.isfinite(nll_fit) and nll_fit <= nll_before)
     if fitted and method == "vector":
         params.update(scale=(1 + a.detach()).tolist(), bias=b.detach().tolist())
     elif fitted:
         params.update(temperature=float(a.detach().exp()))
-    return {**params, "nll_before": nll_before, "nll_after": nll_after if fitted else nll_before,
-            "n": int(len(y)), "fallback": not fitted}
+    # nll_after is measured on the parameters returned (the identity after a fallback), nll_fit is
+    # what the optimiser reached (None when non-finite), whether or not it was kept
+    nll_after = float(F.cross_entropy(torch.from_numpy(apply_calibration(z, params)), yt))
+    return {**params, "nll_before": nll_before, "nll_after": nll_after,
+            "nll_fit": nll_fit if np.isfinite(nll_fit) else None, "n": int(len(y)), "fallback": not fitted}
 
 
 # ---------------------------------------------------------------- files
@@ -136,40 +191,51 @@ def read_predictions(csv) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(ids [N] str, logits [N, 3] float64, labels [N] int or None) from a predictions CSV.
     Logit columns win when both sets are present. Raises ValueError when `id` or both column sets
     are incomplete (naming what is missing), or naming the first bad row and why."""
-    df = pd.read_csv(csv, dtype={"id": str})
+    ids, logits, labels, _ = read_predictions_kind(csv)
+    return ids, logits, labels
+
+
+def read_predictions_kind(csv) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """read_predictions plus the kind of columns it read: "logits" or "probabilities"."""
+    try:
+        df = pd.read_csv(csv, dtype={"id": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv}: empty file") from None
     if "id" not in df.columns:
         raise ValueError(f"{csv}: no `id` column (columns: {list(df.columns)})")
     if len(df) == 0:
         raise ValueError(f"{csv}: no rows")
     if all(c in df.columns for c in LOGIT_COLUMNS):
         _bad_row(csv, df, LOGIT_COLUMNS, lambda r: None if np.all(np.isfinite(r)) else "non-numeric or missing logit")
-        logits = df[LOGIT_COLUMNS].to_numpy(dtype=np.float64)
+        logits, kind = df[LOGIT_COLUMNS].to_numpy(dtype=np.float64), "logits"
     elif all(c in df.columns for c in WINNER_COLUMNS):
         _bad_row(csv, df, WINNER_COLUMNS, _prob_reason)
-        logits = np.log(np.clip(df[WINNER_COLUMNS].to_numpy(dtype=np.float64), PROB_CLIP, 1.0))
+        logits, kind = np.log(np.clip(df[WINNER_COLUMNS].to_numpy(dtype=np.float64), PROB_CLIP, 1.0)), "probabilities"
     else:
         miss_l = [c for c in LOGIT_COLUMNS if c not in df.columns]
         miss_p = [c for c in WINNER_COLUMNS if c not in df.columns]
         raise ValueError(f"{csv}: needs the logit columns (missing {miss_l}) or the probability columns (missing {miss_p})")
-    return df["id"].to_numpy(), logits, _labels(csv, df)
+    return df["id"].to_numpy(), logits, _labels(csv, df), kind
 
 
 def calibrate_fit_file(preds_csv, out_json, method: str = "vector") -> dict:
-    """Fit on a labelled predictions CSV and write the params JSON atomically; returns the params.
-    Raises ValueError when the file has no labels (or as read_predictions / fit_calibration)."""
-    _, logits, labels = read_predictions(preds_csv)
+    """Fit on a labelled predictions CSV and write the params JSON atomically (with `fitted_on`:
+    the kind of columns it was fitted on); returns the params. Raises ValueError when the file has
+    no labels (or as read_predictions / fit_calibration)."""
+    _, logits, labels, kind = read_predictions_kind(preds_csv)
     if labels is None:
         raise ValueError(f"{preds_csv}: calibration needs a `label` column (0/1/2)")
-    params = fit_calibration(logits, labels, method)
+    params = {**fit_calibration(logits, labels, method), "fitted_on": kind}
     write_json(params, out_json)
     return params
 
 
-def calibrate_apply_file(preds_csv, params_json, out_csv) -> Path:
-    """Apply saved params to a predictions CSV; write `id` + the probability columns (rows sum
+def calibrate_apply_file(preds_csv, params_json, out_csv, method: str | None = None) -> Path:
+    """Apply saved params (load_params: checked, same fitted-on kind as the predictions, same method
+    when `method` is given) to a predictions CSV; write `id` + the probability columns (rows sum
     to 1) atomically, csv or parquet by suffix. Returns out_csv."""
-    ids, logits, _ = read_predictions(preds_csv)
-    params = json.loads(Path(params_json).read_text())
+    ids, logits, _, kind = read_predictions_kind(preds_csv)
+    params = load_params(params_json, method=method, kind=kind)
     probs = softmax(apply_calibration(logits, params))
     out = pd.DataFrame(probs, columns=WINNER_COLUMNS)
     out.insert(0, "id", ids)

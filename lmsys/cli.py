@@ -1,14 +1,36 @@
-"""`lmsys ...`: thin command line over the library (parse, call, print). See README for the list."""
+"""`lmsys ...`: thin command line over the library (parse, call, print). See README for the list.
+
+Exit codes, the same for every command:
+  0  ok
+  1  a result with warnings: rows quarantined (validate, folds, data add), test rows answered by
+     the fallback (predict), an input with no rows
+  2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks
+  3  internal error (a bug or the machine): the message says so
+Errors are one line on stderr, `error: <file>: row <n> ...: <reason>` where a file and row are
+known; no traceback unless `--debug` (anywhere on the command line) or LMSYS_DEBUG=1.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from lmsys.config import load_config, parse_override
 from lmsys.paths import Layout
+
+EXIT_OK, EXIT_WARN, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+# Exceptions that mean "the input is bad" (exit 2): the library raises ValueError (UnusableFile,
+# ConfigError, pandas' parser errors and json.JSONDecodeError are ValueErrors too) or these for bad
+# files, parameters and paths; anything else is an internal error (exit 3).
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class UsageError(ValueError):
+    """A command was called with options that do not go together (exit 2)."""
 
 
 def _config(args) -> dict:
@@ -25,6 +47,9 @@ def cmd_validate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rep = v.report()
+    if not rep["rows_in"]:
+        print(f"error: {args.path}: no rows (a header only)", file=sys.stderr)
+        return EXIT_WARN
     print(f"{args.path}: format {rep['format']}, {rep['rows_in']} rows: {rep['rows_clean']} clean, "
           f"{rep['rows_quarantined']} quarantined")
     for reason, n in rep["reasons"].items():
@@ -41,23 +66,33 @@ def cmd_validate(args) -> int:
 
 
 def cmd_folds(args) -> int:
+    """`lmsys folds PATH`: folds.csv of a file's usable rows; quarantined rows are named (exit 1)."""
     if args.path is None:                       # the pipeline step on the prepared tables
         return cmd_step(args)
     import pandas as pd
 
     from lmsys.data.folds import make_folds
-    from lmsys.data.validate import UnusableFile, validate_file
+    from lmsys.data.validate import validate_file
     from lmsys.io import write_table
-    try:
-        comp = validate_file(args.path).clean
-        ext = [validate_file(p).clean for p in args.external or []]
-    except UnusableFile as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    folds = make_folds(comp, args.n_folds, args.seed, pd.concat(ext, ignore_index=True) if ext else None)
+    files = [args.path, *(args.external or [])]
+    checked = [validate_file(p) for p in files]
+    quarantined = 0
+    for path, v in zip(files, checked):
+        rep = v.report()
+        if not rep["rows_in"]:
+            print(f"error: {path}: no rows", file=sys.stderr)
+            return EXIT_WARN
+        if rep["rows_quarantined"]:
+            quarantined += rep["rows_quarantined"]
+            first = v.quarantine["row"].head(5).tolist()
+            print(f"warning: {path}: {rep['rows_quarantined']} of {rep['rows_in']} rows quarantined, left out of "
+                  f"folds.csv {rep['reasons']} (first rows: {first}; see `lmsys validate`)", file=sys.stderr)
+    ext = [v.clean for v in checked[1:]]
+    folds = make_folds(checked[0].clean, args.n_folds, args.seed, pd.concat(ext, ignore_index=True) if ext else None)
     write_table(folds, Path(args.out) / "folds.csv")
-    print(f"wrote {Path(args.out) / 'folds.csv'}: {len(folds)} rows, {args.n_folds} folds")
-    return 0
+    print(f"wrote {Path(args.out) / 'folds.csv'}: {len(folds)} rows, {args.n_folds} folds"
+          + (f"; {quarantined} rows quarantined" if quarantined else ""))
+    return EXIT_WARN if quarantined else EXIT_OK
 
 
 def cmd_demo_data(args) -> int:
@@ -87,25 +122,39 @@ def cmd_step(args) -> int:
 
 def cmd_calibrate(args) -> int:
     if args.action is None:                     # the pipeline step
+        if args.model is None:
+            raise UsageError("calibrate: give fit|apply, or --model M for the pipeline step")
         return cmd_step(args)
     from lmsys.calibration import calibrate_apply_file, calibrate_fit_file
+    need = ["preds", "out"] + (["params_file"] if args.action == "apply" else [])
+    missing = ["--" + n.replace("_", "-") for n in need if getattr(args, n) is None]
+    if missing:
+        raise UsageError(f"calibrate {args.action} needs {' and '.join(missing)}")
     if args.action == "fit":
-        p = calibrate_fit_file(args.preds, args.out, args.method)
-        print(f"{args.method} scaling: log loss {p['nll_before']:.4f} -> {p['nll_after']:.4f} on {p['n']} rows; wrote {args.out}")
+        p = calibrate_fit_file(args.preds, args.out, args.method or "vector")
+        print(f"{p['method']} scaling fitted on {p['fitted_on']}: log loss {p['nll_before']:.4f} -> "
+              f"{p['nll_after']:.4f} on {p['n']} rows; wrote {args.out}")
     else:
-        calibrate_apply_file(args.preds, args.params_file, args.out)
+        calibrate_apply_file(args.preds, args.params_file, args.out, method=args.method)
         print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_predict(args) -> int:
+    """`lmsys predict --test CSV`: every id answered; unreadable rows get the class prior, named in a
+    warning (exit 1)."""
     if args.test is None:                       # the pipeline step
         return cmd_step(args)
     from lmsys.steps.serve import predict_file
-    sub = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None, _config(args),
-                       tta=not args.no_tta)
-    print(f"wrote {args.out}: {len(sub)} rows")
-    return 0
+    sub, fallback = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None,
+                                 _config(args), tta=not args.no_tta)
+    for r in fallback.head(20).itertuples(index=False):
+        print(f"warning: {args.test}: row {r.row} (id {r.id}): {r.reason}: answered with the class prior",
+              file=sys.stderr)
+    if len(fallback) > 20:
+        print(f"warning: ... and {len(fallback) - 20} more rows answered with the class prior", file=sys.stderr)
+    print(f"wrote {args.out}: {len(sub)} rows ({len(fallback)} answered by fallback)")
+    return EXIT_WARN if len(fallback) else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -119,22 +168,50 @@ def cmd_evaluate(args) -> int:
     if args.labels is None:                     # the predictions file's own `label` column
         if own is None:
             print(f"error: {args.preds} has no `label` column: pass --labels", file=sys.stderr)
-            return 2
+            return EXIT_INPUT
         labels = pd.Series(own, index=list(map(str, ids)))
     else:
         labels = read_labels(args.labels)
-    missing = [i for i in map(str, ids) if i not in labels.index]
-    if missing:
-        print(f"error: {len(missing)} prediction ids have no label (first: {missing[:5]})", file=sys.stderr)
-        return 2
-    m = summarize(softmax(logits), labels.reindex(list(map(str, ids))).to_numpy(), args.bins)
-    print(f"log loss {m['log_loss']:.4f}  accuracy {m['accuracy']:.4f}  ECE {m['ece']:.4f}  (n={m['n']})")
-    return 0
+    ids = pd.Series(list(map(str, ids)))
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        rows = dup.index[dup == first].tolist()
+        print(f"error: {args.preds}: {dup.nunique()} ids appear more than once (first: id {first} at rows {rows})",
+              file=sys.stderr)
+        return EXIT_INPUT
+    if labels.index.duplicated().any():
+        print(f"error: {args.labels}: id {labels.index[labels.index.duplicated()][0]} has more than one label",
+              file=sys.stderr)
+        return EXIT_INPUT
+    matched = ids.isin(labels.index)
+    if not matched.all():
+        print(f"error: {args.preds}: {(~matched).sum()} of {len(ids)} prediction ids have no label "
+              f"(first: {ids[~matched].head(5).tolist()})", file=sys.stderr)
+        return EXIT_INPUT
+    m = summarize(softmax(logits), labels.reindex(ids).to_numpy(), args.bins)
+    print(f"log loss {m['log_loss']:.4f}  accuracy {m['accuracy']:.4f}  ECE {m['ece']:.4f}  (n={m['n']}; "
+          f"matched {int(matched.sum())}/{len(ids)} prediction ids, {len(labels)} labels)")
+    return EXIT_OK
 
 
 def cmd_run(args) -> int:
     from flows.pipeline import run_from_cli
     return run_from_cli(args)
+
+
+def cmd_check(args) -> int:
+    """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed."""
+    from lmsys.check import main_check
+    cfg = _config(args)
+    if args.root:
+        cfg["root"] = str(args.root)
+    runner = args.runner or cfg["orchestration"]["runner"]
+    api_url = None
+    if runner == "slurm":                       # the Prefect API the jobs must reach (env or Prefect profile)
+        from flows.runners import prefect_api_url
+        api_url = prefect_api_url()
+    return main_check(cfg, runner, api_url)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -145,8 +222,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmsys.steps.registry import STEPS
-    ap = argparse.ArgumentParser(prog="lmsys", description=__doc__)
+    ap = argparse.ArgumentParser(prog="lmsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an error (also anywhere after the command)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="validate a data file; exit 0 ok, 1 rows quarantined, 2 file unusable")
@@ -175,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preds", help="predictions CSV: id + logit_* or winner_* columns (+ label for fit)")
     p.add_argument("--out", help="fit: params JSON; apply: calibrated CSV")
     p.add_argument("--params-file", dest="params_file", help="apply: the params JSON written by fit")
-    p.add_argument("--method", default="vector", choices=("vector", "temperature"))
+    p.add_argument("--method", choices=("vector", "temperature"),
+                   help="fit: default vector; apply: must match the params file's method when given")
     p.add_argument("--model", help="pipeline step: the teacher to calibrate")
     _add_config_args(p)
     p.set_defaults(func=cmd_calibrate, step="calibrate")
@@ -235,14 +314,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=("local", "slurm"))
     p.add_argument("--root", help="where data/, artifacts/ and reports/ go (default: the repo)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="preflight: models, data, runner, disk; exit 0 ok, 1 warnings, 2 a check failed")
+    _add_config_args(p)
+    p.add_argument("--runner", choices=("local", "slurm"), help="default: orchestration.runner")
+    p.add_argument("--root", help="the run's root (artifacts, demo data; default: the repo)")
+    p.set_defaults(func=cmd_check)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse and run one command; returns its exit code (module docstring). Bad input and internal
+    errors become one `error:` line on stderr (exit 2 / 3); `--debug` or LMSYS_DEBUG=1 adds the
+    traceback. Usage errors exit 2 through argparse."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LMSYS_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except INPUT_ERRORS as e:
+        return _error(e, EXIT_INPUT, debug)
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
+        return _error(e, EXIT_INTERNAL, debug)
+
+
+def _error(e: BaseException, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    text = " ".join(str(text).split()) or type(e).__name__
+    if code == EXIT_INTERNAL:
+        text = f"internal error ({type(e).__name__}): {text}" + ("" if debug else " (rerun with --debug for the traceback)")
+    print(f"error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -418,6 +418,10 @@ def add_data(src: str | Path, kind: str = "auto", allow_quarantine: bool = False
 
 
 def cmd_data_add(args) -> int:
+    bad = [c for c in str(args.path) if ord(c) < 32 or ord(c) == 127]
+    if bad:   # a newline would break the .gitignore entry DVC writes, leaving the data one `git add .` from git
+        print(f"error: {args.path!r}: file name has control characters {bad!r}: rename the file first", file=sys.stderr)
+        return 2
     code, info = add_data(args.path, args.kind, args.allow_quarantine, event=not args.no_event, dvc=not args.no_dvc)
     if code:
         print(f"error: {info['error']}", file=sys.stderr)

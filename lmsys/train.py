@@ -135,22 +135,51 @@ def _set_rng_states(s: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, opt, sched, state: dict, weights: DynamicWeights | None = None) -> None:
-    """Trainable weights, optimizer, scheduler, RNG, dynamic-weight and loop state, swapped in atomically."""
+    """Trainable weights, optimizer, scheduler, RNG, dynamic-weight and loop state, swapped in atomically.
+    Only tensors and plain containers go into the .pt files (numpy arrays as tagged tensors), so
+    load_checkpoint reads them with weights_only=True: no pickled object is ever executed."""
     with atomic_dir(path) as tmp:
         trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_states(),
-                    "weights": weights.state_dict() if weights is not None else None}, tmp / "optim.pt")
+        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_states(),
+                              "weights": weights.state_dict() if weights is not None else None}), tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state))
 
 
+def _to_plain(obj):
+    """numpy arrays -> {"__ndarray__": tensor, "dtype": str}, recursively (tuples stay tuples)."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind == "u" else obj.copy()),
+                "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    return obj
+
+
+def _from_plain(obj):
+    """Inverse of _to_plain."""
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"])
+        return {k: _from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_plain(v) for v in obj)
+    return obj
+
+
 def load_checkpoint(path: Path, model, opt, sched, weights: DynamicWeights | None = None) -> dict:
-    """Restore what save_checkpoint wrote; returns the loop state."""
+    """Restore what save_checkpoint wrote; returns the loop state. Both .pt files are read with
+    weights_only=True (a checkpoint folder may be writable by others): a file holding anything but
+    tensors and plain containers raises pickle.UnpicklingError instead of running code."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for k, t in torch.load(path / "trainable.pt", map_location="cpu").items():
+        for k, t in torch.load(path / "trainable.pt", map_location="cpu", weights_only=True).items():
             params[k].copy_(t)
-    rest = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)  # our own file
+    rest = _from_plain(torch.load(path / "optim.pt", map_location="cpu", weights_only=True))
     opt.load_state_dict(rest["optimizer"])
     sched.load_state_dict(rest["scheduler"])
     _set_rng_states(rest["rng"])

@@ -19,7 +19,9 @@ def make_folds(competition: pd.DataFrame, n_folds: int, seed: int,
                external: pd.DataFrame | None = None) -> pd.DataFrame:
     """-> DataFrame id,fold (competition rows 0..K-1 in input order, then external rows -1).
 
-    Raises ValueError when there are fewer distinct prompts than folds or unlabelled rows."""
+    Raises ValueError when n_folds < 2, there are fewer distinct prompts than folds, or unlabelled rows."""
+    if not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ValueError(f"n_folds must be an integer >= 2 (one fold leaves nothing to validate on), got {n_folds!r}")
     if (competition["label"] == S.UNLABELLED).any():
         raise ValueError("folds need labelled competition rows; got unlabelled (test) rows")
     groups = competition["prompt"].map(S.prompt_key)

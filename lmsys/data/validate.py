@@ -78,11 +78,18 @@ def read_raw(path: str | Path) -> pd.DataFrame:
 
 
 def detect_format(df: pd.DataFrame, path: Path) -> str:
+    """The format from the columns alone, never the file name: the 33k conversations, or the Kaggle
+    schema (UltraFeedback in the LMSYS schema has the same columns: name it with
+    fmt="ultrafeedback" or let the table it feeds say so). Raises UnusableFile for the raw
+    UltraFeedback release (convert it with `lmsys convert-ut` first) and for unknown columns."""
     cols = set(df.columns)
     if cols & {"conversation_a", "conversation_b"}:
         return "arena33k"
     if cols & {"prompt", "response_a", "response_b"}:       # missing ones are named by check_columns
-        return "ultrafeedback" if "ut" in path.stem.lower() or "ultra" in path.stem.lower() else "kaggle"
+        return "kaggle"
+    if {"instruction", "completions"} <= cols or {"chosen", "rejected"} <= cols:
+        raise UnusableFile(f"{path}: the raw UltraFeedback release (columns {sorted(cols)[:6]}...): convert it "
+                           f"to the competition format with `lmsys convert-ut {path} --out FILE` first")
     raise UnusableFile(f"{path}: unknown format: columns {sorted(cols)} match neither the Kaggle "
                        f"schema ({S.KAGGLE_TEST_COLUMNS}) nor the 33k schema ({S.ARENA_REQUIRED})")
 
@@ -209,6 +216,17 @@ def _check_shape(row: dict) -> None:
         raise RowError("empty_conversation", "prompt is empty in every turn")
 
 
+def _check_bytes(r: dict) -> None:
+    """Every text cell of the raw row must be valid UTF-8 (the csv reader keeps bad bytes as
+    surrogates): one bad cell, in any column, quarantines its row instead of crashing a writer."""
+    for col, v in r.items():
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError("bad_utf8", f"{col}: bytes are not valid UTF-8") from None
+
+
 def _row_id(raw_id, integer: bool) -> str:
     if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)) or str(raw_id).strip() == "":
         raise RowError("missing_id", "id is empty")
@@ -241,6 +259,7 @@ def validate_file(path: str | Path, fmt: str = "auto", source: str | None = None
     clean, bad, seen = [], [], {}
     for i, r in enumerate(raw.to_dict("records")):
         try:
+            _check_bytes(r)
             rid = _row_id(r.get(id_col), integer=fmt != "arena33k")
             row = _arena_row(r, warn) if fmt == "arena33k" else _kaggle_row(r, labelled, warn)
             _check_shape(row)
@@ -267,3 +286,46 @@ def _printable(v):
     if isinstance(v, str):
         return v.encode("utf-8", "backslashreplace").decode("utf-8")
     return v
+
+
+def fallback_rows(v: Validated) -> pd.DataFrame:
+    """Quarantined rows that still need an answer (a test row unusable as text still needs a row in
+    the submission): id (as a clean row's id would read; a non-integer id as its stripped text),
+    row, reason, detail. Left out: rows without an id (nothing to answer) and repeated ids (the
+    first row answers them). Empty frame when nothing is quarantined."""
+    cols = ["id", "row", "reason", "detail"]
+    q = v.quarantine
+    id_col = "question_id" if "question_id" in q.columns and "id" not in q.columns else "id"
+    if not len(q) or id_col not in q.columns:
+        return pd.DataFrame(columns=cols)
+    out = []
+    for r in q.to_dict("records"):
+        if r["reason"] in ("duplicate_id", "missing_id"):
+            continue
+        try:
+            rid = _row_id(r[id_col], integer=v.fmt != "arena33k")
+        except RowError:
+            rid = str(r[id_col]).strip()
+        if rid:
+            out.append({"id": _printable(rid), "row": int(r["row"]), "reason": r["reason"], "detail": r["detail"]})
+    df = pd.DataFrame(out, columns=cols)
+    return df[~df["id"].isin(set(v.clean["id"]))].drop_duplicates("id").reset_index(drop=True)
+
+
+def raw_ids(path: str | Path) -> list[str]:
+    """The distinct non-empty ids of a Kaggle-schema file read straight from its `id` column, as a
+    clean row's id would read (a non-integer id as its stripped text), first occurrence order.
+    Independent of row validation: the final check of a submission compares against these.
+    Raises UnusableFile when the file cannot be read or has no `id` column."""
+    raw = read_raw(path)
+    if "id" not in raw.columns:
+        raise UnusableFile(f"{path}: no `id` column")
+    out: dict[str, None] = {}
+    for value in raw["id"]:
+        try:
+            rid = _row_id(value, integer=True)
+        except RowError:
+            rid = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+        if rid:
+            out.setdefault(_printable(rid), None)
+    return list(out)

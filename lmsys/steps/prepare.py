@@ -1,6 +1,8 @@
 """Step 0: data. `demo_data` writes the embedded demo competition; `prepare` validates every
 input file, quarantines bad rows, dedupes, removes external rows that leak competition rows,
-and writes the canonical tables the later steps read.
+and writes the canonical tables the later steps read. External (33k) rows are deduplicated on
+the prompt, as the recipe does (one battle per prompt). Test rows that are quarantined still need
+an answer: they are listed in test_fallback.csv (id, row, reason) for the predict step.
 
 Accounting (report.json), per file: rows_in == rows_clean + rows_quarantined, and
 rows_clean == rows_used + rows_removed (removed = duplicates, leaks, id collisions).
@@ -13,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from lmsys.data import demo, transforms
-from lmsys.data.schema import empty_table
-from lmsys.data.validate import validate_file
+from lmsys.data.schema import empty_table, prompt_key
+from lmsys.data.validate import fallback_rows, validate_file
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult, register
@@ -23,8 +25,20 @@ log = logging.getLogger(__name__)
 TABLES = ("train", "test", "external", "ut")   # prepared/<name>.parquet
 
 
+FALLBACK_COLUMNS = ["id", "row", "reason", "detail", "file"]
+
+
 def uses_demo(cfg: dict) -> bool:
     return cfg["data"]["train"] is None
+
+
+def check_demo_allowed(cfg: dict) -> None:
+    """The `full` profile trains 70B teachers: on the demo data that is a mistake, not a default.
+    Raises ValueError when profile full would use the demo data and data.allow_demo is not true."""
+    if cfg["profile"] == "full" and uses_demo(cfg) and not cfg["data"].get("allow_demo"):
+        raise ValueError("profile full has no data.train set and would train on the demo data: set "
+                         "data.train/data.test (--set data.train=PATH ...), or --set data.allow_demo=true "
+                         "to run full on the demo on purpose")
 
 
 def data_files(cfg: dict, layout: Layout) -> dict[str, list[Path]]:
@@ -41,6 +55,7 @@ def data_files(cfg: dict, layout: Layout) -> dict[str, list[Path]]:
 
 
 def run_demo_data(cfg: dict, layout: Layout) -> StepResult:
+    check_demo_allowed(cfg)
     d = cfg["demo"]
     paths = demo.make_demo_data(layout.demo_dir, rows=d["rows"], test_rows=d["test_rows"],
                                 external_rows=d["external_rows"], ut_rows=d["ut_rows"], seed=d["seed"])
@@ -48,7 +63,7 @@ def run_demo_data(cfg: dict, layout: Layout) -> StepResult:
 
 
 def _read_table(files: list[Path], name: str, out: Path, report: dict) -> pd.DataFrame:
-    parts = []
+    parts, fallback = [], []
     for f in files:
         source = {"train": "kaggle", "test": "kaggle", "ut": "ultrafeedback"}.get(name)
         v = validate_file(f, source=source)
@@ -57,10 +72,34 @@ def _read_table(files: list[Path], name: str, out: Path, report: dict) -> pd.Dat
             write_table(v.quarantine, out / f"quarantine_{name}_{Path(f).stem}.csv")
             log.warning("%s: %d rows quarantined %s", f, len(v.quarantine), v.report()["reasons"])
         parts.append(v.clean)
+        if name == "test":
+            fallback.append(fallback_rows(v).assign(file=str(f)))
+    if name == "test":
+        _write_test_fallback(fallback, out, report)
     return pd.concat(parts, ignore_index=True) if parts else empty_table()
 
 
+def _write_test_fallback(parts: list[pd.DataFrame], out: Path, report: dict) -> None:
+    """test_fallback.csv: quarantined test rows that still get a row in the submission (the predict
+    step answers them with the training class prior), with the reason; counted in the report."""
+    fb = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=FALLBACK_COLUMNS)
+    fb = fb.reindex(columns=FALLBACK_COLUMNS).drop_duplicates("id")
+    write_table(fb, out / "test_fallback.csv")
+    report["test_fallback"] = {"rows": len(fb), "reasons": {k: int(n) for k, n in fb["reason"].value_counts().items()}}
+    if len(fb):
+        log.warning("%d test rows are unusable as text and will be answered by the class prior: %s",
+                    len(fb), report["test_fallback"]["reasons"])
+
+
+def dedupe_prompts(external: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The recipe's 33k deduplication: one battle per prompt (the first kept); the others come back
+    with reason `duplicate_prompt`."""
+    dup = external["prompt"].map(prompt_key).duplicated(keep="first")
+    return external[~dup].reset_index(drop=True), external[dup].assign(reason="duplicate_prompt").reset_index(drop=True)
+
+
 def run_prepare(cfg: dict, layout: Layout) -> StepResult:
+    check_demo_allowed(cfg)
     out = layout.prepared
     files = data_files(cfg, layout)
     report: dict = {"files": {}, "removed": {}}
@@ -73,6 +112,9 @@ def run_prepare(cfg: dict, layout: Layout) -> StepResult:
             tables[name], dup = transforms.dedupe(tables[name])
             removed.append(dup.assign(table=name))
     if len(tables["external"]):
+        tables["external"], dup = dedupe_prompts(tables["external"])
+        removed.append(dup.assign(table="external"))
+        report["external_dedup_prompt"] = {"duplicate_prompts_removed": len(dup), "rows_kept": len(tables["external"])}
         tables["external"], leaks = transforms.remove_leaks(tables["external"], tables["train"])
         clash = tables["external"]["id"].isin(set(tables["train"]["id"]))
         removed += [leaks.assign(table="external"),

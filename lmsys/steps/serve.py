@@ -67,29 +67,93 @@ def submission(ids, probs: np.ndarray) -> pd.DataFrame:
     return out[SUBMISSION_COLUMNS]
 
 
+def class_prior(labels) -> np.ndarray:
+    """Class frequencies [3] of labels [N] (0/1/2), uniform when there are none: the answer for a
+    test row that cannot be read."""
+    y = np.asarray(labels, dtype=np.int64)
+    y = y[(y >= 0) & (y <= 2)]
+    return np.bincount(y, minlength=3) / len(y) if len(y) else np.full(3, 1 / 3)
+
+
+def check_submission(sub: pd.DataFrame, expected_ids, where: str) -> None:
+    """The final check: `sub` holds every id of `expected_ids` exactly once and no other, and every
+    row is three finite probabilities summing to 1. Raises ValueError naming the ids that fail."""
+    ids = sub["id"].astype(str)
+    expected = set(map(str, expected_ids))
+    dup = ids[ids.duplicated()].unique().tolist()
+    missing = sorted(expected - set(ids))
+    extra = sorted(set(ids) - expected)
+    p = sub[WINNER_COLUMNS].to_numpy(dtype=np.float64)
+    bad = ids[~(np.isfinite(p).all(1) & (np.abs(p.sum(1) - 1) < 1e-6) & (p >= 0).all(1))].tolist()
+    problems = [f"{what} {len(v)} (first: {v[:5]})" for what, v in
+                (("ids missing", missing), ("ids repeated", dup), ("ids not in the test data", extra),
+                 ("rows not summing to 1", bad)) if v]
+    if problems:
+        raise ValueError(f"{where}: submission fails the final check: {'; '.join(problems)}")
+
+
+def with_fallback(ids, probs: np.ndarray, fallback: pd.DataFrame, prior: np.ndarray) -> tuple[pd.DataFrame, pd.Series]:
+    """(submission of the predicted rows plus one prior row per fallback id, reason per row: ''
+    where the model answered)."""
+    sub = pd.concat([submission(ids, probs),
+                     submission(fallback["id"].astype(str), np.tile(prior, (len(fallback), 1)))], ignore_index=True)
+    reason = pd.Series([""] * len(ids) + fallback["reason"].astype(str).tolist(), name="fallback_reason")
+    return sub, reason
+
+
 def run_predict(cfg: dict, layout: Layout) -> StepResult:
-    """Steps 8/8.5: predict the prepared test rows with the final model; write submission.csv,
-    test_probs.parquet (TTA and plain) and last_run.json (what `lmsys predict` uses by default)."""
+    """Steps 8/8.5: predict the prepared test rows with the final model; every quarantined test row
+    (prepared/test_fallback.csv) gets the training class prior, flagged with its reason; the
+    submission is checked against the raw test files' ids (every id once, rows sum to 1: ValueError
+    otherwise). Writes submission.csv, test_probs.parquet (TTA and plain, fallback_reason) and
+    last_run.json (what `lmsys predict` uses by default)."""
+    from lmsys.data.validate import raw_ids
+    from lmsys.steps.prepare import data_files
     model_dir = final_model_dir(cfg, layout)
     tok, model = load_final(model_dir)
     test = C.table(layout, "test")
+    fallback = pd.read_csv(layout.prepared / "test_fallback.csv", dtype={"id": str})
     p, plain = predict_probs(model, tok, test, cfg["text"], cfg["text"]["infer_max_length"],
                              cfg["predict"]["batch_size"], cfg["predict"]["tta"])
-    sub = submission(test["id"], p)
+    prior = class_prior(C.table(layout, "train")["label"])
+    sub, reason = with_fallback(test["id"], p, fallback, prior)
+    expected = [i for f in data_files(cfg, layout)["test"] for i in raw_ids(f)]
+    check_submission(sub, expected, "predict")
     write_table(sub, layout.submission)
     probs = sub.rename(columns=dict(zip(WINNER_COLUMNS, ("p_a", "p_b", "p_tie"))))
     if plain is not None:
-        probs[["plain_a", "plain_b", "plain_tie"]] = plain
+        probs[["plain_a", "plain_b", "plain_tie"]] = np.vstack([plain, np.tile(prior, (len(fallback), 1))])
+    probs["fallback_reason"] = reason
     write_table(probs, layout.predictions / "test_probs.parquet")
+    write_table(fallback, layout.predictions / "fallback.csv")
     write_json({"profile": cfg["profile"], "model": str(model_dir), "submission": str(layout.submission),
-                "report": str(layout.reports / "report.md"), "tta": cfg["predict"]["tta"]}, layout.last_run)
-    return StepResult(outputs=[layout.predictions], metrics={"rows": len(sub), "model": str(model_dir)})
+                "report": str(layout.reports / "report.md"), "tta": cfg["predict"]["tta"],
+                "class_prior": prior.tolist()}, layout.last_run)
+    return StepResult(outputs=[layout.predictions], metrics={
+        "rows": len(sub), "model": str(model_dir), "fallback_rows": len(fallback),
+        "fallback_reasons": {k: int(n) for k, n in fallback["reason"].value_counts().items()}})
 
 
-def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dict, tta: bool = True) -> pd.DataFrame:
-    """`lmsys predict`: validate a test CSV, predict, write the submission (every id once, rows sum to 1).
-    model_dir defaults to the last pipeline run's final model of the profile."""
-    from lmsys.data.validate import validate_file
+def model_class_prior(model_dir: Path) -> np.ndarray | None:
+    """The training class prior saved with a final model (ensemble.json's class_prior, also for a
+    quantized dir made from it), or None."""
+    for meta in (Path(model_dir) / "ensemble.json", Path(model_dir) / "quantize.json"):
+        if meta.exists():
+            prior = json.loads(meta.read_text()).get("class_prior")
+            if prior is not None:
+                return np.asarray(prior, dtype=np.float64)
+    return None
+
+
+def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dict, tta: bool = True
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`lmsys predict`: validate a test CSV, predict the usable rows, answer the quarantined ones
+    with the training class prior (uniform when the model dir does not record it), check the
+    submission against the file's ids (every id once, rows sum to 1) and write it.
+    Returns (submission, fallback rows: id, row, reason, detail). model_dir defaults to the last
+    pipeline run's final model of the profile. Raises FileNotFoundError without a model, UnusableFile
+    for an unusable file, ValueError when the file has no rows or the final check fails."""
+    from lmsys.data.validate import fallback_rows, raw_ids, validate_file
     layout = Layout(cfg["profile"], cfg.get("root"))
     if model_dir is None:
         if not layout.last_run.exists():
@@ -97,15 +161,22 @@ def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dic
                                     f"({layout.last_run} missing): run `lmsys run` or pass --model")
         model_dir = Path(json.loads(layout.last_run.read_text())["model"])
     v = validate_file(test_csv)
-    if len(v.quarantine):
-        raise ValueError(f"{test_csv}: {len(v.quarantine)} rows unusable {v.report()['reasons']}; "
-                         f"first row {int(v.quarantine['row'].iloc[0])}: run `lmsys validate` for details")
-    tok, model = load_final(model_dir)
-    p, _ = predict_probs(model, tok, v.clean, cfg["text"], cfg["text"]["infer_max_length"],
-                         cfg["predict"]["batch_size"], tta)
-    sub = submission(v.clean["id"], p)
+    if not v.report()["rows_in"]:
+        raise ValueError(f"{test_csv}: no rows")
+    fallback = fallback_rows(v)
+    prior = model_class_prior(model_dir)
+    if prior is None and layout.last_run.exists():
+        prior = json.loads(layout.last_run.read_text()).get("class_prior")
+    prior = np.full(3, 1 / 3) if prior is None else np.asarray(prior, dtype=np.float64)
+    p = np.zeros((0, 3))
+    if len(v.clean):
+        tok, model = load_final(model_dir)
+        p, _ = predict_probs(model, tok, v.clean, cfg["text"], cfg["text"]["infer_max_length"],
+                             cfg["predict"]["batch_size"], tta)
+    sub, _ = with_fallback(v.clean["id"], p, fallback, prior)
+    check_submission(sub, raw_ids(test_csv), str(test_csv))
     write_table(sub, out_csv)
-    return sub
+    return sub, fallback
 
 
 # ---------------------------------------------------------------- step 9
@@ -153,9 +224,12 @@ def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
             res["teachers"][m]["calibrated"] = _pooled(_oof_teacher(cfg, layout, m, True), bins)
     student = {"plain": _oof_student(cfg, layout, False), "tta": _oof_student(cfg, layout, True)}
     res["student"] = {k: _pooled(v, bins) for k, v in student.items()}
+    probs = pd.read_parquet(layout.predictions / "test_probs.parquet")
+    reasons = probs["fallback_reason"] if "fallback_reason" in probs else pd.Series([], dtype=str)
+    res["fallback"] = {"test_rows": len(probs), "answered_by_fallback": int((reasons != "").sum()),
+                       "reasons": {k: int(n) for k, n in reasons[reasons != ""].value_counts().items()}}
     labels = _test_labels(cfg, layout)
     if labels is not None:
-        probs = pd.read_parquet(layout.predictions / "test_probs.parquet")
         y = labels.reindex(probs["id"].astype(str)).to_numpy()
         res["test"] = {"final_model": final_model_dir(cfg, layout).name,
                        "tta": M.summarize(probs[["p_a", "p_b", "p_tie"]].to_numpy(), y, bins)}
@@ -202,6 +276,7 @@ def _flat_metrics(res: dict) -> dict:
     for k, v in res.get("test", {}).items():
         if isinstance(v, dict):
             flat[f"test_log_loss_{k}"], flat[f"test_accuracy_{k}"] = v["log_loss"], v["accuracy"]
+    flat["test_rows_answered_by_fallback"] = res["fallback"]["answered_by_fallback"]
     if "quantize" in res:
         flat["quantize_log_loss_change"] = res["quantize"].get("log_loss_change")
     return flat
@@ -226,8 +301,10 @@ def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
                     for kind, r in res["student"].items()}
     sections = {"Run": f"profile `{cfg['profile']}`, folds {active_folds(cfg)}, git `{rev or 'unknown'}`",
                 "Reference": res["reference"],
-                "Teachers, out of fold (before/after calibration)": teacher_rows,
+                "Teachers, out of fold (before/after calibration; calibrated = held out: fold k's rows scaled by "
+                "parameters fitted without fold k's labels)": teacher_rows,
                 "Student, out of fold (without/with TTA)": student_rows}
+    sections["Test rows answered by fallback (unreadable rows: class prior)"] = res["fallback"]
     if "test" in res:
         sections["Test set (final model, without/with TTA)"] = {k: v for k, v in res["test"].items() if isinstance(v, dict)}
     if "quantize" in res:
@@ -249,13 +326,16 @@ def _label_files(cfg: dict, layout: Layout) -> list[Path]:
 
 
 def _predict_inputs(cfg, layout):
-    return [layout.prepared / "test.parquet", final_model_dir(cfg, layout)]
+    from lmsys.steps.prepare import data_files
+    return [layout.prepared / "test.parquet", layout.prepared / "test_fallback.csv", layout.prepared / "train.parquet",
+            *data_files(cfg, layout)["test"], final_model_dir(cfg, layout)]
 
 
 register(Step("predict", "8", run_predict, inputs=_predict_inputs,
               outputs=lambda cfg, layout: [layout.predictions],
               params=("predict", "text", "quantize.enabled"), gpu=True,
-              modules=("lmsys.infer", "lmsys.text", "lmsys.tta", "lmsys.models", "lmsys.steps.serve")))
+              modules=("lmsys.infer", "lmsys.text", "lmsys.tta", "lmsys.models", "lmsys.data.validate",
+                       "lmsys.steps.serve")))
 register(Step("evaluate", "9", run_evaluate,
               inputs=lambda cfg, layout: [layout.predictions, layout.prepared, *_label_files(cfg, layout),
                                           *[layout.student(k) for k in active_folds(cfg)],

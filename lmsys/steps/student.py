@@ -170,8 +170,10 @@ def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
     name = cfg["models"]["student"]
     spec, tok = C.spec(cfg, name), C.tokenizer(cfg, layout, name)
     factory = lambda: models.build_base_model(spec, tok, device=C.device(), dtype=C.dtype())  # noqa: E731
+    from lmsys.steps.serve import class_prior
+    prior = class_prior(C.table(layout, "train")["label"]).tolist()     # answers unreadable test rows
     ensemble_adapters(factory, [C.adapter(layout.student(k)) for k in folds], layout.ensemble, method, weights,
-                      extra={"student": name, "gains": gains, "fold_ids": folds}, tokenizer=tok)
+                      extra={"student": name, "gains": gains, "fold_ids": folds, "class_prior": prior}, tokenizer=tok)
     return StepResult(outputs=[layout.ensemble], metrics={"method": method, "folds": folds,
                                                           "weights": None if weights is None else list(map(float, weights))})
 
@@ -220,7 +222,8 @@ register(Step("distill", "5", run_distill,
               params=("distill", "models", "text", "seed", "train_teacher.subset_size", "calibrate.enabled"),
               fan_out=("fold",), gpu=True, modules=(*_MOD, "lmsys.distill")))
 register(Step("ensemble", "6", run_ensemble,
-              inputs=lambda cfg, layout: [layout.tokenizer, *[layout.student(k) for k in active_folds(cfg)]],
+              inputs=lambda cfg, layout: [layout.tokenizer, layout.prepared / "train.parquet",
+                                          *[layout.student(k) for k in active_folds(cfg)]],
               outputs=lambda cfg, layout: [layout.ensemble],
               params=("ensemble", "models"), gpu=True, modules=(*_MOD, "lmsys.ensemble")))
 register(Step("quantize", "7", run_quantize,

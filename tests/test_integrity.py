@@ -1,0 +1,143 @@
+"""Result integrity (issue 11): every test id answered, no calibration leak, fold and sample weights
+that do something, the recipe's data rules, checkpoints without pickle. Each test fails on the code
+before the fix (d1f6264)."""
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lmsys.config import load_config
+from lmsys.data import schema as S
+from lmsys.paths import Layout
+
+GOOD = {"prompt": '["what is two plus two"]', "response_a": '["four"]', "response_b": '["it is 4"]'}
+
+
+def write_test_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=S.KAGGLE_TEST_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def broken_test_rows() -> tuple[list[dict], dict[str, str]]:
+    """Two readable rows and three that prepare quarantines; {id: reason} of the latter."""
+    rows = [{"id": "101", **GOOD}, {"id": "102", **GOOD, "response_b": '["no"]'},
+            {"id": "103", **GOOD, "response_a": "[null]"},          # empty in every turn
+            {"id": "104", **GOOD, "response_b": '[""]'},
+            {"id": "105", **GOOD, "prompt": '["unterminated'}]       # broken JSON
+    return rows, {"103": "empty_response", "104": "empty_response", "105": "bad_json"}
+
+
+@pytest.fixture(scope="module")
+def final_model(tok, tmp_path_factory):
+    """A merged tiny model dir as step 6 writes it (weights, tokenizer, ensemble.json with the prior)."""
+    from lmsys.models import build_base_model
+    d = tmp_path_factory.mktemp("final")
+    model = build_base_model({"kind": "tiny-llama", "hidden": 32, "layers": 1, "heads": 2}, tok)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "ensemble.json").write_text(json.dumps({"method": "mean", "class_prior": [0.5, 0.3, 0.2]}))
+    return d
+
+
+# ---------------------------------------------------------------- every test id answered
+
+def test_lmsys_predict_answers_every_id_and_names_the_fallback_rows(tmp_path, final_model):
+    rows, bad = broken_test_rows()
+    test = write_test_csv(tmp_path / "test.csv", rows)
+    r = subprocess.run([sys.executable, "-m", "lmsys.cli", "predict", "--test", str(test), "--model",
+                        str(final_model), "--out", str(tmp_path / "sub.csv")], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr                      # a result with warnings
+    assert "Traceback" not in r.stderr
+    for i, (rid, reason) in enumerate(bad.items()):
+        assert f"row {2 + i} (id {rid}): {reason}" in r.stderr
+    sub = pd.read_csv(tmp_path / "sub.csv", dtype={"id": str})
+    assert sorted(sub["id"]) == [r["id"] for r in rows] and not sub["id"].duplicated().any()
+    p = sub.set_index("id")[S.WINNER_COLUMNS]
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(p.loc[list(bad)].to_numpy(), [[0.5, 0.3, 0.2]] * 3)   # the model dir's prior
+
+
+def test_predict_step_answers_quarantined_test_rows_and_checks_raw_ids(tmp_path, demo_dir, final_model):
+    """prepare lists the unreadable test rows; step 8 answers them with the class prior, flags them
+    with the reason and checks the submission against the raw test file's ids."""
+    import shutil
+
+    from lmsys.data.demo import demo_paths
+    from lmsys.steps.prepare import run_prepare
+    from lmsys.steps.serve import run_predict
+    rows, bad = broken_test_rows()
+    test = write_test_csv(tmp_path / "test.csv", rows)
+    p = demo_paths(demo_dir)
+    cfg = load_config("tiny", {"data.train": str(p["train"]), "data.test": str(test)})
+    cfg["root"] = str(tmp_path)
+    layout = Layout("tiny", tmp_path)
+    run_prepare(cfg, layout)
+    report = json.loads((layout.prepared / "report.json").read_text())
+    assert report["test_fallback"] == {"rows": 3, "reasons": {"bad_json": 1, "empty_response": 2}}
+    shutil.copytree(final_model, layout.ensemble)
+    res = run_predict(cfg, layout)
+    assert res.metrics["fallback_rows"] == 3 and res.metrics["rows"] == 5
+    probs = pd.read_parquet(layout.predictions / "test_probs.parquet").set_index("id")
+    assert probs["fallback_reason"].to_dict() == {"101": "", "102": "", **bad}
+    train_labels = pd.read_parquet(layout.prepared / "train.parquet")["label"]
+    prior = np.bincount(train_labels, minlength=3) / len(train_labels)
+    np.testing.assert_allclose(probs.loc["105", ["p_a", "p_b", "p_tie"]].to_numpy(dtype=float), prior)
+    sub = pd.read_csv(layout.submission, dtype={"id": str})
+    assert sorted(sub["id"]) == sorted(r["id"] for r in rows)
+
+
+def test_final_check_refuses_a_submission_missing_or_repeating_an_id():
+    from lmsys.steps.serve import check_submission, submission
+    sub = submission(["1", "2"], np.full((2, 3), 1 / 3))
+    check_submission(sub, ["1", "2"], "t")
+    with pytest.raises(ValueError, match=r"ids missing 1 \(first: \['3'\]\)"):
+        check_submission(sub, ["1", "2", "3"], "t")
+    with pytest.raises(ValueError, match="ids repeated"):
+        check_submission(pd.concat([sub, sub.iloc[:1]]), ["1", "2"], "t")
+    with pytest.raises(ValueError, match="not summing to 1"):
+        check_submission(submission(["1", "2"], np.array([[0.5, 0.5, 0.5], [1, 0, 0]])), ["1", "2"], "t")
+
+
+# ---------------------------------------------------------------- checkpoints without pickle
+
+class _Marker:
+    """Unpickling this creates a file: proof that a checkpoint load ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_optimizer_state_is_loaded_without_unpickling_objects(tmp_path):
+    import torch
+
+    from lmsys.train import load_checkpoint, save_checkpoint
+    net = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    net(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    save_checkpoint(tmp_path / "ck", net, opt, sched, {"step": 1})
+    torch.load(tmp_path / "ck" / "optim.pt", weights_only=True)         # plain tensors and containers only
+    assert load_checkpoint(tmp_path / "ck", net, opt, sched) == {"step": 1}
+
+    marker = tmp_path / "ran-code"
+    with open(tmp_path / "ck" / "optim.pt", "wb") as f:
+        pickle.dump({"optimizer": _Marker(marker), "scheduler": {}, "rng": {}, "weights": None}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "ck", net, opt, sched)
+    assert not marker.exists()
