@@ -141,3 +141,68 @@ def test_optimizer_state_is_loaded_without_unpickling_objects(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path / "ck", net, opt, sched)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- calibration: no leak
+
+def _fake_logits(layout: Layout, model: str, folds: int, seed: int = 0) -> None:
+    """Teacher logits files as step 4 writes them: per fold, training rows and validation rows, both
+    orders, mis-scaled logits that carry the label."""
+    rng = np.random.default_rng(seed)
+    for k in range(folds):
+        parts = []
+        for split, n in (("train", 40), ("val", 30)):
+            y = rng.integers(0, 3, n)
+            z = 2.5 * np.eye(3)[y] + rng.normal(size=(n, 3)) * 1.5 + [0.8, 0.0, -0.8]
+            ids = [f"{split}{k}-{i}" for i in range(n)]
+            for swapped in (False, True):
+                zz = z[:, [1, 0, 2]] if swapped else z
+                yy = np.array([1, 0, 2])[y] if swapped else y
+                parts.append(pd.DataFrame({"id": ids, "swapped": swapped, "split": split, "label": yy,
+                                           "logit_a": zz[:, 0], "logit_b": zz[:, 1], "logit_tie": zz[:, 2]}))
+        path = layout.logits(model, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(parts, ignore_index=True).to_parquet(path)
+
+
+def _student_targets(cfg, layout, fold: int) -> np.ndarray:
+    from lmsys.steps.student import soft_targets
+    f = pd.read_parquet(layout.logits("llama", fold))
+    return soft_targets(cfg, layout, fold, f[f["split"] == "train"][["id", "swapped"]].reset_index(drop=True))
+
+
+def test_student_targets_do_not_depend_on_their_folds_validation_labels(tmp_path):
+    """Permuting fold k's validation labels leaves student k's soft targets (and fold k's calibrated
+    held-out logits) unchanged; the other folds' targets do change (their fit uses those labels)."""
+    from lmsys.steps.student import run_calibrate
+    cfg = load_config("tiny", {"models.teachers": ["llama"], "folds.n_folds": 3})
+    layout = Layout("tiny", tmp_path)
+    _fake_logits(layout, "llama", 3)
+    run_calibrate(cfg, layout, "llama")
+    before = {k: _student_targets(cfg, layout, k) for k in range(3)}
+    val_before = pd.read_parquet(layout.calibrated_logits("llama", 1)).query("split == 'val'")
+
+    path = layout.logits("llama", 1)
+    f = pd.read_parquet(path)
+    val = f["split"] == "val"
+    f.loc[val, "label"] = np.random.default_rng(1).permutation(f.loc[val, "label"].to_numpy())
+    f.to_parquet(path)
+    run_calibrate(cfg, layout, "llama")
+
+    np.testing.assert_array_equal(_student_targets(cfg, layout, 1), before[1])
+    val_after = pd.read_parquet(layout.calibrated_logits("llama", 1)).query("split == 'val'")
+    np.testing.assert_array_equal(val_after[S.LOGIT_COLUMNS].to_numpy(), val_before[S.LOGIT_COLUMNS].to_numpy())
+    assert not np.allclose(_student_targets(cfg, layout, 0), before[0])
+    params = json.loads(layout.calibration("llama").read_text())
+    assert params["cross_fitted"] and params["folds"]["1"]["fitted_on_folds"] == [0, 2]
+
+
+def test_calibration_with_one_fold_is_the_flagged_identity(tmp_path):
+    from lmsys.steps.student import run_calibrate
+    cfg = load_config("tiny", {"models.teachers": ["llama"], "folds.use": [0]})
+    layout = Layout("tiny", tmp_path)
+    _fake_logits(layout, "llama", 1)
+    res = run_calibrate(cfg, layout, "llama")
+    assert res.metrics["heldout_log_loss_after"] == pytest.approx(res.metrics["heldout_log_loss_before"])
+    p = json.loads(layout.calibration("llama").read_text())["folds"]["0"]
+    assert p["fallback"] and "one active fold" in p["reason"]

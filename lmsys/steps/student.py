@@ -1,7 +1,7 @@
 """Steps 4.5, 5, 6, 7: the student.
 
-  calibrate  (model)  step 4.5: vector (or temperature) scaling of a teacher's logits, fitted on its
-                      out-of-fold logits, applied to every logit the student will see
+  calibrate  (model)  step 4.5: vector (or temperature) scaling of a teacher's logits, cross-fitted by
+                      fold: fold k's logits scaled by parameters fitted on the other folds' validation rows
   distill    (fold)   step 5: the student on fold k's training rows, loss = CE + per teacher KL + cosine
   ensemble            step 6: the fold adapters combined (mean | exact | weighted) into one merged model
   quantize            step 7: GPTQ 8-bit of the merged model (optional, quantize.enabled)
@@ -38,29 +38,44 @@ def student_logits_path(cfg: dict, layout: Layout, model: str, fold: int) -> Pat
 
 
 def run_calibrate(cfg: dict, layout: Layout, model: str) -> StepResult:
-    """Step 4.5: fit on teacher `model`'s out-of-fold logits (validation rows of every fold); report
-    before/after log loss on held-out halves (fit on one half, score the other, both ways); then fit
-    on all and apply to every logits file of the model."""
-    from lmsys.calibration import apply_calibration, fit_calibration
-    folds = active_folds(cfg)
+    """Step 4.5, cross-fitted by fold: fold k's logits (the training rows student k learns from, and
+    fold k's validation rows) are scaled by parameters fitted on the out-of-fold logits of the other
+    folds only, so no student's targets depend on its own fold's validation labels, and every
+    calibrated validation figure is held out. A row and its A/B swap share a fold, so they are always
+    on the same side. With one active fold there is nothing to fit on: the identity, flagged."""
+    from lmsys.calibration import apply_calibration
+    folds, method = active_folds(cfg), cfg["calibrate"]["method"]
     frames = {k: pd.read_parquet(layout.logits(model, k)) for k in folds}
-    oof = pd.concat([f[f["split"] == "val"] for f in frames.values()], ignore_index=True)
-    z, y = oof[LOGIT_COLUMNS].to_numpy(), oof["label"].to_numpy()
-    half = np.random.default_rng(cfg["seed"]).permutation(len(oof)) % 2 == 0
-    before = after = 0.0
-    for fit_rows, score_rows in ((half, ~half), (~half, half)):
-        p = fit_calibration(z[fit_rows], y[fit_rows], cfg["calibrate"]["method"])
-        before += log_loss(softmax(z[score_rows]), y[score_rows]) * score_rows.sum() / len(y)
-        after += log_loss(softmax(apply_calibration(z[score_rows], p)), y[score_rows]) * score_rows.sum() / len(y)
-    params = fit_calibration(z, y, cfg["calibrate"]["method"])
-    params.update(model=model, heldout_log_loss_before=before, heldout_log_loss_after=after, oof_rows=len(oof))
-    for k, f in frames.items():
-        cal = f.copy()
-        cal[LOGIT_COLUMNS] = apply_calibration(f[LOGIT_COLUMNS].to_numpy(), params)
+    oof = {k: f[f["split"] == "val"] for k, f in frames.items()}          # both orders of every row
+    per_fold, before, after = {}, [], []
+    for k in folds:
+        params = _fit_without(oof, k, method)
+        per_fold[str(k)] = params
+        cal = frames[k].copy()
+        cal[LOGIT_COLUMNS] = apply_calibration(frames[k][LOGIT_COLUMNS].to_numpy(), params)
         write_table(cal, layout.calibrated_logits(model, k))
-    write_json(params, layout.calibration(model))
+        v, cv = frames[k][(frames[k]["split"] == "val") & ~frames[k]["swapped"]], cal[(cal["split"] == "val") & ~cal["swapped"]]
+        before.append((softmax(v[LOGIT_COLUMNS].to_numpy()), v["label"].to_numpy()))
+        after.append((softmax(cv[LOGIT_COLUMNS].to_numpy()), cv["label"].to_numpy()))
+    pooled = lambda parts: log_loss(np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]))  # noqa: E731
+    metrics = {"model": model, "heldout_log_loss_before": pooled(before), "heldout_log_loss_after": pooled(after)}
+    write_json({**metrics, "method": method, "fitted_on": "logits", "cross_fitted": True, "folds": per_fold,
+                "oof_rows": int(sum(len(v) for v in oof.values()))}, layout.calibration(model))
     return StepResult(outputs=[layout.calibration(model), layout.calibrated_logits(model, folds[0]).parent],
-                      metrics={"model": model, "heldout_log_loss_before": before, "heldout_log_loss_after": after})
+                      metrics=metrics)
+
+
+def _fit_without(oof: dict[int, pd.DataFrame], k: int, method: str) -> dict:
+    """Calibration params for fold k, fitted on the validation logits of every other fold (never
+    fold k's labels); the identity (fallback, with the reason) when there is no other fold."""
+    from lmsys.calibration import _identity, fit_calibration
+    others = [j for j in oof if j != k]
+    rows = pd.concat([oof[j] for j in others], ignore_index=True) if others else None
+    if rows is None or not len(rows):
+        return {**_identity(method), "fallback": True, "fitted_on_folds": [],
+                "reason": f"no out-of-fold rows without fold {k} (one active fold): identity"}
+    params = fit_calibration(rows[LOGIT_COLUMNS].to_numpy(), rows["label"].to_numpy(), method)
+    return {**params, "fitted_on_folds": others}
 
 
 # ---------------------------------------------------------------- step 5
