@@ -3,16 +3,22 @@
 The fast path sorts rows by length (longest first) and pads each batch only to its own longest
 row, so little compute goes to padding (2.7x the fixed padding of the recipe on the real length
 distribution, docs/recipe.md). `sort_by_length=False, pad_to=L` is the naive baseline (arrival
-order, every batch padded to L) kept for benchmarks.
+order, every batch padded to L) kept for benchmarks. `predict_logits_resumable` is the same
+computation in shards saved as they finish, so a killed job resumes at its last finished shard.
 """
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from lmsys.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +78,71 @@ def predict_logits(model: torch.nn.Module, ids: list[list[int]], pad_id: int, ba
                 log.info("%s: batch %d/%d, %d/%d rows, %.1f rows/s, eta %.0f s", desc, b + 1,
                          n_batches, done, n, rate, (n - done) / rate)
     return out
+
+
+# ---------------------------------------------------------------- resumable, sharded
+
+SHARD_MANIFEST = "manifest.json"
+
+
+def _shard_fingerprint(ids: list[list[int]], pad_id: int, batch_size: int, shard_rows: int, key: str) -> str:
+    """What the shards in a work dir were computed from: the token rows, padding, batch and shard
+    size, and the caller's key (the model's identity)."""
+    import hashlib
+    h = hashlib.sha256(json.dumps([pad_id, batch_size, shard_rows, key]).encode())
+    for row in ids:
+        h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def _open_work_dir(work_dir: Path, fingerprint: str) -> None:
+    """Keep work_dir's shards when they were made from the same fingerprint, else start it empty."""
+    manifest = work_dir / SHARD_MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+        return
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    write_json({"fingerprint": fingerprint}, manifest)
+
+
+def predict_logits_resumable(model: torch.nn.Module, ids: list[list[int]], pad_id: int, batch_size: int,
+                             work_dir: str | Path, shard_rows: int = 4096, key: str = "",
+                             progress_every: int | None = None, desc: str = "infer") -> tuple[np.ndarray, dict]:
+    """(logits [N, 3] float32 in input order, info) like predict_logits, computed in shards so that a
+    killed job resumes where it stopped.
+
+    The rows are sorted by length (longest first, as predict_logits does) and cut into shards of
+    shard_rows rows, rounded up to a multiple of batch_size, so each shard is a run of whole batches
+    of predict_logits' own order: the logits equal predict_logits' bit for bit, and a resumed run's
+    equal an uninterrupted one's. Each finished shard is saved atomically as work_dir/shard-NNNNN.npy;
+    a rerun with the same rows, pad id, batch size, shard size and `key` (name the model: e.g. its
+    adapter's content hash) loads the finished shards and computes only the rest; anything else in
+    work_dir is discarded first. The caller removes work_dir after writing its output.
+    info: shards, shards_resumed, rows. Raises ValueError for batch_size or shard_rows < 1 (and as
+    predict_logits)."""
+    if batch_size < 1 or shard_rows < 1:
+        raise ValueError(f"batch_size and shard_rows must be >= 1, got {batch_size}, {shard_rows}")
+    work_dir = Path(work_dir)
+    per_shard = -(-shard_rows // batch_size) * batch_size
+    n = len(ids)
+    lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
+    order = np.argsort(-lengths, kind="stable")
+    _open_work_dir(work_dir, _shard_fingerprint(ids, pad_id, batch_size, per_shard, key))
+    out = np.empty((n, 3), dtype=np.float32)
+    n_shards, resumed = -(-n // per_shard), 0
+    for s in range(n_shards):
+        idx = order[s * per_shard:(s + 1) * per_shard]
+        path = work_dir / f"shard-{s:05d}.npy"
+        if path.exists():
+            out[idx] = np.load(path)
+            resumed += 1
+            continue
+        z = predict_logits(model, [ids[i] for i in idx], pad_id, batch_size, progress_every=progress_every,
+                           desc=f"{desc} shard {s + 1}/{n_shards}")
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, z)
+        out[idx] = z
+    if resumed:
+        log.warning("%s: resumed %d of %d shards from %s", desc, resumed, n_shards, work_dir)
+    return out, {"shards": n_shards, "shards_resumed": resumed, "rows": n}
