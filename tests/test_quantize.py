@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
+from pinned import pinned_import
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # read when gptqmodel builds its pool; 2-core CI
-pytest.importorskip("gptqmodel")
-pytest.importorskip("optimum")
+pinned_import("gptqmodel", "GPTQModel", module_level=True)
+pinned_import("optimum", "optimum", module_level=True)
 
 from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: E402
 

