@@ -36,7 +36,7 @@ def plan(cfg: dict) -> list[list[tuple[str, dict]]]:
     folds, teachers = active_folds(cfg), list(cfg["models"]["teachers"])
     levels = [[("demo-data", {})]] if uses_demo(cfg) else []
     levels += [[("prepare", {})], [("folds", {}), ("tokenizer", {})],
-               [("post-pretrain", {"model": m}) for m in teachers],
+               [*[("post-pretrain", {"model": m}) for m in teachers], ("post-pretrain-student", {})],
                [("filter-argmax", {"fold": k}) for k in folds],
                [("train-teacher", {"model": m, "fold": k}) for m in teachers for k in folds],
                [("teacher-logits", {"model": m, "fold": k}) for m in teachers for k in folds]]

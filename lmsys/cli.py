@@ -95,6 +95,25 @@ def cmd_folds(args) -> int:
     return EXIT_WARN if quarantined else EXIT_OK
 
 
+def cmd_convert_ut(args) -> int:
+    """`lmsys convert-ut RAW --out FILE`: the public UltraFeedback release in the competition format
+    (rule: lmsys.data.ultrafeedback); exit 1 when some rows could not be converted."""
+    from lmsys.data.ultrafeedback import convert_ultrafeedback
+    from lmsys.data.validate import read_raw
+    from lmsys.io import write_table
+    out, info = convert_ultrafeedback(read_raw(args.path), tie_margin=args.tie_margin)
+    if not len(out):
+        print(f"error: {args.path}: no battle could be converted {info['skipped']}", file=sys.stderr)
+        return EXIT_WARN
+    write_table(out, args.out)
+    labels = out[["winner_model_a", "winner_model_b", "winner_tie"]].sum().tolist()
+    print(f"{args.path}: {info['schema']} schema, {info['rows_in']} rows -> {info['battles']} battles "
+          f"(A/B/tie {labels[0]}/{labels[1]}/{labels[2]}); wrote {args.out}")
+    if info["skipped"]:
+        print(f"warning: {args.path}: skipped {info['skipped']}", file=sys.stderr)
+    return EXIT_WARN if info["skipped"] else EXIT_OK
+
+
 def cmd_demo_data(args) -> int:
     from lmsys.data.demo import make_demo_data
     paths = make_demo_data(args.out, rows=args.rows, seed=args.seed)
@@ -241,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external", action="append")
     _add_config_args(p)
     p.set_defaults(func=cmd_folds, step="folds")
+
+    p = sub.add_parser("convert-ut", help="the public UltraFeedback release (openbmb or binarized) -> competition format")
+    p.add_argument("path", help="json, jsonl or parquet of openbmb/UltraFeedback or ultrafeedback_binarized")
+    p.add_argument("--out", required=True, help="csv or parquet in the Kaggle train.csv columns (data.ut)")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="score difference at or below which a pair is a tie")
+    p.set_defaults(func=cmd_convert_ut)
 
     p = sub.add_parser("demo-data", help="write the embedded synthetic competition")
     p.add_argument("--out", required=True)

@@ -37,16 +37,22 @@ PREFIX = "base_model.model."
 
 
 def fold_weights(gains, tau: float = 1.0, floor: float = 1e-8) -> np.ndarray:
-    """Fold weights [K] from gains r_k (fold k's validation log-likelihood gain over a baseline on
-    the same rows): A_k = r_k - mean(r), w = softmax(A / tau). No fold is discarded: weights are
-    floored at `floor` and renormalised, so every w_k > 0 and sum(w) = 1; equal gains give 1/K.
+    """Fold weights [K] from gains r_k (fold k's log-likelihood gain over a baseline, measured on the
+    same rows for every fold): advantages standardised within the group, A_k = (r_k - mean r) / std r,
+    then w = softmax(A / tau). Standardising makes the weights depend on how the folds rank against
+    each other, not on the gains' scale (gains of 0.01 nats would otherwise give weights within 1%
+    of uniform); tau sets how sharply the better folds are preferred. Equal gains (std 0) give 1/K.
+    No fold is discarded: weights are floored at `floor` and renormalised (every w_k > 0, sum 1).
     Raises ValueError on no gains, non-finite gains or tau <= 0."""
     r = np.asarray(gains, dtype=np.float64)
     if r.ndim != 1 or r.size == 0 or not np.all(np.isfinite(r)):
         raise ValueError(f"gains must be a non-empty list of finite numbers, got {gains!r}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    adv = (r - r.mean()) / tau
+    std = r.std()
+    if std <= 1e-12 * max(1.0, np.abs(r).max()):
+        return np.full(r.size, 1.0 / r.size)
+    adv = (r - r.mean()) / std / tau
     w = np.exp(adv - adv.max())          # [K], max-shifted softmax
     w = np.maximum(w / w.sum(), floor)
     return w / w.sum()

@@ -30,6 +30,15 @@ from lmsys.steps.teachers import teachers
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------- step 1 for the student
+
+def run_post_pretrain_student(cfg: dict, layout: Layout) -> StepResult:
+    """Step 1 for the student: post-pretrain it on the UT data as the teachers are (same split and
+    settings); step 5 starts every fold's student from this adapter."""
+    from lmsys.steps.teachers import run_post_pretrain
+    return run_post_pretrain(cfg, layout, cfg["models"]["student"])
+
+
 # ---------------------------------------------------------------- step 4.5
 
 def student_logits_path(cfg: dict, layout: Layout, model: str, fold: int) -> Path:
@@ -113,8 +122,8 @@ def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray):
 
 
 def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
-    """Step 5: distil the teachers into the student on fold `fold`; best checkpoint by validation log
-    loss; also writes the student's out-of-fold probabilities (oof.parquet, both orders)."""
+    """Step 5: distil the teachers into the student on fold `fold`, starting from the student's
+    post-pretrained adapter; best checkpoint by validation log loss; also writes the student's out-of-fold probabilities (oof.parquet, both orders)."""
     from lmsys.train import train_classifier
     d = cfg["distill"]
     train = C.filtered_train(cfg, layout, fold)
@@ -122,7 +131,7 @@ def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
     soft = soft_targets(cfg, layout, fold, train)
     y = C.labels(train)
     name = cfg["models"]["student"]
-    tok, net = C.build(cfg, layout, name)
+    tok, net = C.build(cfg, layout, name, init_adapter=C.adapter(layout.post_pretrain(name)))   # step 1's adapter
     L = cfg["text"]["train_max_length"]
     loss = partial(_loss, T=d["temperature"], ce=d["ce_weight"], kl=d["kl_weight"], cos=d["cos_weight"])
     out = layout.student(fold)
@@ -170,18 +179,13 @@ def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
     """Step 6: combine the fold students (ensemble.method) into one merged model, saved with its
     tokenizer so `lmsys predict` can load it alone."""
     from lmsys import models
-    from lmsys.distill import prior_probs
-    from lmsys.ensemble import ensemble_adapters, fold_gain, fold_weights
+    from lmsys.ensemble import ensemble_adapters, fold_weights
     folds = active_folds(cfg)
     method = cfg["ensemble"]["method"]
     weights, gains = None, None
     if method == "weighted":
-        gains = []
-        for k in folds:
-            o = pd.read_parquet(layout.student(k) / "oof.parquet")
-            y = o["label"].to_numpy()
-            gains.append(fold_gain(softmax(o[LOGIT_COLUMNS].to_numpy()), y, prior_probs(y)))
-        weights = fold_weights(gains, cfg["ensemble"]["tau"])
+        gains = fold_gains(cfg, layout, folds)
+        weights = fold_weights(gains["gains"], cfg["ensemble"]["tau"])
     name = cfg["models"]["student"]
     spec, tok = C.spec(cfg, name), C.tokenizer(cfg, layout, name)
     factory = lambda: models.build_base_model(spec, tok, device=C.device(), dtype=C.dtype())  # noqa: E731
@@ -191,6 +195,33 @@ def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
                       extra={"student": name, "gains": gains, "fold_ids": folds, "class_prior": prior}, tokenizer=tok)
     return StepResult(outputs=[layout.ensemble], metrics={"method": method, "folds": folds,
                                                           "weights": None if weights is None else list(map(float, weights))})
+
+
+GAIN_ROWS = 512     # at most this many common rows score the fold students for the weighted ensemble
+
+
+def fold_gains(cfg: dict, layout: Layout, folds: list[int]) -> dict:
+    """r_k of the weighted ensemble, every fold student scored on one common row set: the UT rows
+    that step 1 holds out (post_pretrain_rows; at most GAIN_ROWS), which no fold student has trained
+    on, neither in its post-pretraining nor in distillation (every competition row is in some
+    student's training part, so no competition row is held out from all). r_k = mean log p_k(y) -
+    mean log prior(y) on those rows, the prior being their class frequencies. Caveat: UT is another
+    distribution than the competition's. Returns {gains, rows, row_set}."""
+    from lmsys.distill import prior_probs
+    from lmsys.ensemble import fold_gain
+    from lmsys.infer import predict_logits
+    from lmsys.steps.teachers import post_pretrain_rows
+    _, rows = post_pretrain_rows(cfg, layout)
+    rows = rows.iloc[:GAIN_ROWS]
+    y = C.labels(rows)
+    gains = []
+    for k in folds:
+        tok, net = C.build(cfg, layout, cfg["models"]["student"], init_adapter=C.adapter(layout.student(k)),
+                           trainable=False)
+        z = predict_logits(net, C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
+                           cfg["predict"]["batch_size"], desc=f"fold gain {k}")
+        gains.append(fold_gain(softmax(z), y, prior_probs(y)))
+    return {"gains": gains, "rows": len(rows), "row_set": "ut rows held out by step 1 (post_pretrain_rows)"}
 
 
 # ---------------------------------------------------------------- step 7
@@ -224,6 +255,11 @@ def _eval_model(cfg: dict, layout: Layout, model, tok, n: int = 128) -> float:
 _MOD = ("lmsys.models", "lmsys.train", "lmsys.infer", "lmsys.text", "lmsys.steps.common", "lmsys.steps.student")
 _TEACHER_LOGITS = lambda cfg, layout, fold: [student_logits_path(cfg, layout, m, fold) for m in teachers(cfg)]  # noqa: E731
 
+register(Step("post-pretrain-student", "1", run_post_pretrain_student,
+              inputs=lambda cfg, layout: [layout.prepared / "ut.parquet", layout.tokenizer],
+              outputs=lambda cfg, layout: [layout.post_pretrain(cfg["models"]["student"])],
+              params=("post_pretrain", "models", "text", "seed"), gpu=True,
+              modules=(*_MOD, "lmsys.steps.teachers")))
 register(Step("calibrate", "4.5", run_calibrate,
               inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in active_folds(cfg)],
               outputs=lambda cfg, layout, model: [layout.calibration(model), layout.calibrated_logits(model, 0).parent],
@@ -232,15 +268,16 @@ register(Step("calibrate", "4.5", run_calibrate,
 register(Step("distill", "5", run_distill,
               inputs=lambda cfg, layout, fold: [layout.prepared / "train.parquet", layout.prepared / "external.parquet",
                                                 layout.folds_csv, layout.tokenizer, layout.filtered(fold),
+                                                layout.post_pretrain(cfg["models"]["student"]),
                                                 *_TEACHER_LOGITS(cfg, layout, fold)],
               outputs=lambda cfg, layout, fold: [layout.student(fold)],
               params=("distill", "models", "text", "seed", "train_teacher.subset_size", "calibrate.enabled"),
               fan_out=("fold",), gpu=True, modules=(*_MOD, "lmsys.distill")))
 register(Step("ensemble", "6", run_ensemble,
               inputs=lambda cfg, layout: [layout.tokenizer, layout.prepared / "train.parquet",
-                                          *[layout.student(k) for k in active_folds(cfg)]],
+                                          layout.prepared / "ut.parquet", *[layout.student(k) for k in active_folds(cfg)]],
               outputs=lambda cfg, layout: [layout.ensemble],
-              params=("ensemble", "models"), gpu=True, modules=(*_MOD, "lmsys.ensemble")))
+              params=("ensemble", "models", "post_pretrain.max_rows", "seed", "text", "predict.batch_size"), gpu=True, modules=(*_MOD, "lmsys.ensemble")))
 register(Step("quantize", "7", run_quantize,
               inputs=lambda cfg, layout: [layout.ensemble, layout.prepared / "train.parquet"],
               outputs=lambda cfg, layout: [layout.quantized],

@@ -57,12 +57,7 @@ def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
     """Step 1: train `model` as a 3-class classifier on the UT data (held-out 10% for validation)."""
     from lmsys.train import train_classifier
     p = cfg["post_pretrain"]
-    ut = C.table(layout, "ut")
-    if p["max_rows"] is not None:
-        ut = ut.sample(n=min(p["max_rows"], len(ut)), random_state=cfg["seed"])
-    ut = ut.sample(frac=1.0, random_state=cfg["seed"]).reset_index(drop=True)
-    n_val = max(1, len(ut) // 10)
-    val, train = ut.iloc[:n_val], ut.iloc[n_val:]
+    train, val = post_pretrain_rows(cfg, layout)
     tok, net = C.build(cfg, layout, model)
     L = cfg["text"]["train_max_length"]
     out = layout.post_pretrain(model)
@@ -71,6 +66,19 @@ def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
                                    tok.pad_token_id, C.encode(cfg, val, tok, L), C.labels(val),
                                    seed=cfg["seed"], progress_desc=f"post-pretrain {model}")
     return StepResult(outputs=[out], metrics=_summary(metrics))
+
+
+def post_pretrain_rows(cfg: dict, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, held-out rows) of step 1: the UT table (cut to post_pretrain.max_rows),
+    shuffled with the run's seed, the first 10% held out. The same split for every model, so the
+    held-out rows are seen by no post-pretrained model and no student built on one."""
+    p = cfg["post_pretrain"]
+    ut = C.table(layout, "ut")
+    if p["max_rows"] is not None:
+        ut = ut.sample(n=min(p["max_rows"], len(ut)), random_state=cfg["seed"])
+    ut = ut.sample(frac=1.0, random_state=cfg["seed"]).reset_index(drop=True)
+    n_val = max(1, len(ut) // 10)
+    return ut.iloc[n_val:], ut.iloc[:n_val]
 
 
 def _summary(m: dict) -> dict:
@@ -131,10 +139,23 @@ def _subset(df: pd.DataFrame, spec: str | None) -> pd.DataFrame:
     return df.iloc[start:end]
 
 
+def logit_inputs(cfg: dict, rows: pd.DataFrame, tok) -> list[list[int]]:
+    """Token ids of step 4's rows: the training rows (split "train", the student's soft targets) as
+    the student reads them, the same template truncated to text.train_max_length, so the targets
+    describe the text the student trains on; the validation rows (out-of-fold scores) at
+    text.infer_max_length, as at inference. Row order is kept."""
+    is_train = (rows["split"] == "train").to_numpy()
+    out: list = [None] * len(rows)
+    for mask, length in ((is_train, cfg["text"]["train_max_length"]), (~is_train, cfg["text"]["infer_max_length"])):
+        for i, ids in zip(np.flatnonzero(mask), C.encode(cfg, rows[mask], tok, length)):
+            out[i] = ids
+    return out
+
+
 def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> StepResult:
     """Step 4: raw [A, B, tie] logits of teacher `model` of fold `fold` on every training row of the
-    fold (original and swapped, the student's training set) and on its validation rows (out of fold,
-    both orders). Output columns: id, swapped, split, label, logit_a, logit_b, logit_tie."""
+    fold (original and swapped, the student's training set, at the student's truncation: see
+    logit_inputs) and on its validation rows (out of fold, both orders). Output columns: id, swapped, split, label, logit_a, logit_b, logit_tie."""
     from lmsys.infer import predict_logits
     c = cfg["teacher_logits"]
     train = _subset(C.filtered_train(cfg, layout, fold), c["subset"]).assign(split="train")
@@ -142,7 +163,7 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     from lmsys.data.transforms import with_swaps
     rows = pd.concat([train, with_swaps(val).assign(split="val")], ignore_index=True)
     tok, net = C.build(cfg, layout, model, init_adapter=C.adapter(layout.teacher(model, fold)), trainable=False)
-    ids = C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"])
+    ids = logit_inputs(cfg, rows, tok)
     logits = predict_logits(net, ids, tok.pad_token_id, c["batch_size"], progress_every=c["progress_every"],
                             desc=f"logits {model} fold{fold}")
     if not np.isfinite(logits).all():

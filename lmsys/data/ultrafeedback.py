@@ -1,0 +1,146 @@
+"""The public UltraFeedback release -> the competition format (the recipe's "UT" data).
+
+Supported inputs (json, jsonl or parquet; read by lmsys.data.validate.read_raw):
+  openbmb   openbmb/UltraFeedback: one row per instruction, `instruction` and `completions`, a list
+            of {model, response, overall_score, fine-grained_score, annotations, ...} (usually 4)
+  binarized HuggingFaceH4/ultrafeedback_binarized (and its look-alikes): `prompt`, `chosen`,
+            `rejected` (each a list of {role, content} messages or a plain string), `score_chosen`,
+            `score_rejected`
+
+The rule (one battle = prompt, response A, response B, one-hot winner):
+  openbmb   the completions are paired in release order, (1st, 2nd), (3rd, 4th), ... (a 5th left
+            over is dropped); each completion's score is `overall_score` when both completions of
+            the pair have one, else `fine-grained_score` (the mean of the four aspect ratings), else
+            the mean of the annotations' numeric `Rating`s. A wins when its score is higher by more
+            than `tie_margin`, B when lower, a tie otherwise. model_a/model_b are the completions'
+            models.
+  binarized the chosen response goes to A on even rows and to B on odd rows (so A and B win equally
+            often); a tie when |score_chosen - score_rejected| <= tie_margin, else the chosen side
+            wins. Models are unknown (""). Message lists keep their user turns as the prompt and
+            their assistant turns as the response.
+  Ids are integers derived from the prompt text and the pair's position (openbmb) or the row number
+  (binarized): the same file converts to the same ids.
+Rows that cannot be converted (no instruction, fewer than two completions with a score, missing
+scores, empty responses) are skipped and counted by reason. Raises ValueError for a table that is
+in neither schema.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pandas as pd
+
+from lmsys.data import schema as S
+
+SCHEMAS = {"openbmb": ("instruction", "completions"), "binarized": ("prompt", "chosen", "rejected")}
+
+
+def detect_schema(df: pd.DataFrame) -> str:
+    """"openbmb" or "binarized" from the columns; ValueError otherwise."""
+    for name, cols in SCHEMAS.items():
+        if set(cols) <= set(df.columns):
+            return name
+    raise ValueError(f"neither UltraFeedback schema: columns {sorted(df.columns)[:12]}; need "
+                     f"{list(SCHEMAS['openbmb'])} (openbmb/UltraFeedback) or {list(SCHEMAS['binarized'])} (binarized)")
+
+
+def _plain(v):
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
+def _number(v) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _battle_id(prompt: str, i: int) -> str:
+    return str(int(hashlib.sha1(f"{prompt}\x00{i}".encode("utf-8", "surrogatepass")).hexdigest()[:15], 16))
+
+
+def _label(score_a: float, score_b: float, tie_margin: float) -> int:
+    return 2 if abs(score_a - score_b) <= tie_margin else (0 if score_a > score_b else 1)
+
+
+def _row(rid, model_a, model_b, prompt: list[str], a: list[str], b: list[str], label: int) -> dict:
+    return {"id": rid, "model_a": model_a, "model_b": model_b, "prompt": json.dumps(prompt, ensure_ascii=False),
+            "response_a": json.dumps(a, ensure_ascii=False), "response_b": json.dumps(b, ensure_ascii=False),
+            **dict(zip(S.WINNER_COLUMNS, S.one_hot(label)))}
+
+
+def _score(c: dict, key: str) -> float | None:
+    if key != "annotations":
+        return _number(c.get(key))
+    ratings = [_number(a.get("Rating")) for a in (_plain(c.get("annotations")) or {}).values() if isinstance(a, dict)]
+    ratings = [r for r in ratings if r is not None]
+    return sum(ratings) / len(ratings) if ratings else None
+
+
+def _openbmb(r: dict, tie_margin: float, skipped: dict) -> list[dict]:
+    prompt = r.get("instruction")
+    comps = [c for c in (_plain(r.get("completions")) or []) if isinstance(c, dict)]
+    if not isinstance(prompt, str) or not prompt.strip():
+        skipped["no_instruction"] = skipped.get("no_instruction", 0) + 1
+        return []
+    out = []
+    for i in range(0, len(comps) - 1, 2):
+        a, b = comps[i], comps[i + 1]
+        key = next((k for k in ("overall_score", "fine-grained_score", "annotations")
+                    if _score(a, k) is not None and _score(b, k) is not None), None)
+        ra, rb = str(a.get("response") or ""), str(b.get("response") or "")
+        if key is None or not ra.strip() or not rb.strip():
+            reason = "no_score" if key is None else "empty_response"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        out.append(_row(_battle_id(prompt, i), str(a.get("model") or ""), str(b.get("model") or ""), [prompt],
+                        [ra], [rb], _label(_score(a, key), _score(b, key), tie_margin)))
+    if not out and len(comps) < 2:
+        skipped["fewer_than_two_completions"] = skipped.get("fewer_than_two_completions", 0) + 1
+    return out
+
+
+def _turns(side, prompt) -> tuple[list[str], list[str]]:
+    """(user turns, assistant turns) of a message list, or ([prompt], [text]) of a plain string."""
+    side = _plain(side)
+    if isinstance(side, str):
+        return [str(prompt)], [side]
+    users = [str(m.get("content") or "") for m in side if isinstance(m, dict) and m.get("role") == "user"]
+    bots = [str(m.get("content") or "") for m in side if isinstance(m, dict) and m.get("role") == "assistant"]
+    return (users or [str(prompt)]), bots
+
+
+def _binarized(r: dict, i: int, tie_margin: float, skipped: dict) -> list[dict]:
+    sc, sr = _number(r.get("score_chosen")), _number(r.get("score_rejected"))
+    if sc is None or sr is None:
+        skipped["no_score"] = skipped.get("no_score", 0) + 1
+        return []
+    pc, chosen = _turns(r.get("chosen"), r.get("prompt"))
+    pr, rejected = _turns(r.get("rejected"), r.get("prompt"))
+    if pc != pr or len(chosen) != len(pc) or len(rejected) != len(pc) or not any(t.strip() for t in chosen + rejected):
+        skipped["bad_conversation"] = skipped.get("bad_conversation", 0) + 1
+        return []
+    label = _label(sc, sr, tie_margin)
+    a_is_chosen = i % 2 == 0
+    a, b = (chosen, rejected) if a_is_chosen else (rejected, chosen)
+    if not a_is_chosen:
+        label = {0: 1, 1: 0, 2: 2}[label]
+    return [_row(_battle_id(json.dumps(pc), i), "", "", pc, a, b, label)]
+
+
+def convert_ultrafeedback(raw: pd.DataFrame, tie_margin: float = 0.0) -> tuple[pd.DataFrame, dict]:
+    """(battles in the Kaggle train.csv columns, {schema, rows_in, battles, skipped: {reason: n}})
+    from a raw UltraFeedback table; see the module docstring for the rule. Raises ValueError when
+    the table is in neither schema or tie_margin < 0."""
+    if tie_margin < 0:
+        raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
+    schema = detect_schema(raw)
+    skipped: dict[str, int] = {}
+    rows = []
+    for i, r in enumerate(raw.to_dict("records")):
+        rows += _openbmb(r, tie_margin, skipped) if schema == "openbmb" else _binarized(r, i, tie_margin, skipped)
+    out = pd.DataFrame(rows, columns=S.KAGGLE_TRAIN_COLUMNS).drop_duplicates("id")
+    return out, {"schema": schema, "rows_in": len(raw), "battles": len(out), "skipped": dict(sorted(skipped.items()))}
