@@ -18,10 +18,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
+from flows.check import preflight
 from flows.runners import check_slurm, make_task_runner, wait_for_level
 from lmsys.config import load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
+from lmsys.plan import plan, step_timeout            # the task graph lives in the library (lmsys plan)
 from tasks.steps import STEPS, outputs_match, run_step, task_label   # tasks.steps registers every step
 
 # Seconds between updates of the progress artifact (one API call each): a level that finishes sooner
@@ -90,17 +92,20 @@ def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
              folds: list[int] | None = None, teachers: list[str] | None = None,
              calibrate: bool | None = None, quantize: bool | None = None, evaluate: bool = True,
              runner: Literal["local", "slurm"] | None = None,
-             overrides: dict | None = None, root: str | None = None) -> dict:
+             overrides: dict | None = None, root: str | None = None, check: bool = True) -> dict:
     """Run the whole recipe. Data defaults to the embedded demo (train=None); `folds`/`teachers` are
     the seed's TEACHER_FOLDS / SKIP_QWEN / INFER_MODELS; `overrides` are dotted params keys.
     The task runner is the flow's (see run_pipeline, which picks it from the runner); started with the
     decorator's thread runner and runner 'slurm' (a deployment run from the UI), the flow runs itself as
-    a subflow on the SLURM Dask runner."""
+    a subflow on the SLURM Dask runner. `check` runs `lmsys check` first (flows/check.py): a failed check
+    stops the flow before any step."""
     cfg = flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
                       overrides, root)
     logger = get_run_logger()
     levels = plan(cfg)
     task_runner = FlowRunContext.get().task_runner
+    if check:
+        preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
     if cfg["orchestration"]["runner"] == "slurm":
         check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])   # before any job
         if type(task_runner).__name__ != "DaskTaskRunner":
@@ -108,7 +113,7 @@ def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
             return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(
                 profile=profile, train=train, test=test, external=external, ut=ut, folds=folds, teachers=teachers,
                 calibrate=calibrate, quantize=quantize, evaluate=evaluate, runner=runner, overrides=overrides,
-                root=root)
+                root=root, check=False)
     n_tasks, done, records = sum(map(len, levels)), 0, []
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
     t0 = last_update = time.perf_counter()
