@@ -126,7 +126,8 @@ def test_no_worker_within_worker_wait_fails_clearly(pipeline_api, slurm, tmp_pat
             "orchestration.slurm.min_jobs": 0, "orchestration.slurm.worker_wait_s": 5}
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"no SLURM worker joined within 5 s \(orchestration.slurm.worker_wait_s\)") as e:
-        pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(tmp_path), overrides=over)
+        # check=False: the flow's `lmsys check` would stop it first (its GRES line); this tests the watchdog
+        pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(tmp_path), overrides=over, check=False)
     assert "demo-data" in str(e.value) and "gpus_per_job=3" in str(e.value)
     assert "sbatch --test-only says" in str(e.value) or "SLURM jobs: " in str(e.value)
     print(f"\n[no worker] {time.perf_counter() - t0:.1f} s: {e.value}", file=sys.stderr)
