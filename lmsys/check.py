@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import re
@@ -685,10 +684,9 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
     """A hash of what the checks read: the models' specs and sources (package versions, local dirs'
     config/index stamps), the data files (size, mtime) or the demo parameters, the runner's settings,
     the text settings and this module's code. The flow caches its check task on it."""
-    from lmsys import models
-    from lmsys.data import validate
     from lmsys.steps.prepare import data_files, uses_demo
     layout = Layout(cfg["profile"], cfg.get("root"))
+    here = Path(__file__).resolve().parent      # sources read, not imported: a cached rerun pays no torch import
     runner = runner or cfg["orchestration"]["runner"]
     specs = {n: cfg["models"]["specs"].get(n) for n in model_names(cfg)}
     data = cfg["demo"] if uses_demo(cfg) else {t: [_stat(p) for p in ps] for t, ps in data_files(cfg, layout).items()}
@@ -696,7 +694,7 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
             "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
             "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
-            "code": [inspect.getsource(m) for m in (sys.modules[__name__], models, validate)]}
+            "code": [(here / f).read_text() for f in ("check.py", "models.py", "data/validate.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
