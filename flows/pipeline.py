@@ -31,33 +31,11 @@ from tasks.steps import STEPS, outputs_match, run_step, task_label   # tasks.ste
 PROGRESS_EVERY_S = 5.0
 
 
-def plan(cfg: dict) -> list[list[tuple[str, dict]]]:
-    """The graph as levels of (step, keys); every task of a level depends only on earlier levels."""
-    from lmsys.steps.folds import active_folds
-    from lmsys.steps.prepare import uses_demo
-    folds, teachers = active_folds(cfg), list(cfg["models"]["teachers"])
-    levels = [[("demo-data", {})]] if uses_demo(cfg) else []
-    levels += [[("prepare", {})], [("folds", {}), ("tokenizer", {})],
-               [*[("post-pretrain", {"model": m}) for m in teachers], ("post-pretrain-student", {})],
-               [("filter-argmax", {"fold": k}) for k in folds],
-               [("train-teacher", {"model": m, "fold": k}) for m in teachers for k in folds],
-               [("teacher-logits", {"model": m, "fold": k}) for m in teachers for k in folds]]
-    if cfg["calibrate"]["enabled"]:
-        levels.append([("calibrate", {"model": m}) for m in teachers])
-    levels += [[("distill", {"fold": k}) for k in folds], [("ensemble", {})]]
-    if cfg["quantize"]["enabled"]:
-        levels.append([("quantize", {})])
-    levels.append([("predict", {})])
-    if cfg["evaluate"]["enabled"]:
-        levels.append([("evaluate", {})])
-    return levels
-
-
 def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
     import dask
     o = cfg["orchestration"]
     t = run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
-                              timeout_seconds=o["timeout_s"], refresh_cache=refresh)
+                              timeout_seconds=step_timeout(cfg, name), refresh_cache=refresh)
     if STEPS[name].gpu and o["runner"] == "slurm":
         with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
             return t.submit(name, cfg, keys)
@@ -86,7 +64,7 @@ def _run_level(level, cfg: dict, task_runner=None) -> list[dict]:
 
 
 @flow(name="lmsys-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def pipeline(profile: Literal["tiny", "small", "full"] = "tiny",
+def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
              train: str | None = None, test: str | None = None,
              external: list[str] | None = None, ut: str | None = None,
              folds: list[int] | None = None, teachers: list[str] | None = None,

@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from lmsys.config import load_config, parse_override
+from lmsys.config import PROFILES, load_config, parse_override
 from lmsys.paths import Layout
 
 EXIT_OK, EXIT_WARN, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -234,7 +234,7 @@ def cmd_check(args) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=("tiny", "small", "full"), help="default: params.yaml's profile")
+    p.add_argument("--profile", choices=PROFILES, help="default: params.yaml's profile")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train_teacher.lr=1e-4")
     p.add_argument("--params", help="params file (default: the repo's params.yaml)")
 
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the step registry (--check: exit 1 when stale)")
     p.add_argument("--check", action="store_true")
-    p.add_argument("--profile", choices=("tiny", "small", "full"), help="default: params.yaml's profile")
+    p.add_argument("--profile", choices=PROFILES, help="default: params.yaml's profile")
     p.add_argument("--out", help="write here instead of the repo's dvc.yaml")
     p.set_defaults(func=lineage.cmd_dvc_yaml)
     p = sub.add_parser("data", help="`data add FILE`: validate, copy into data/added/, dvc add, emit lmsys.data.added")
@@ -345,7 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=("local", "slurm"), help="default: orchestration.runner")
     p.add_argument("--root", help="the run's root (artifacts, demo data; default: the repo)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="every task with its job, timeout, estimated wall time and GPU-hours, and the "
+                                    "critical path on N GPUs (nothing runs)")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to schedule the GPU tasks on (default 1)")
+    p.add_argument("--root", help="the run's root (its prepared tables give the row counts when they exist)")
+    p.set_defaults(func=cmd_plan)
     return ap
+
+
+def cmd_plan(args) -> int:
+    from lmsys.plan import cmd_plan as run_plan
+    return run_plan(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_PATH = ROOT / "params.yaml"
-PROFILES = ("tiny", "small", "full")
+PROFILES = ("tiny", "small", "full", "gpu-smoke")
 # libyaml's safe loader when PyYAML has it (10x faster: the flow resolves params.yaml on every run)
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

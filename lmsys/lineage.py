@@ -12,7 +12,7 @@
 - `add_data`: `lmsys data add FILE`: validate, copy into data/added/, `dvc add`, emit the Prefect
   event `lmsys.data.added` that the event-triggered deployment listens for.
 
-The plan (which steps and keys run) comes from flows.pipeline.plan; Prefect is only imported for
+The plan (which steps and keys run) comes from lmsys.plan.plan; Prefect is only imported for
 that (lazily) and for emitting the event.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _dotted_exists(node, dotted: str) -> bool:
 
 
 def _plan(cfg: dict) -> list[tuple[str, dict]]:
-    from flows.pipeline import plan                 # the one description of which steps/keys run
+    from lmsys.plan import plan                     # the one description of which steps/keys run
     return [t for level in plan(cfg) for t in level]
 
 

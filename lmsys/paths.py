@@ -6,6 +6,7 @@
       folds/folds.csv                                            id,fold (-1 = external, training only)
       tokenizer/                                                 tiny profile: BPE trained on the run's text
       post_pretrain/<model>/                                     step 1 adapters (+ score head)
+      filter_scores/<model>.parquet                              step 2.5 scores (every training row, once)
       filtered/fold<k>/train_ids.csv + report.json               step 2.5
       teachers/<model>/fold<k>/                                  step 3 adapters, metrics.json
       logits/<model>/fold<k>.parquet                             step 4
@@ -54,6 +55,10 @@ class Layout:
 
     def post_pretrain(self, model: str) -> Path:
         return self.art / "post_pretrain" / model
+
+    def filter_scores(self, model: str) -> Path:
+        """Step 2.5's probabilities of every competition + external row under the post-pretrained `model`."""
+        return self.art / "filter_scores" / f"{model}.parquet"
 
     def filtered(self, fold: int) -> Path:
         return self.art / "filtered" / f"fold{fold}"

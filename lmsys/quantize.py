@@ -117,8 +117,10 @@ def _head_weights(model) -> dict[str, torch.Tensor]:
 
 def _load_reference(model_dir: Path, device: torch.device):
     from transformers import AutoModelForSequenceClassification
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype="auto")
-    return model.to(device).eval()
+    from lmsys.models import device_map
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype="auto",
+                                                               device_map=device_map(device))
+    return model.eval()
 
 
 # ---------------------------------------------------------------- public API
@@ -188,8 +190,10 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     qconfig = GPTQConfig(bits=bits, group_size=used_group, dataset=_calibration_dataset(tok, texts, model_seqlen),
                          tokenizer=tok, model_seqlen=model_seqlen)
     t0 = time.perf_counter()
+    from lmsys.models import device_map     # straight onto the device (transformers' GPTQ default is the host)
     qmodel = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype="auto",
-                                                                quantization_config=qconfig)
+                                                                quantization_config=qconfig,
+                                                                device_map=device_map(device))
     quantize_seconds = time.perf_counter() - t0
     # optimum copies the calibration set into the saved config: drop it (training rows, and large).
     qmodel.config.quantization_config.dataset = None

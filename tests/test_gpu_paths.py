@@ -130,3 +130,66 @@ def test_fp32_build_is_unchanged(tok):
     model = build_model(GEMMA, tok)
     assert upcast_trainable(model) == 0
     assert not model.base_model.model.score.modules_to_save["default"]._forward_pre_hooks
+
+
+# ---------------------------------------------------------------- loading straight onto the device
+
+@pytest.fixture(scope="module")
+def saved_student(tok, tmp_path_factory):
+    """A tiny Gemma-2 classifier saved as a model dir (stands in for a hub checkpoint / merged model)."""
+    from lmsys.models import build_base_model
+    d = tmp_path_factory.mktemp("student")
+    build_base_model(GEMMA, tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_student_merge_and_gptq_reference_load_straight_onto_the_device(saved_student, tok, monkeypatch):
+    """The student base (pretrained kind), the merged model (load_for_inference) and GPTQ's
+    unquantised reference are read with device_map={'': device}: each weight lands on the device as it
+    is read, with no whole host copy moved afterwards. Shown with the 'meta' device: every tensor ends
+    there and no Module.to() call moved it. On the CPU the same path loads the real weights."""
+    from lmsys.models import build_base_model, load_for_inference
+    from lmsys.quantize import _load_reference
+    moves = []
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moves.append(a or k) or real_to(self, *a, **k))
+    spec = {"kind": "pretrained", "path": str(saved_student), "lora": GEMMA["lora"]}
+    loaded = [build_base_model(spec, tok, device="meta", dtype=torch.bfloat16),
+              load_for_inference(saved_student, {}, tok, device="meta", dtype=torch.bfloat16),
+              _load_reference(saved_student, torch.device("meta"))]
+    assert moves == []
+    for m in loaded:
+        assert {t.device.type for t in m.state_dict().values()} == {"meta"}
+    monkeypatch.undo()
+    want = build_base_model(GEMMA, tok).state_dict()
+    for m in (build_base_model(spec, tok), load_for_inference(saved_student, {}, tok), _load_reference(saved_student, "cpu")):
+        assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items())
+
+
+def test_random_init_kind_builds_real_architectures_once(tok, tmp_path, monkeypatch):
+    """kind random-init: a real architecture's config (here Gemma-2 with its soft-capping, sliding
+    window and head_dim 256 defaults, and Qwen2) with a vocab larger than the tokenizer, written once to
+    the model cache and then loaded as a pretrained checkpoint (device_map); rebuilt identically."""
+    from lmsys.models import build_base_model, build_model, load_tokenizer, random_init_dir
+    monkeypatch.setenv("LMSYS_MODEL_CACHE", str(tmp_path / "cache"))
+    gemma = {"kind": "random-init", "arch": "gemma2", "lora": GEMMA["lora"],
+             "config": {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 1, "sliding_window": 16}}
+    assert load_tokenizer(gemma, tok.name_or_path).vocab_size == tok.vocab_size
+    a = build_base_model(gemma, tok)
+    c = a.config
+    assert (c.model_type, c.vocab_size, c.head_dim, c.attn_logit_softcapping, c.final_logit_softcapping,
+            c.sliding_window, c.num_labels) == ("gemma2", 4096, 256, 50.0, 30.0, 16, 3)
+    assert c.pad_token_id == tok.pad_token_id
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    b = build_base_model(gemma, tok)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    qwen = {"kind": "random-init", "arch": "qwen2", "config": {"vocab_size": 512, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}}
+    model = build_model(qwen, tok)
+    assert model.base_model.model.config.model_type == "qwen2" and len(list((tmp_path / "cache").iterdir())) == 2
+    with pytest.raises(ValueError, match="vocab_size 100 < the tokenizer"):
+        random_init_dir({**qwen, "config": {**qwen["config"], "vocab_size": 100}}, 0, len(tok))
+    with pytest.raises(ValueError, match="arch in"):
+        random_init_dir({**qwen, "arch": "mistral"}, 0, len(tok))

@@ -2,7 +2,8 @@
 
   tokenizer       tiny profile only: a byte-level BPE trained on the run's own text
   post-pretrain   (model)       step 1: 3-class classifier on the UT data, 1 epoch, cosine+warmup
-  filter-argmax   (fold)        step 2.5: drop training rows the post-pretrained model confidently gets wrong
+  filter-score    (model)       step 2.5: the post-pretrained filter model's probabilities on every training row, once
+  filter-argmax   (fold)        step 2.5: drop fold k's training rows that model confidently gets wrong (reads the scores)
   train-teacher   (model, fold) step 3: (Q)LoRA from the post-pretrained adapter, best checkpoint, resumable
   teacher-logits  (model, fold) step 4: raw logits on the fold's training rows (both orders) and its validation rows
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,7 +43,7 @@ def run_tokenizer(cfg: dict, layout: Layout) -> StepResult:
     from lmsys import models
     kinds = {C.spec(cfg, m)["kind"] for m in [*teachers(cfg), cfg["models"]["student"]]}
     with atomic_dir(layout.tokenizer) as tmp:
-        if kinds & set(models.TINY_KINDS):
+        if kinds & set(models.TRAINED_TOKENIZER_KINDS):
             texts = [format_text(p, a, b, cfg["text"]) for name in ("train", "external", "ut", "test")
                      for p, a, b in C.table(layout, name)[["prompt", "response_a", "response_b"]].itertuples(index=False)]
             tok = models.train_tokenizer(texts, tmp, vocab_size=cfg["models"].get("tiny_vocab", 1024))
@@ -88,15 +91,59 @@ def _summary(m: dict) -> dict:
 
 # ---------------------------------------------------------------- step 2.5
 
+def resumable_logits(cfg: dict, model: str, net, tok, ids: list[list[int]], out: Path, adapter_dir: Path,
+                     batch_size: int, desc: str, progress_every: int | None = None) -> np.ndarray:
+    """Logits of `net` (model `model` with the adapter at adapter_dir) on `ids`, through
+    lmsys.infer.predict_logits_resumable: shards of orchestration.shard_rows rows in shard_dir(out),
+    keyed by the model's spec and the adapter's content, so a killed job resumes at its last finished
+    shard. The caller writes `out`, then removes shard_dir(out)."""
+    from lmsys.infer import predict_logits_resumable
+    from lmsys.io import tree_sha256
+    key = json.dumps({"spec": C.spec(cfg, model), "adapter": tree_sha256(adapter_dir)}, sort_keys=True, default=str)
+    logits, _ = predict_logits_resumable(net, ids, tok.pad_token_id, batch_size, shard_dir(out),
+                                         int(cfg["orchestration"]["shard_rows"]), key=key,
+                                         progress_every=progress_every, desc=desc)
+    return logits
+
+
+def shard_dir(out: Path) -> Path:
+    """Where the inference shards of output `out` live until it is written: `.<name>.shards/` beside it."""
+    return out.with_name(f".{out.name}.shards")
+
+
+def run_filter_score(cfg: dict, layout: Layout, model: str) -> StepResult:
+    """Step 2.5, once per filtering model: probabilities of the post-pretrained `model` on every
+    competition and external row (the union of all folds' training parts), in resumable shards.
+    Output columns: id, label, p_a, p_b, p_tie."""
+    rows = C.competition_and_external(layout)
+    if rows["id"].duplicated().any():
+        raise ValueError(f"{layout.prepared}: duplicate ids in train/external, e.g. "
+                         f"{rows['id'][rows['id'].duplicated()].iloc[0]!r}: filter scores are joined by id")
+    adapter = C.adapter(layout.post_pretrain(model))
+    tok, net = C.build(cfg, layout, model, init_adapter=adapter, trainable=False)
+    out = layout.filter_scores(model)
+    ids = C.encode(cfg, rows, tok, cfg["text"]["train_max_length"])
+    probs = softmax(resumable_logits(cfg, model, net, tok, ids, out, adapter, cfg["teacher_logits"]["batch_size"],
+                                     f"filter-score {model}", cfg["teacher_logits"]["progress_every"]))
+    write_table(pd.DataFrame({"id": rows["id"], "label": C.labels(rows), "p_a": probs[:, 0], "p_b": probs[:, 1],
+                              "p_tie": probs[:, 2]}), out)
+    shutil.rmtree(shard_dir(out), ignore_errors=True)
+    return StepResult(outputs=[out], metrics={"model": model, "rows": len(rows)})
+
+
 def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
     """Step 2.5: remove fold `fold`'s training rows whose post-pretrained argmax is wrong with
-    probability >= filter_argmax.threshold. Validation rows are never touched."""
-    from lmsys.infer import predict_logits
+    probability >= filter_argmax.threshold, reading the filter model's scores (filter-score), so no
+    model runs per fold. Validation rows are never touched. Raises ValueError when a training row
+    has no score."""
     name = filter_model(cfg)
     train, _ = C.fold_tables(layout, fold)
-    tok, net = C.build(cfg, layout, name, init_adapter=C.adapter(layout.post_pretrain(name)), trainable=False)
-    probs = softmax(predict_logits(net, C.encode(cfg, train, tok, cfg["text"]["train_max_length"]),
-                                   tok.pad_token_id, cfg["teacher_logits"]["batch_size"], desc=f"filter fold{fold}"))
+    scores = pd.read_parquet(layout.filter_scores(name)).set_index("id")
+    missing = ~train["id"].isin(scores.index)
+    if missing.any():
+        raise ValueError(f"{layout.filter_scores(name)}: no score for {int(missing.sum())} training rows of fold "
+                         f"{fold} (first id {train['id'][missing].iloc[0]!r}); rerun filter-score")
+    probs = scores.loc[train["id"], ["p_a", "p_b", "p_tie"]].to_numpy()
     pred, conf = probs.argmax(1), probs.max(1)
     drop = (pred != C.labels(train)) & (conf >= cfg["filter_argmax"]["threshold"])
     per_class = {lab: int(drop[C.labels(train) == k].sum()) for k, lab in enumerate(("A", "B", "tie"))}
@@ -156,22 +203,23 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     """Step 4: raw [A, B, tie] logits of teacher `model` of fold `fold` on every training row of the
     fold (original and swapped, the student's training set, at the student's truncation: see
     logit_inputs) and on its validation rows (out of fold, both orders). Output columns: id, swapped, split, label, logit_a, logit_b, logit_tie."""
-    from lmsys.infer import predict_logits
     c = cfg["teacher_logits"]
     train = _subset(C.filtered_train(cfg, layout, fold), c["subset"]).assign(split="train")
     _, val = C.fold_tables(layout, fold)
     from lmsys.data.transforms import with_swaps
     rows = pd.concat([train, with_swaps(val).assign(split="val")], ignore_index=True)
-    tok, net = C.build(cfg, layout, model, init_adapter=C.adapter(layout.teacher(model, fold)), trainable=False)
+    adapter = C.adapter(layout.teacher(model, fold))
+    tok, net = C.build(cfg, layout, model, init_adapter=adapter, trainable=False)
     ids = logit_inputs(cfg, rows, tok)
-    logits = predict_logits(net, ids, tok.pad_token_id, c["batch_size"], progress_every=c["progress_every"],
-                            desc=f"logits {model} fold{fold}")
+    logits = resumable_logits(cfg, model, net, tok, ids, layout.logits(model, fold), adapter, c["batch_size"],
+                              f"logits {model} fold{fold}", c["progress_every"])   # resumable shards
     if not np.isfinite(logits).all():
         raise FloatingPointError(f"teacher {model} fold {fold}: non-finite logits")
     out = pd.DataFrame({"id": rows["id"], "swapped": rows["swapped"], "split": rows["split"],
                         "label": C.labels(rows), "logit_a": logits[:, 0], "logit_b": logits[:, 1],
                         "logit_tie": logits[:, 2]})
     write_table(out, layout.logits(model, fold))
+    shutil.rmtree(shard_dir(layout.logits(model, fold)), ignore_errors=True)
     v = out[out["split"] == "val"]
     from lmsys.metrics import log_loss
     oof = log_loss(softmax(v[["logit_a", "logit_b", "logit_tie"]].to_numpy()), v["label"].to_numpy())
@@ -192,12 +240,16 @@ register(Step("post-pretrain", "1", run_post_pretrain,
               inputs=lambda cfg, layout, model: [layout.prepared / "ut.parquet", layout.tokenizer],
               outputs=lambda cfg, layout, model: [layout.post_pretrain(model)],
               params=("post_pretrain", "models", "text", "seed"), fan_out=("model",), gpu=True, modules=_MOD))
+register(Step("filter-score", "2.5", run_filter_score,
+              inputs=lambda cfg, layout, model: [*_DATA(layout), layout.tokenizer, layout.post_pretrain(model)],
+              outputs=lambda cfg, layout, model: [layout.filter_scores(model)],
+              params=("models", "text", "teacher_logits.batch_size"), fan_out=("model",), gpu=True, modules=_MOD))
 register(Step("filter-argmax", "2.5", run_filter_argmax,
-              inputs=lambda cfg, layout, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
-                                                layout.post_pretrain(filter_model(cfg))],
+              inputs=lambda cfg, layout, fold: [*_DATA(layout), layout.folds_csv,
+                                                layout.filter_scores(filter_model(cfg))],
               outputs=lambda cfg, layout, fold: [layout.filtered(fold)],
-              params=("filter_argmax", "models", "text", "teacher_logits.batch_size"), fan_out=("fold",), gpu=True,
-              modules=_MOD))
+              params=("filter_argmax", "models.teachers"), fan_out=("fold",),
+              modules=("lmsys.steps.common", "lmsys.steps.teachers")))
 register(Step("train-teacher", "3", run_train_teacher,
               inputs=lambda cfg, layout, model, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
                                                        layout.filtered(fold), layout.post_pretrain(model)],

@@ -23,7 +23,7 @@ from orch_config import CACHING
 
 PROBE = "lmsys_code_probe"
 BEFORE_ENSEMBLE = ["demo-data", "prepare", "folds", "tokenizer", "post-pretrain-modelllama",
-                   "filter-argmax-fold0", "filter-argmax-fold1", "train-teacher-fold0-modelllama",
+                   "filter-score-modelllama", "filter-argmax-fold0", "filter-argmax-fold1", "train-teacher-fold0-modelllama",
                    "train-teacher-fold1-modelllama", "teacher-logits-fold0-modelllama",
                    "teacher-logits-fold1-modelllama", "calibrate-modelllama", "distill-fold0", "distill-fold1"]
 ALL = [*BEFORE_ENSEMBLE, "ensemble", "predict", "evaluate"]

@@ -1,0 +1,68 @@
+"""`lmsys plan`: the task graph before anything runs, each task with its SLURM job, timeout,
+estimated wall time and GPU-hours from params.yaml's throughput figures, and the critical path on N GPUs."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lmsys.cli import main
+from lmsys.config import load_config
+from lmsys.plan import estimate, job_template, plan, step_timeout, task_label, walltime_s
+
+
+def test_plan_full_on_8_gpus_prints_every_task_with_resources_and_estimates(capsys):
+    assert main(["plan", "--profile", "full", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config("full")
+    lines = {line.split()[1]: line for line in out.splitlines() if re.match(r"\s+\d+\s", line)}
+    tasks = [task_label(n, k) for level in plan(cfg) for n, k in level]
+    assert sorted(lines) == sorted(tasks) and len(tasks) >= 40
+    from lmsys.steps import STEPS
+    for n, k in (t for level in plan(cfg) for t in level):
+        line = lines[task_label(n, k)]
+        if STEPS[n].gpu:
+            assert "gpu gres=gpu:1 mem=128GB cores=16 wall=7-00:00:00" in line, line
+        else:
+            assert "cpu cpu mem=32GB cores=4 wall=12:00:00" in line, line
+        assert re.search(r"\d+(\.\d+)? (s|min|h|d) +\d+ +\d+(\.\d+)? (s|min|h|d) +\d+\.\d\d", line), line  # timeout samples wall GPU-h
+    assert "throughput figures measured on: NVIDIA H200" in out
+    assert re.search(r"total: \d+\.\d GPU-hours; wall time on 8 GPU\(s\), level by level: [\d.]+ d", out)
+    assert "critical path (longest task of each level): " in out and "train-teacher-fold0-modelqwen" in out
+    assert "GPU-hours by step: train-teacher" in out                   # where the GPU-hours go
+
+
+def test_estimate_arithmetic_and_scheduling():
+    cfg = load_config("full")
+    e1, e8 = estimate(cfg, 1), estimate(cfg, 8)
+    by = {t.task: t for t in e8["tasks"]}
+    # one fold's teacher logits: its training rows and validation rows, both orders
+    comp, ext = 57477, 21187
+    assert by["teacher-logits-fold0-modelllama"].samples == pytest.approx(2 * (comp * 4 / 5 + ext) + 2 * comp / 5)
+    assert by["teacher-logits-fold0-modelllama"].seconds == pytest.approx(900 + by["teacher-logits-fold0-modelllama"].samples / 2.8)
+    assert by["filter-score-modelllama"].samples == comp + ext                          # once, every row
+    assert by["prepare"].gpu_hours == 0 and by["prepare"].job["gpus"] == 0
+    assert e1["gpu_hours"] == pytest.approx(e8["gpu_hours"]) and e1["wall_s"] > e8["wall_s"]
+    gpu_s = sum(t.seconds for t in e1["tasks"] if t.gpu)
+    assert e1["wall_s"] >= gpu_s                                         # one GPU runs every GPU task in turn
+    # with a GPU per task, each level lasts as long as its longest task: the critical path
+    wide = estimate(cfg, 100)
+    assert wide["wall_s"] == pytest.approx(sum(by[t].seconds for t in wide["critical_path"]))
+    with pytest.raises(ValueError, match="gpus must be >= 1"):
+        estimate(cfg, 0)
+
+
+def test_job_templates_and_timeouts():
+    tiny, full = load_config("tiny"), load_config("full")
+    assert job_template(tiny, gpu=False) == {**job_template(tiny, gpu=True), "gpus": 0}   # null -> the GPU template
+    assert job_template(full, gpu=False) == {"queue": "cpu", "walltime": "12:00:00", "memory": "32GB", "cores": 4, "gpus": 0}
+    assert step_timeout(full, "train-teacher") == 1152000 and step_timeout(tiny, "train-teacher") == 7200
+    assert walltime_s("7-00:00:00") == 7 * 86400 and walltime_s("02:00:00") == 7200
+    with pytest.raises(ValueError):
+        walltime_s("2h")
+
+
+def test_plan_errors_are_one_line(capsys):
+    assert main(["plan", "--profile", "tiny", "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
