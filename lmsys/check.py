@@ -123,6 +123,8 @@ def model_static_checks(cfg: dict, name: str) -> tuple[list[Check], int]:
                        f"{kind}, built from config (hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} "
                        f"heads): nothing to resolve; its tokenizer is trained by the tokenizer step")]
         return lines + structure_checks(label, spec, _tiny_skeleton(cfg, spec)), 0
+    if kind == getattr(models, "RANDOM_INIT", "random-init"):
+        return _random_init_checks(label, spec)
     if kind == "gguf":
         return _gguf_checks(label, spec)
     if kind == "pretrained":
@@ -142,6 +144,26 @@ def _meta_model(config):
 def _tiny_skeleton(cfg: dict, spec: dict):
     from lmsys import models
     return _meta_model(models._tiny_config(spec, cfg["models"].get("tiny_vocab", 1024), 0))
+
+
+def _random_init_checks(label: str, spec: dict) -> tuple[list[Check], int]:
+    """kind random-init: a real architecture with random weights, built from spec['config'] into the model
+    cache at its first load, then loaded as a pretrained checkpoint."""
+    from transformers import AutoConfig
+
+    from lmsys import models
+    arch, over = spec.get("arch"), dict(spec.get("config") or {})
+    try:
+        config = AutoConfig.for_model(arch, **over, num_labels=models.NUM_LABELS, pad_token_id=0)
+    except Exception as e:                       # noqa: BLE001
+        return [Check(f"{label}: resolves offline", FAIL, f"random-init arch {arch!r}: {_one_line(e)}",
+                      f"set arch to one of {', '.join(getattr(models, 'RANDOM_ARCHS', ('llama', 'qwen2', 'gemma2')))} "
+                      "and config to keys of its Hugging Face config")], 0
+    lines = [Check(f"{label}: resolves offline", OK,
+                   f"random-init {arch} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
+                   f"{config.vocab_size}): nothing to resolve; built into the model cache at its first load, then "
+                   "loaded as a checkpoint; its tokenizer is trained by the tokenizer step")]
+    return lines + structure_checks(label, spec, _meta_model(config)), 0
 
 
 def _gguf_checks(label: str, spec: dict) -> tuple[list[Check], int]:
@@ -276,7 +298,7 @@ def head_check(label: str, model, ckpt_head: tuple[str, int] | None = None) -> C
     bad = {n: k for n, k in outs.items() if k != NUM_LABELS}
     if bad:
         return Check(f"{label}: head", FAIL, f"{', '.join(f'{n} has {k} labels' for n, k in bad.items())}", fix)
-    name = min(outs, key=len)
+    name = next(p for p in min(outs, key=len).split(".") if p in HEAD_NAMES)
     return Check(f"{label}: head", OK, f"{name}: {NUM_LABELS} labels (A wins, B wins, tie)"
                  + (f"; checkpoint head {ckpt_head[0]} has {NUM_LABELS} rows" if ckpt_head else ""))
 
@@ -386,7 +408,7 @@ def forward_checks(cfg: dict, rows: pd.DataFrame, names: list[str]) -> list[Chec
     if rows is None or not len(rows):
         return [Check(f"model {n}: forward", SKIP, "no usable test or train rows to run (see the data lines)") for n in names]
     with tempfile.TemporaryDirectory(prefix="lmsys-check-tok-") as tok_dir:
-        if any(C.spec(cfg, n).get("kind") in models.TINY_KINDS for n in names):
+        if any(C.spec(cfg, n).get("kind") in getattr(models, "TRAINED_TOKENIZER_KINDS", models.TINY_KINDS) for n in names):
             from lmsys.text import format_text
             texts = [format_text(p, a, b, cfg["text"]) for p, a, b in rows[["prompt", "response_a", "response_b"]].itertuples(index=False)]
             models.train_tokenizer(texts, tok_dir, vocab_size=cfg["models"].get("tiny_vocab", 1024))
@@ -435,7 +457,8 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
 
 def _peft_targets(net) -> str:
     lc = next(iter(net.peft_config.values()))
-    return f"r={lc.r} alpha={lc.lora_alpha} on {', '.join(sorted(lc.target_modules))}; head {', '.join(lc.modules_to_save)}"
+    return (f"r={lc.r} alpha={lc.lora_alpha} on {', '.join(sorted(lc.target_modules))}; head "
+            f"{', '.join(sorted(set(lc.modules_to_save)))} trained fully")
 
 
 def _load_fix(e: Exception, spec: dict) -> str:
