@@ -39,6 +39,9 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
     if STEPS[name].gpu and o["runner"] == "slurm":
         with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
             return t.submit(name, cfg, keys)
+    if o["runner"] == "slurm" and int(o["slurm"].get("cpu_jobs") or 0):
+        with dask.annotate(resources={"CPU_JOB": 1}):    # CPU steps on the CPU job template's workers
+            return t.submit(name, cfg, keys)
     return t.submit(name, cfg, keys)
 
 

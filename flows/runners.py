@@ -75,6 +75,14 @@ def slurm_cluster_kwargs(cfg: dict) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def cpu_job_template(cfg: dict) -> dict:
+    """queue, walltime, memory and cores of the CPU-only jobs (orchestration.slurm.cpu_job, its nulls
+    taken from the GPU template: lmsys.plan.job_template); they request no GPU."""
+    from lmsys.plan import job_template
+    t = job_template(cfg, gpu=False)
+    return {k: t[k] for k in ("queue", "walltime", "memory", "cores")}
+
+
 def slurm_task_runner(cfg: dict):
     from prefect_dask import DaskTaskRunner
     check_slurm(cfg)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 from lmsys.paths import Layout
 from lmsys.steps import STEPS, StepResult
@@ -25,6 +26,22 @@ for _m in STEP_MODULES:
 
 
 def run_step(name: str, cfg: dict, layout: Layout, **keys) -> StepResult:
+    """Run step `name`; on a GPU its metrics also get gpu_peak_gib (peak memory allocated by torch
+    during the step; nothing is added on a CPU). Raises KeyError for an unknown step."""
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; known: {list(STEPS)}")
-    return STEPS[name].run(cfg, layout, **keys)
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+    result = STEPS[name].run(cfg, layout, **keys)
+    cuda = cuda or _cuda()                     # torch may have been imported (and CUDA started) by the step
+    if cuda is not None:
+        result.metrics = {**result.metrics, "gpu_peak_gib": cuda.max_memory_allocated() / 2**30}
+    return result
+
+
+def _cuda():
+    """torch.cuda when torch is already imported and CUDA is initialised, else None (no import here:
+    listing or running CPU steps must not pay for torch)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
