@@ -172,3 +172,18 @@ def test_check_task_is_cached_on_what_it_checked(pipeline_api, tmp_path):
     assert first.is_completed() and first.name == "Completed", first
     assert again.name == "Cached" and again.result() == first.result()
     assert other.name == "Completed"
+
+
+def test_flow_on_the_slurm_dask_runner_checks_on_its_gpu_worker(pipeline_api, slurm, bad_column_data, tmp_path):
+    """run_pipeline starts the flow on its SLURM cluster at once (its worker jobs hold the node): the
+    check's job part runs on a GPU worker of that cluster, and the unusable column still stops the flow."""
+    root = tmp_path / "flow"
+    with pytest.raises(Exception) as e:
+        pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(root), overrides={**SLURM, **bad_column_data})
+    _assert_stopped_before_any_step(root, "data test: test.csv", e.value)
+    table, _ = _check_artifact()
+    rows = {r["check"]: r for r in table}
+    assert rows["slurm: Prefect API from a compute node"]["status"] == "ok", table
+    assert re.match(r"job \d+ on \S+", rows["slurm: GPU in the job"]["detail"]), table
+    forward = [r for r in table if r["check"].startswith("model ") and "forward" in r["check"]]
+    assert forward and all(r["status"] == "ok" and re.search(r"\(job \d+ on ", r["detail"]) for r in forward), forward
