@@ -322,15 +322,16 @@ def lora_check(label: str, spec: dict, model) -> Check:
                                                f"({n} layers); head {', '.join(lc.modules_to_save)} trained fully")
 
 
-def gptq_check() -> Check:
+def gptq_check(name: str = "quantize: GPTQ backend") -> Check:
+    """Step 7's backend (gptqmodel + optimum) imports here, loading the kernels it can."""
     from lmsys.quantize import require_gptq_backend
     try:
         require_gptq_backend()
-        import gptqmodel  # noqa: F401  (its import loads the kernels it can)
+        import gptqmodel  # noqa: F401
     except Exception as e:                       # noqa: BLE001
-        return Check("quantize: GPTQ backend", FAIL, _one_line(e), "install gptqmodel and optimum as requirements.lock pins "
-                     "them, or set quantize.enabled=false")
-    return Check("quantize: GPTQ backend", OK, f"gptqmodel {importlib.metadata.version('gptqmodel')} imports")
+        return Check(name, FAIL, _one_line(e), "install gptqmodel and optimum as requirements.lock pins them, or set "
+                     "quantize.enabled=false")
+    return Check(name, OK, f"gptqmodel {importlib.metadata.version('gptqmodel')} imports")
 
 
 # ---------------------------------------------------------------- data
@@ -659,6 +660,8 @@ def run_check_job(script: Path, job_dir: Path, cfg: dict, names: list[str]) -> l
 def job_checks(cfg: dict, names: list[str], rows: pd.DataFrame, api_url: str | None) -> list[dict]:
     """What runs on the GPU worker: the GPU report, the Prefect API probe, the forward checks (as dicts)."""
     checks = [gpu_report(cfg, names), api_check(api_url), *forward_checks(cfg, rows, names)]
+    if cfg["quantize"]["enabled"]:               # step 7 runs on this worker type: its kernels must load here
+        checks.append(gptq_check("quantize: GPTQ backend on the GPU worker"))
     return [asdict(c) for c in checks]
 
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pandas as pd
-import pytest
 
 from lmsys.cli import main
 
