@@ -10,4 +10,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANA
 if [ "$(id -u)" = 0 ] && [ -f ../shared/ci/start_slurm.sh ]; then
   bash ../shared/ci/start_slurm.sh || echo "[run-tests] SLURM did not start; the SLURM tests will say why"
 fi
-python -m pytest -p no:cacheprovider "$@"
+# Random order (pytest-random-order): modules shuffled, and the tests within each module; the seed is
+# printed at the top ("--random-order-seed=N") and rerunning with that option repeats the order.
+# PYTEST_ORDER=--random-order-bucket=none runs in file order.
+python -m pytest -p no:cacheprovider "${PYTEST_ORDER:---random-order-bucket=module}" "$@"
