@@ -50,6 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json
 HEAD_SUFFIXES = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 SOURCES = {"train": "kaggle", "test": "kaggle", "ut": "ultrafeedback"}     # as lmsys.steps.prepare reads them
 JOB_MARKER = "lmsys-check: prologue done"
+JOB_RUN_LIMIT_S = 3600                      # a check job running longer is cancelled (three 70B nf4 loads fit)
 
 
 @dataclass
@@ -540,7 +541,11 @@ def slurm_checks(cfg: dict, layout: Layout, api_url: str | None, rows: pd.DataFr
         if lines[-1].status == FAIL:
             return lines + [Check(f"model {n}: forward", SKIP, "not run: the job was refused") for n in names]
         if in_job is not None:
-            return lines + [Check(**c) for c in in_job(names, rows, api_url)]
+            try:
+                return lines + [Check(**c) for c in in_job(names, rows, api_url)]
+            except Exception as e:               # noqa: BLE001  (a lost or unreachable worker is the finding)
+                return lines + [Check("slurm: job", FAIL, f"the check on a worker of the flow's cluster: {_one_line(e)}",
+                                      "see the worker logs in artifacts/<profile>/slurm-logs")]
         rows.to_parquet(job_dir / "rows.parquet")
         write_json({"cfg": cfg, "names": names, "api_url": api_url}, job_dir / "job.json")
         return lines + run_check_job(script, job_dir, cfg, names)
@@ -645,6 +650,10 @@ def run_check_job(script: Path, job_dir: Path, cfg: dict, names: list[str]) -> l
             return [Check("slurm: job", FAIL, f"job {job} still pending after {waited:.0f} s ({state})",
                           "the partition has no free node of that shape: check gpus_per_job, memory and cores, or "
                           "raise orchestration.slurm.worker_wait_s")]
+        if waited > JOB_RUN_LIMIT_S:
+            subprocess.run(["scancel", job], check=False)
+            return [Check("slurm: job", FAIL, f"job {job} still {state} after {waited:.0f} s: cancelled",
+                          "a hung or very slow model load: run `lmsys -v check --runner local` on a GPU node to watch it")]
         time.sleep(1.0)
     log = (job_dir / "job.out").read_text(errors="replace") if (job_dir / "job.out").exists() else ""
     if JOB_MARKER not in log:
