@@ -162,6 +162,8 @@ def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], level:
     fixed = est.get("step_s") or {}
     if model is None:
         seconds = float(fixed.get(name, est.get("cpu_step_s", 10)))
+    elif not {"train", "infer"} <= set(figures):        # no figures for this model: unknown, shown as "?"
+        seconds = float("nan")
     else:
         rate = float(figures["train" if kind in ("train", "distill") else "infer"])
         seconds = float(figures.get("load_s", 0)) + samples / rate
@@ -184,17 +186,25 @@ def estimate(cfg: dict, gpus: int = 1) -> dict:
         ests = [task_estimate(cfg, n, k, rows, i) for n, k in level]
         tasks += ests
         loads = [0.0] * gpus
-        for t in sorted((t for t in ests if t.gpu), key=lambda t: -t.seconds):
-            loads[loads.index(min(loads))] += t.seconds
-        cpu = max((t.seconds for t in ests if not t.gpu), default=0.0)
+        for t in sorted((t for t in ests if t.gpu), key=lambda t: -_known(t.seconds)):
+            loads[loads.index(min(loads))] += _known(t.seconds)
+        cpu = max((_known(t.seconds) for t in ests if not t.gpu), default=0.0)
         wall += max(max(loads), cpu)
-        path.append(max(ests, key=lambda t: t.seconds).task)
+        path.append(max(ests, key=lambda t: _known(t.seconds)).task)
     return {"profile": cfg["profile"], "gpus": gpus, "rows": rows, "tasks": tasks,
             "card": cfg["orchestration"]["estimate"].get("card"),
-            "gpu_hours": sum(t.gpu_hours for t in tasks), "wall_s": wall, "critical_path": path}
+            "gpu_hours": sum(t.gpu_hours for t in tasks if t.gpu_hours == t.gpu_hours), "wall_s": wall,
+            "critical_path": path}
+
+
+def _known(seconds: float) -> float:
+    """seconds, or 0 for an unknown (nan) estimate."""
+    return seconds if seconds == seconds else 0.0
 
 
 def _hms(seconds: float) -> str:
+    if seconds != seconds:                     # nan: no throughput figures
+        return "?"
     if seconds >= 86400:
         return f"{seconds / 86400:.1f} d"
     if seconds >= 3600:
@@ -220,8 +230,12 @@ def format_plan(e: dict) -> str:
     for t in e["tasks"]:
         by_step[t.step] = by_step.get(t.step, 0.0) + t.gpu_hours
     total = e["gpu_hours"] or 1.0
-    lines.append("GPU-hours by step: " + ", ".join(f"{s} {h:.1f} ({100 * h / total:.0f}%)" for s, h in
+    lines.append("GPU-hours by step: " + ", ".join(f"{s} {h:.2f} ({100 * h / total:.0f}%)" for s, h in
                                                    sorted(by_step.items(), key=lambda kv: -kv[1]) if h > 0))
+    unknown = sorted({t.task for t in e["tasks"] if t.seconds != t.seconds})
+    if unknown:
+        lines.append(f"no throughput figures in orchestration.estimate.models for {len(unknown)} task(s) "
+                     f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): left out of the totals")
     lines += [f"total: {e['gpu_hours']:.1f} GPU-hours; wall time on {e['gpus']} GPU(s), level by level: "
               f"{_hms(e['wall_s'])} ({e['wall_s'] / 86400:.2f} days)",
               "critical path (longest task of each level): " + " -> ".join(e["critical_path"])]
