@@ -52,6 +52,8 @@ if [ "$MODE" = wheels ]; then
   "$PY" -m pip download -q --no-deps --prefer-binary --python-version 3.12 --implementation cp "${PLAT[@]}" \
       -d .whl -r .whl/requirements.txt || exit 1
   "$PY" -m pip download -q --no-deps --no-binary=:all: -d .whl "$(grep -i '^gptqmodel==' requirements.lock)" || exit 1
+  # PyPcre (gptqmodel imports it) has no wheel: it builds there against PCRE2's headers and static library
+  (cd .whl && apt-get download -q libpcre2-dev) || exit 1
   # bitsandbytes ships a library per CUDA version (~43 MB): keep the CUDA 13 one and the CPU one
   for w in .whl/bitsandbytes-*.whl; do
     d=$(mktemp -d) && (cd "$d" && unzip -q "$OLDPWD/$w" && find . -name 'libbitsandbytes_cuda*' ! -name '*cuda13*' -delete \
@@ -74,8 +76,20 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1
 } 2>&1 | tee "$OUT/machine.txt"
 TORCH_PIN="torch==$("$PY" -c 'import torch; print(torch.__version__)')"
 if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --upgrade \
-      --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | tail -5
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -5
+  for d in .whl/*.deb; do dpkg -x "$d" /tmp/pcre2; done          # PCRE2's headers (and static library)
+  L=/tmp/pcre2/usr/lib/x86_64-linux-gnu
+  if [ -e /usr/lib/x86_64-linux-gnu/libpcre2-8.so.0 ]; then        # link the system's runtime library
+    rm -f "$L/libpcre2-8.a" && ln -sf /usr/lib/x86_64-linux-gnu/libpcre2-8.so.0 "$L/libpcre2-8.so"
+    export PYPCRE_LIBRARY_PATH="$L/libpcre2-8.so"
+  else
+    export PYPCRE_LIBRARY_PATH="$L/libpcre2-8.a"
+  fi
+  export PYPCRE_INCLUDE_DIR=/tmp/pcre2/usr/include
+  for sd in .whl/*.tar.gz; do        # one at a time: a failed build leaves the others installed
+    "$PY" -m pip install -q --no-index --no-deps --no-cache-dir --no-build-isolation --target /tmp/site "$sd" 2>&1 | tail -3 \
+      || echo "[gpu-smoke] could not build $sd"
+  done
 else
   missing_from_image > /tmp/gpu-req.txt; grep -i '^gptqmodel==' requirements.lock >> /tmp/gpu-req.txt
   echo "$TORCH_PIN" > /tmp/torch-pin.txt
