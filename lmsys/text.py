@@ -16,6 +16,10 @@ import string
 from dataclasses import dataclass
 
 FIELDS = ("prompt", "a", "b")
+# Optional fields: each answer's length in words before any truncation. The recipe's truncation
+# cuts the longer answer to the shorter one's length, so a model that reads only the cut text
+# cannot see which answer was longer; these fields state it (used by the tiny and small profiles).
+LENGTH_FIELDS = ("a_words", "b_words")
 _WORD = re.compile(r"\S+")
 
 
@@ -38,6 +42,11 @@ def truncate_words(text: str, n: int) -> str:
     return text
 
 
+def word_count(turns) -> int:
+    """Words of an answer over all its turns, before truncation (the {a_words}/{b_words} fields)."""
+    return len(_WORD.findall(join_turns(turns)))
+
+
 def _word_parts(prompt, response_a, response_b, text_cfg: dict) -> tuple[str, str, str]:
     return (truncate_words(join_turns(prompt), text_cfg["prompt_words"]),
             truncate_words(join_turns(response_a), text_cfg["response_words"]),
@@ -47,7 +56,8 @@ def _word_parts(prompt, response_a, response_b, text_cfg: dict) -> tuple[str, st
 def format_text(prompt, response_a, response_b, text_cfg: dict) -> str:
     """The template filled with the word-truncated parts (for humans, GPTQ calibration, logs)."""
     p, a, b = _word_parts(prompt, response_a, response_b, text_cfg)
-    return text_cfg["template"].format(prompt=p, a=a, b=b)
+    return text_cfg["template"].format(prompt=p, a=a, b=b, a_words=word_count(response_a),
+                                       b_words=word_count(response_b))
 
 
 # --------------------------------------------------------------------------- layout
@@ -101,11 +111,13 @@ def template_layout(tokenizer, template: str) -> Layout:
     for literal, field, spec, conv in string.Formatter().parse(template):
         literals.append(literal)
         if field is not None:
-            if field not in FIELDS or spec or conv:
-                raise ValueError(f"template field {{{field}}} not one of {FIELDS} (no format specs)")
+            if field not in FIELDS + LENGTH_FIELDS or spec or conv:
+                raise ValueError(f"template field {{{field}}} not one of {FIELDS + LENGTH_FIELDS} (no format specs)")
             fields.append(field)
-    if sorted(fields) != sorted(FIELDS):
-        raise ValueError(f"template needs each of {FIELDS} once, got {fields}")
+    lengths = sorted(f for f in fields if f in LENGTH_FIELDS)
+    if sorted(f for f in fields if f in FIELDS) != sorted(FIELDS) or lengths not in ([], sorted(LENGTH_FIELDS)):
+        raise ValueError(f"template needs each of {FIELDS} once (and optionally both of {LENGTH_FIELDS} once), "
+                         f"got {fields}")
     if len(literals) == len(fields):      # template ends with a field: empty closing literal
         literals.append("")
     prefix, suffix = special_tokens(tokenizer)
@@ -121,16 +133,18 @@ class EncodedParts:
     prompt: list[int]
     a: list[int]
     b: list[int]
+    a_words: list[int] = ()   # the {a_words}/{b_words} segments (empty when the template has none)
+    b_words: list[int] = ()
 
     @property
     def ids(self) -> list[int]:
         out = list(self.layout.prefix)
         for literal, field in zip(self.layout.literals, self.layout.fields):
-            out += literal + getattr(self, field)
+            out += literal + list(getattr(self, field))
         return out + self.layout.literals[-1] + self.layout.suffix
 
     def swapped(self) -> "EncodedParts":
-        return EncodedParts(self.layout, self.prompt, self.b, self.a)
+        return EncodedParts(self.layout, self.prompt, self.b, self.a, self.b_words, self.a_words)
 
 
 def answer_budget(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
@@ -150,8 +164,8 @@ def answer_budget(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
 
 
 def _fit(layout: Layout, p: list[int], a: list[int], b: list[int], max_length: int,
-         prompt_tokens: int) -> EncodedParts:
-    fixed = layout.fixed_length
+         prompt_tokens: int, a_words: list[int] = (), b_words: list[int] = ()) -> EncodedParts:
+    fixed = layout.fixed_length + len(a_words) + len(b_words)   # the length fields are never cut
     if fixed > max_length:
         raise ValueError(f"template alone is {fixed} tokens (specials {len(layout.prefix)}+"
                          f"{len(layout.suffix)}, literals {[len(x) for x in layout.literals]}), "
@@ -161,15 +175,18 @@ def _fit(layout: Layout, p: list[int], a: list[int], b: list[int], max_length: i
         p = p[:min(prompt_tokens, max_length - fixed)]
         ka, kb = answer_budget(len(a), len(b), max_length - fixed - len(p))
         a, b = a[:ka], b[:kb]
-    return EncodedParts(layout, p, a, b)
+    return EncodedParts(layout, p, a, b, a_words, b_words)
 
 
 def encode_pair_parts(prompt, response_a, response_b, tokenizer, max_length: int, text_cfg: dict,
                       layout: Layout | None = None) -> EncodedParts:
     """The row's truncated id segments (see `encode_pair`); pass `layout` to reuse it across rows."""
     layout = layout or template_layout(tokenizer, text_cfg["template"])
-    p, a, b = _tokenize(tokenizer, list(_word_parts(prompt, response_a, response_b, text_cfg)))
-    return _fit(layout, p, a, b, max_length, text_cfg["prompt_tokens"])
+    texts = list(_word_parts(prompt, response_a, response_b, text_cfg))
+    if LENGTH_FIELDS[0] in layout.fields:
+        texts += [str(word_count(response_a)), str(word_count(response_b))]
+    p, a, b, *lengths = _tokenize(tokenizer, texts)
+    return _fit(layout, p, a, b, max_length, text_cfg["prompt_tokens"], *lengths)
 
 
 def encode_pair(prompt, response_a, response_b, tokenizer, max_length: int, text_cfg: dict) -> list[int]:
