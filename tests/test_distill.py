@@ -67,6 +67,36 @@ def test_bad_arguments():
         distill_loss(s, y, [s], sample_weight=torch.ones(3))
 
 
+def test_argument_checks_name_what_is_wrong():
+    """Each check on its own (one bad argument at a time), with its message."""
+    s, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^student_logits must be \[B, 3\] and labels \[B\]; got \(2, 3\), \(3,\)$"):
+        distill_loss(s, torch.zeros(3, dtype=torch.long), [s])
+    with pytest.raises(ValueError, match=r"^student_logits must be \[B, 3\] and labels \[B\]; got \(2, 4\), \(2,\)$"):
+        distill_loss(torch.zeros(2, 4), y, [])
+    with pytest.raises(ValueError, match=r"^every teacher must be \[2, 3\]; got \[\(2, 3\), \(3, 3\)\]$"):
+        distill_loss(s, y, [s, torch.zeros(3, 3)])
+    for weights in ({"ce_weight": -1.0}, {"kl_weight": -1.0}, {"cos_weight": -1.0}):
+        with pytest.raises(ValueError, match=r"^need T > 0 and weights >= 0; got T=1.0, ce="):
+            distill_loss(s, y, [s], **weights)
+    with pytest.raises(ValueError, match=r"^need T > 0 and weights >= 0; got T=0, ce=1.0, kl=1.0, cos=1.0$"):
+        distill_loss(s, y, [s], T=0)
+    with pytest.raises(ValueError, match=r"^all loss weights are zero$"):
+        distill_loss(s, y, [s], ce_weight=0.0, kl_weight=0.0, cos_weight=0.0)
+    with pytest.raises(ValueError, match=r"^sample_weight must be \[2\], got \(3,\)$"):
+        distill_loss(s, y, [s], sample_weight=torch.ones(3))
+    # a zero weight is allowed (only negative ones are refused): CE alone, or the teacher terms alone
+    assert distill_loss(s, y, [s], kl_weight=0.0, cos_weight=0.0)[1]["loss"] == pytest.approx(np.log(3))
+    assert distill_loss(s, y, [s], ce_weight=0.0)[1]["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_default_temperature_is_one():
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.tensor([0, 1, 2, 0])
+    assert distill_loss(s, y, [t])[1] == distill_loss(s, y, [t], T=1.0)[1]
+    assert distill_loss(s, y, [t])[1] != distill_loss(s, y, [t], T=2.0)[1]
+
+
 def test_info_gain_weights():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, (200, 3))

@@ -137,3 +137,16 @@ def test_fold_weights_and_errors(llama_folds, tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         ensemble_adapters(factory("llama"), dirs, tmp_path / "x", method="svd")
     assert not (tmp_path / "x").exists()
+
+
+def test_fold_gain_computes_in_float64_and_takes_float_labels():
+    """float32 probabilities are read as float64 (the gain equals the float64 computation exactly);
+    labels may come as floats (a parquet column with a missing value elsewhere reads as float64)."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], size=50).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    prior = np.array([0.5, 0.3, 0.2])
+    p64 = p.astype(np.float64)
+    want = float(np.mean(np.log(p64[np.arange(50), y]) - np.log(prior[y])))
+    assert fold_gain(p, y, prior) == want
+    assert fold_gain(p, y.astype(np.float64), prior) == want

@@ -99,3 +99,20 @@ def test_tta_symmetric_model_unchanged():
     assert np.array_equal(symmetrize(p, swap_probs(p)), p)
     with pytest.raises(ValueError):
         symmetrize(p, p[:5])
+
+
+def test_tta_batches_dtypes_and_errors():
+    """swap_probs works on any leading axes; symmetrize computes in float64 whatever it is given;
+    both name the bad shape."""
+    rng = np.random.default_rng(3)
+    batch = rng.dirichlet([1, 1, 1], size=(2, 4))                      # [2, 4, 3]
+    np.testing.assert_array_equal(swap_probs(batch), batch[..., [1, 0, 2]])
+    p32 = rng.dirichlet([1, 1, 1], size=5).astype(np.float32)
+    out = symmetrize(p32, p32[::-1])
+    a, b = p32.astype(np.float64), p32[::-1].astype(np.float64)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, (a + b[:, [1, 0, 2]]) / 2)
+    with pytest.raises(ValueError, match=r"^expected 3 columns \(A, B, tie\), got shape \(2, 4\)$"):
+        swap_probs(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"^shape mismatch: \(2, 3\) vs \(3, 3\)$"):
+        symmetrize(np.zeros((2, 3)), np.zeros((3, 3)))
