@@ -19,6 +19,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 
 from flows.check import preflight
+from flows.console import Progress, previous_seconds
 from flows.runners import check_slurm, make_task_runner, wait_for_level
 from lmsys.config import load_config
 from lmsys.io import write_json
@@ -35,7 +36,8 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
     import dask
     o = cfg["orchestration"]
     t = run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
-                              timeout_seconds=step_timeout(cfg, name), refresh_cache=refresh)
+                              timeout_seconds=step_timeout(cfg, name) if o["runner"] == "slurm" else None,
+                              refresh_cache=refresh)   # a local thread cannot be stopped: Prefect only warns
     if STEPS[name].gpu and o["runner"] == "slurm":
         with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
             return t.submit(name, cfg, keys)
@@ -45,7 +47,7 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
     return t.submit(name, cfg, keys)
 
 
-def _run_level(level, cfg: dict, task_runner=None) -> list[dict]:
+def _run_level(level, cfg: dict, task_runner=None, console: Progress | None = None) -> list[dict]:
     """Submit a level, wait, rerun stale cache hits; returns one record per task."""
     layout = Layout(cfg["profile"], cfg.get("root"))
     futures = [(n, k, _submit(n, cfg, k, refresh=not all(Path(p).exists() for p in STEPS[n].outputs(cfg, layout, **k))))
@@ -63,6 +65,10 @@ def _run_level(level, cfg: dict, task_runner=None) -> list[dict]:
         records.append({"task": task_label(n, k), "step": n, "gpu": STEPS[n].gpu, "state": state,
                         **{x: res.get(x) for x in ("host", "slurm_job_id", "pid", "started", "seconds", "finished",
                                                    "key", "outputs", "metrics")}})
+    if console is not None:
+        for r in sorted(records, key=lambda r: r["finished"] or 0):
+            console.task_done(r["task"], r["state"], r["seconds"] if r["state"] != "Cached" else 0.0)
+        console.report()
     return records
 
 
@@ -95,17 +101,21 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
                 profile=profile, train=train, test=test, external=external, ut=ut, folds=folds, teachers=teachers,
                 calibrate=calibrate, quantize=quantize, evaluate=evaluate, runner=runner, overrides=overrides,
                 root=root, check=False)
+    from lmsys.lineage import git_rev
+    code_rev = git_rev()                        # the code this run runs: read before it writes anything
     n_tasks, done, records = sum(map(len, levels)), 0, []
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
     t0 = last_update = time.perf_counter()
+    console = Progress([task_label(n, k) for lv in levels for n, k in lv],
+                       previous_seconds(Layout(cfg["profile"], cfg.get("root")).art / "flow_run.json"), logger)
     for i, level in enumerate(levels):
-        logger.info("running %s", ", ".join(task_label(n, k) for n, k in level))
-        records += _run_level(level, cfg, task_runner)
+        logger.debug("running %s", ", ".join(task_label(n, k) for n, k in level))
+        records += _run_level(level, cfg, task_runner, console)
         done += len(level)
         if time.perf_counter() - last_update >= PROGRESS_EVERY_S or i == len(levels) - 1:
             update_progress_artifact(progress, 100.0 * done / n_tasks)
             last_update = time.perf_counter()
-    return _finish(cfg, levels, records, time.perf_counter() - t0)
+    return _finish(cfg, levels, records, time.perf_counter() - t0, code_rev)
 
 
 def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
@@ -123,16 +133,19 @@ def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, 
     return cfg
 
 
-def _finish(cfg: dict, levels: list[list[tuple[str, dict]]], records: list[dict], seconds: float) -> dict:
+def _finish(cfg: dict, levels: list[list[tuple[str, dict]]], records: list[dict], seconds: float,
+            code_rev: str) -> dict:
     layout = Layout(cfg["profile"], cfg.get("root"))
     ctx = FlowRunContext.get()
-    from lmsys.lineage import git_rev, lineage_markdown, record_flow_run   # dvc.lock entries + data record of the run
-    summary = {"profile": cfg["profile"], "git_rev": git_rev(), "seconds": seconds,
+    from lmsys.lineage import lineage_markdown, record_flow_run, stage_name   # dvc.lock entries + data record
+    summary = {"profile": cfg["profile"], "git_rev": code_rev, "seconds": seconds,
                "runner": cfg["orchestration"]["runner"], "flow_run_id": str(ctx.flow_run.id) if ctx else None,
                "tasks": len(records), "cached": sum(r["state"] == "Cached" for r in records),
                "submission": str(layout.submission), "report": str(layout.reports / "report.md"),
                "records": records}
-    lineage = record_flow_run(cfg, [t for level in levels for t in level])
+    tasks = [t for level in levels for t in level]          # records come in this order
+    cached = {stage_name(n, k) for (n, k), r in zip(tasks, records) if r["state"] == "Cached"}
+    lineage = record_flow_run(cfg, tasks, cached)
     summary["dvc"] = {"stages": lineage["stages"], "note": lineage["note"], "git_rev": lineage["git_rev"]}
     write_json(summary, layout.art / "flow_run.json")
     create_markdown_artifact(lineage_markdown(lineage, summary.get("flow_run_id")), key="lmsys-lineage",
@@ -148,8 +161,23 @@ def _finish(cfg: dict, levels: list[list[tuple[str, dict]]], records: list[dict]
                               description="evaluation metrics (step 9)")
     report = layout.reports / "report.md"
     if report.exists():
-        create_markdown_artifact(report.read_text(), key="lmsys-report", description=f"report at {report}")
+        create_markdown_artifact(embed_images(report.read_text(), report.parent), key="lmsys-report",
+                                 description=f"report at {report}")
     return {k: v for k, v in summary.items() if k != "records"}
+
+
+def embed_images(markdown: str, base: Path) -> str:
+    """The report's image links (relative file names, which the Prefect UI cannot resolve) as
+    base64 data URIs, so the artifact page shows the plots themselves."""
+    import base64
+    import re
+
+    def inline(m: re.Match) -> str:
+        path = base / m.group(2)
+        if not path.is_file() or path.suffix.lower() != ".png":
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", inline, markdown)
 
 
 def run_pipeline(profile: str = "tiny", runner: str | None = None, overrides: dict | None = None,

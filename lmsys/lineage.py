@@ -224,14 +224,20 @@ def _dvc(*args: str, root: Path, check: bool = True) -> subprocess.CompletedProc
     return r
 
 
+# Tracked files that a pipeline run itself rewrites: they do not make the code's revision dirty.
+RUN_OUTPUTS = ("reports", "dvc.lock")
+
+
 def git_rev(root: Path | str | None = None) -> str:
-    """HEAD's commit, with `+dirty` when the work tree differs from it ('unknown' outside git)."""
+    """HEAD's commit, with `+dirty` when tracked files other than RUN_OUTPUTS differ from it
+    ('unknown' outside git)."""
     root = Path(root or ROOT)
     r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     rev = r.stdout.strip()
     if r.returncode or not rev:
         return "unknown"
-    d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                        *(f":(exclude){p}" for p in RUN_OUTPUTS)], cwd=root, capture_output=True, text=True)
     return rev + ("+dirty" if d.stdout.strip() else "")
 
 
@@ -269,9 +275,11 @@ def dvc_consistent(cfg: dict, name: str, keys: dict, default: dict, root: Path) 
     return all(_paths(f, cfg, lay, keys, root) == _paths(f, default, dlay, keys, root) for f in (step.inputs, step.outputs))
 
 
-def record_flow_run(cfg: dict, tasks: list[tuple[str, dict]]) -> dict:
+def record_flow_run(cfg: dict, tasks: list[tuple[str, dict]], cached: set[str] = frozenset()) -> dict:
     """After a successful flow run: write the data record; `dvc commit` the stages the run
-    produced as dvc.yaml describes them; return git revision + the dvc.lock hashes of those stages."""
+    produced as dvc.yaml describes them; return git revision + the dvc.lock hashes of those stages.
+    Stages in `cached` (tasks that were cache hits) are committed only when dvc.lock lacks their
+    stage: a rerun with nothing changed makes no dvc call (a commit of 29 stages costs ~1 min)."""
     root = Path(cfg.get("root") or ROOT)
     info: dict = {"git_rev": git_rev(root), "stages": [], "skipped": {}, "lock": [], "note": ""}
     record_data_state(cfg)
@@ -289,8 +297,11 @@ def record_flow_run(cfg: dict, tasks: list[tuple[str, dict]]) -> dict:
                 info["stages"].append(st)
             else:
                 info["skipped"][st] = "run with parameters or files other than dvc.yaml's"
+        locked = {e["stage"] for e in lock_entries(None, root)}
+        todo = [st for st in info["stages"] if st not in cached or st not in locked]
+        if todo:
+            _dvc("--wait-for-lock", "commit", "--force", "--quiet", *todo, root=root)
         if info["stages"]:
-            _dvc("--wait-for-lock", "commit", "--force", "--quiet", *info["stages"], root=root)
             info["lock"] = lock_entries(info["stages"], root)
             info["note"] = f"{len(info['stages'])} stages recorded in dvc.lock"
         else:

@@ -181,6 +181,18 @@ def plot_confusion(probs, labels, path) -> Path:
 
 # ---------------------------------------------------------------- report
 
+def rounded(obj, digits: int = 6):
+    """obj with every float rounded to `digits` decimals (nested dicts/lists): the last digits of a
+    log loss are float noise, and a rerun that computes the same model must write the same file."""
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return round(float(obj), digits)
+    return obj
+
+
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v)
 

@@ -245,10 +245,10 @@ def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
              "fold_losses": M.plot_fold_losses(res["student"]["tta"]["per_fold_log_loss"], out / "fold_losses.png"),
              "confusion": M.plot_confusion(p_oof, y_oof, out / "confusion.png")}
     _dvc_plot_data(out, res, p_oof, y_oof, bins)
-    write_json(_flat_metrics(res), out / "metrics.json")
-    write_json(res, out / "details.json")
+    write_json(M.rounded(_flat_metrics(res)), out / "metrics.json")
+    write_json(M.rounded(res), out / "details.json")
     M.write_report(out, _report_sections(cfg, res, plots), title=f"lmsys-pipeline report: profile {cfg['profile']}")
-    return StepResult(outputs=[out], metrics=_flat_metrics(res))
+    return StepResult(outputs=[out], metrics=M.rounded(_flat_metrics(res)))
 
 
 def _reference(cfg: dict, layout: Layout, oof: dict) -> dict:
