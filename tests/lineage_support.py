@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -87,34 +86,75 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------- Prefect server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state held by `pid` or its descendants (Linux /proc)."""
+    pids, children = {pid}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            pids.add(c)
+            todo.append(c)
+    inodes = set()
+    for p in pids:
+        for fd in Path(f"/proc/{p}/fd").glob("*"):
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:                  # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def start_prefect_server(env: dict, log: Path, wait_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """`prefect server start --port 0` on 127.0.0.1: the kernel picks a free port and the server
+    holds it from the start (no bind-close-reuse race); the port is read from the server's own
+    listening socket. Returns (process, API url) once /health answers; raises RuntimeError with the
+    log's tail when it does not within wait_s."""
+    senv = {**env, "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    senv.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "0"],
+                            env=senv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        for port in sorted(_listening_ports(proc.pid)):
+            url = f"http://127.0.0.1:{port}/api"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, url
+            except OSError:
+                pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_background(proc)
+            raise RuntimeError(f"Prefect server did not start: {Path(log).read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 RETRY_STATUS = (429, 502, 503)     # as prefect.client.base.PrefectHttpxSyncClient retries them
 
 
 class PrefectServer:
-    """`prefect server start` on 127.0.0.1:<free port> with the env's PREFECT_HOME."""
+    """`prefect server start` on 127.0.0.1 (a port the kernel picks, start_prefect_server) with the env's PREFECT_HOME."""
 
     def __init__(self, env: dict, wait_s: float = 180):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
         home = Path(env["PREFECT_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         self.log = home / "server.log"
-        senv = {**env, "PREFECT_UI_ENABLED": "false", "PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=senv, stdout=open(self.log, "wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + wait_s
-        while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Prefect server did not start: {self.log.read_text()[-3000:]}")
-            time.sleep(1)
+        self.proc, self.url = start_prefect_server({**env, "PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}, self.log, wait_s)
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 
     def healthy(self) -> bool:
         try:

@@ -1,6 +1,6 @@
-"""Real components for the orchestration tests: a Prefect server on 127.0.0.1 (random free port,
-isolated PREFECT_HOME) for the whole session, and a single-node SLURM started by
-../shared/ci/start_slurm.sh (needs root; missing -> skip with the reason, but fail under CI=true).
+"""Real components for the orchestration tests: a Prefect server on 127.0.0.1 (a port the kernel
+picks, isolated PREFECT_HOME; lineage_support.start_prefect_server) for the whole session, and a
+single-node SLURM started by ../shared/ci/start_slurm.sh (needs root; missing -> skip with the reason, but fail under CI=true).
 
 Pipelines stay small (tiny profile, 2 folds, one teacher, a 200-row demo) and each runs in its own
 root under a tmp dir, never in the repo's artifacts/.
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,12 +26,6 @@ def _unavailable(msg: str):
     pytest.skip(msg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _drain_prefect_workers() -> None:
     try:
         from prefect.events.worker import EventsWorker
@@ -47,31 +38,17 @@ def _drain_prefect_workers() -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1:<free port> with its own PREFECT_HOME; PREFECT_API_URL
+    """`prefect server start` on 127.0.0.1 (a port the kernel picks) with its own PREFECT_HOME; PREFECT_API_URL
     and PREFECT_HOME point at it for this process (settings) and its children (environment)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from lineage_support import start_prefect_server
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "wb")  # noqa: SIM115  (held open by the server for the session)
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"prefect server did not come up on {url}: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1"}
+    log = home / "server.log"
+    try:
+        proc, url = start_prefect_server(env, log, wait_s=120)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
     try:
@@ -89,7 +66,6 @@ def prefect_server(tmp_path_factory):
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="session")

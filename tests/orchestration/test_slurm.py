@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,20 @@ import uuid
 from pathlib import Path
 
 import pytest
-from orch_config import SLURM
+from orch_config import ROUTING, SLURM
+from pinned import unavailable
 
 
 def _code_hashes() -> dict[str, str]:
     from tasks.steps import STEPS, code_hash
     return {n: code_hash(s) for n, s in STEPS.items()}
+
+
+def _n_tasks(overrides: dict) -> int:
+    """Tasks of the flow for these overrides (the plan the flow runs)."""
+    from lmsys.config import load_config
+    from lmsys.plan import plan
+    return sum(len(level) for level in plan(load_config("tiny", overrides)))
 
 
 def _records(root: Path) -> dict[str, dict]:
@@ -134,29 +143,33 @@ def test_no_worker_within_worker_wait_fails_clearly(pipeline_api, slurm, tmp_pat
     assert time.perf_counter() - t0 < 120
 
 
-def test_slurm_runner_without_prefect_api_url_fails(pipeline_api, monkeypatch):
+def test_slurm_runner_without_prefect_api_url_fails(pipeline_api, monkeypatch, capsys, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from lmsys.cli import main
+    from lmsys.cli import EXIT_INPUT, main
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}), \
-            pytest.raises(ValueError, match=r"the slurm runner needs a Prefect server.*PREFECT_API_URL"):
-        main(["run", "--runner", "slurm", "--profile", "tiny"])
+    monkeypatch.chdir(tmp_path)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        code = main(["run", "--runner", "slurm", "--profile", "tiny"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert re.fullmatch(r"error: the slurm runner needs a Prefect server.*PREFECT_API_URL.*\n", err), err
+    assert not (tmp_path / "data").exists()                                        # no task ran
 
 
 # ---------------------------------------------------------------- the undisturbed SLURM run
 
 def test_gpu_steps_run_inside_slurm_jobs(slurm_run):
+    from tasks.steps import STEPS
     _, out, rec, _ = slurm_run
-    assert out["runner"] == "slurm" and out["tasks"] == len(rec) == 17 and out["cached"] == 0
-    gpu = {t: r for t, r in rec.items() if r["gpu"]}
-    assert {r["step"] for r in gpu.values()} == {"post-pretrain", "filter-argmax", "train-teacher", "teacher-logits",
-                                                 "distill", "ensemble", "predict"}
+    assert out["runner"] == "slurm" and out["tasks"] == len(rec) == _n_tasks(SLURM) and out["cached"] == 0
+    gpu = {t: r for t, r in rec.items() if STEPS[r["step"]].gpu}
+    assert {"post-pretrain", "train-teacher", "teacher-logits", "distill", "ensemble", "predict"} <= {r["step"] for r in gpu.values()}
     for t, r in gpu.items():
         assert r["slurm_job_id"] and r["slurm_job_id"].isdigit(), (t, r)
         assert r["host"], (t, r)
     # CPU steps run on the same workers (every worker here is a GPU job), so they have a job too
-    cpu_jobs = {t: r["slurm_job_id"] for t, r in rec.items() if not r["gpu"]}
+    cpu_jobs = {t: r["slurm_job_id"] for t, r in rec.items() if t not in gpu}
     print(f"\n[slurm run] CPU steps ran in jobs {cpu_jobs}", file=sys.stderr)
     assert len({r["slurm_job_id"] for r in rec.values()}) >= 2
 
@@ -186,12 +199,53 @@ def test_worker_tasks_report_to_the_test_server(slurm_run, prefect_server):
     assert set(rec) <= done, sorted(set(rec) - done)
 
 
+# ---------------------------------------------------------------- one GPU job and one CPU-only job
+
+def _job_gres(job: str) -> str:
+    """The GPU request SLURM recorded for a job (`scontrol show job`: TresPerNode), '' for none."""
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=True)
+    m = re.search(r"TresPerNode=(\S+)", r.stdout)
+    return m.group(1) if m else ""
+
+
+@pytest.fixture(scope="session")
+def slurm_routing_run(slurm, pipeline_api, tmp_path_factory):
+    """The small pipeline on one 1-GPU job and one CPU-only job. Every job that ran is found by its
+    worker log (<job name>-<job id>.err); its GPU request is read back from SLURM right after the
+    run (scontrol keeps finished jobs for MinJobAge, 300 s by default)."""
+    root = tmp_path_factory.mktemp("slurm-routing-root")
+    t0 = time.perf_counter()
+    out = pipeline_api.run_pipeline(profile="tiny", runner="slurm", overrides=ROUTING, root=str(root))
+    logs = {p.stem.rsplit("-", 1)[1]: p.read_text(errors="replace")
+            for p in (root / "artifacts" / "tiny" / "slurm-logs").glob("*.err")}
+    gres = {job: _job_gres(job) for job in logs}
+    print(f"\n[slurm routing] {time.perf_counter() - t0:.1f} s wall; jobs and GPU requests {gres}", file=sys.stderr)
+    return out, _records(root), gres, logs
+
+
+def test_gpu_steps_never_run_on_the_cpu_only_worker(slurm_routing_run):
+    from tasks.steps import STEPS
+    out, rec, gres, logs = slurm_routing_run
+    assert out["cached"] == 0 and {r["state"] for r in rec.values()} == {"Completed"}, rec
+    gpu_jobs = {j for j, g in gres.items() if "gpu" in g}
+    cpu_jobs = set(gres) - gpu_jobs
+    assert len(gpu_jobs) >= 1 and len(cpu_jobs) == 1, gres
+    # the CPU-only worker joined the cluster (else nothing could have been routed away from it)
+    assert all("Registered to" in logs[j] for j in cpu_jobs), {j: logs[j][-2000:] for j in cpu_jobs}
+    ran_on = {t: r["slurm_job_id"] for t, r in rec.items()}                  # observed in the task process
+    assert set(ran_on.values()) <= set(gres), (ran_on, gres)
+    wrong = {t: j for t, j in ran_on.items() if STEPS[rec[t]["step"]].gpu and j not in gpu_jobs}
+    assert wrong == {}, (wrong, gres)                                        # a GPU step on the CPU-only job
+    print(f"\n[slurm routing] CPU steps on the CPU-only job: {sorted(t for t, j in ran_on.items() if j in cpu_jobs)}",
+          file=sys.stderr)
+
+
 # ---------------------------------------------------------------- a worker job cancelled mid-training
 
 def test_scancel_mid_training_resumes_and_matches_the_undisturbed_run(slurm_run, slurm_fault_run):
     ref_root, _, _, code_before = slurm_run
     root, out, rec, fault = slurm_fault_run
-    assert out["tasks"] == 17
+    assert out["tasks"] == _n_tasks(SLURM)
     r = rec[fault["task"]]
     assert r["state"] == "Completed" and r["slurm_job_id"] != fault["job"], r          # finished on another job
     teacher = fault["checkpoint"].parent.with_name(fault["checkpoint"].parent.name.removesuffix(".partial"))
@@ -209,9 +263,11 @@ def test_scancel_mid_training_resumes_and_matches_the_undisturbed_run(slurm_run,
     assert (root / logits).read_bytes() == (ref_root / logits).read_bytes()
     sub = Path("artifacts/tiny/predictions/submission.csv")
     assert (root / sub).read_bytes() == (ref_root / sub).read_bytes() and os.path.getsize(root / sub) > 0
-    if code_before == fault["code"]:
-        # same logits -> same keys downstream: the student side is a cache hit
-        assert all(rec[t]["state"] == "Cached" for t in ("calibrate-modelllama", "distill-fold0", "distill-fold1",
-                                                         "ensemble", "predict")), rec
-    else:
-        print("\n[slurm fault] lmsys code changed between the two runs: downstream reran", file=sys.stderr)
+    # same logits -> same keys downstream: the student side is a cache hit. Only if no step's code
+    # changed between the two runs (an edit of the working tree meanwhile): that is not a pass
+    changed = sorted(n for n in code_before if code_before[n] != fault["code"].get(n))
+    if changed:
+        unavailable(f"lmsys code of {changed} changed between the reference and the fault run: "
+                    "the downstream cache hits cannot be checked")
+    assert all(rec[t]["state"] == "Cached" for t in ("calibrate-modelllama", "distill-fold0", "distill-fold1",
+                                                     "ensemble", "predict")), rec
