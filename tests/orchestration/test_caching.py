@@ -60,6 +60,7 @@ def local_runs(pipeline_api, tmp_path_factory):
         runs[name] = {"out": out, "wall": wall, "states": {r["task"]: r["state"] for r in rec},
                       "ensemble_hash": tree_sha256(layout.ensemble), "files": _written(root),
                       "report": (layout.reports / "report.md").read_text(),
+                      "plots": {p.name: p.read_bytes() for p in layout.reports.glob("*.png")},
                       "metrics": json.loads((layout.reports / "metrics.json").read_text())}
         print(f"\n[local run {name}] {wall:.2f} s wall ({out['seconds']:.2f} s in the flow's levels), "
               f"{out['cached']}/{out['tasks']} cached", file=sys.stderr)
@@ -197,6 +198,15 @@ def test_cache_hit_whose_outputs_were_replaced_is_rerun(local_runs):
         assert back["files"][f][1] == first["files"][f][1], f
 
 
+def _plots_by_name(markdown: str, plots: dict[str, bytes]) -> str:
+    """The report artifact's embedded plots (data:image/png;base64 URIs) back to the file names
+    whose bytes they hold; a URI matching no plot file is left as is (and fails the comparison)."""
+    import base64
+    names = {b: n for n, b in plots.items()}
+    return re.sub(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)",
+                  lambda m: f"({names.get(base64.b64decode(m.group(1)), m.group(0)[1:-1])})", markdown)
+
+
 def test_artifacts_read_back_from_the_server(local_runs, prefect_server):
     """The task table, metrics table, report and progress of a run, as the server holds them."""
     for name in ("first", "again"):
@@ -205,7 +215,8 @@ def test_artifacts_read_back_from_the_server(local_runs, prefect_server):
         assert {"lmsys-tasks", "lmsys-metrics", "lmsys-report", "lmsys-progress", "lmsys-lineage"} <= set(art), sorted(art)
         assert {r["task"]: r["state"] for r in art["lmsys-tasks"]} == run["states"]
         assert {r["metric"]: r["value"] for r in art["lmsys-metrics"]} == pytest.approx(run["metrics"])
-        assert art["lmsys-report"] == run["report"]
+        assert "](data:image/png;base64," in art["lmsys-report"]                # plots embedded for the UI
+        assert _plots_by_name(art["lmsys-report"], run["plots"]) == run["report"]
         assert art["lmsys-progress"] == 100.0
 
 
