@@ -3,7 +3,9 @@
 Exit codes, the same for every command:
   0  ok
   1  a result with warnings: rows quarantined (validate, folds, data add), test rows answered by
-     the fallback (predict), an input with no rows
+     the fallback (predict --test), an input with no rows. A pipeline step command (`lmsys prepare`,
+     `lmsys predict` without --test, ...) that completes exits 0 and names its warnings on stderr:
+     dvc repro runs these commands and would fail the stage on 1
   2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks
   3  internal error (a bug or the machine): the message says so
 Errors are one line on stderr, `error: <file>: row <n> ...: <reason>` where a file and row are
@@ -136,7 +138,10 @@ def cmd_step(args) -> int:
     result = run_step(args.step, cfg, Layout(cfg["profile"], cfg.get("root")), **step_keys(args))
     print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
                      indent=2, default=str))
-    return 0
+    warn = {k: result.metrics.get(k) for k in ("rows_quarantined", "fallback_rows") if result.metrics.get(k)}
+    if warn:    # named, but exit 0: the step completed (dvc repro runs these commands; 1 would fail the stage)
+        print(f"warning: step {args.step}: {warn} (see its report)", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_calibrate(args) -> int:
@@ -215,6 +220,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if not (args.verbose or args.run_verbose):
+        from flows.console import quiet_console
+        quiet_console()                         # before Prefect is imported: one line per task on the console
     from flows.pipeline import run_from_cli
     return run_from_cli(args)
 
@@ -328,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("add", help="add a data file (exit 1 when rows are quarantined, 2 when unusable)")
     p.add_argument("path")
     p.add_argument("--as", dest="kind", default="auto", choices=("auto", *lineage.KINDS),
-                   help="table it feeds (auto: ut for UltraFeedback, test when unlabelled, else external)")
+                   help="table it feeds (auto: test when unlabelled, else external; UT data in the competition's "
+                        "columns needs --as ut: the format comes from the columns, never the file name)")
     p.add_argument("--allow-quarantine", action="store_true", help="add it even when some rows are quarantined")
     p.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
     p.add_argument("--no-dvc", action="store_true", help="do not `dvc add` it")
@@ -338,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--runner", choices=("local", "slurm"))
     p.add_argument("--root", help="where data/, artifacts/ and reports/ go (default: the repo)")
+    p.add_argument("--verbose", dest="run_verbose", action="store_true",
+                   help="Prefect's INFO lines and the steps' progress bars on the console too")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="preflight: models, data, runner, disk; exit 0 ok, 1 warnings, 2 a check failed")

@@ -128,7 +128,9 @@ def run_prepare(cfg: dict, layout: Layout) -> StepResult:
     for name, t in tables.items():
         write_table(t, out / f"{name}.parquet")
     write_json(report, out / "report.json")
-    return StepResult(outputs=[out], metrics=report["rows_used"])
+    quarantined = sum(f["rows_quarantined"] for f in report["files"].values())
+    return StepResult(outputs=[out], metrics={**report["rows_used"], "rows_quarantined": quarantined,
+                                              "test_fallback_rows": report["test_fallback"]["rows"]})
 
 
 register(Step(name="demo-data", number="0", run=run_demo_data,

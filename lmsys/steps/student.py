@@ -206,13 +206,17 @@ def fold_gains(cfg: dict, layout: Layout, folds: list[int]) -> dict:
     on, neither in its post-pretraining nor in distillation (every competition row is in some
     student's training part, so no competition row is held out from all). r_k = mean log p_k(y) -
     mean log prior(y) on those rows, the prior being their class frequencies. Caveat: UT is another
-    distribution than the competition's. Returns {gains, rows, row_set}."""
+    distribution than the competition's. Returns {gains, rows, row_set}; raises ValueError when there
+    are no UT rows."""
     from lmsys.distill import prior_probs
     from lmsys.ensemble import fold_gain
     from lmsys.infer import predict_logits
     from lmsys.steps.teachers import post_pretrain_rows
     _, rows = post_pretrain_rows(cfg, layout)
     rows = rows.iloc[:GAIN_ROWS]
+    if not len(rows):
+        raise ValueError("ensemble.method weighted scores the fold students on the UT rows step 1 holds out, "
+                         "and the UT table is empty: set data.ut, or use ensemble.method mean|exact")
     y = C.labels(rows)
     gains = []
     for k in folds:
