@@ -116,3 +116,58 @@ def test_tta_batches_dtypes_and_errors():
         swap_probs(np.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"^shape mismatch: \(2, 3\) vs \(3, 3\)$"):
         symmetrize(np.zeros((2, 3)), np.zeros((3, 3)))
+
+
+def test_metric_input_checks_name_what_is_wrong():
+    p = np.full((2, 3), 1 / 3)
+    for probs, labels, msg in [
+            (np.zeros((2, 4)), [0, 1], r"^probs must be \[N, 3\], got shape \(2, 4\)$"),
+            (np.zeros(3), [0], r"^probs must be \[N, 3\], got shape \(3,\)$"),
+            (p, [0, 1, 2], r"^labels must be \[2\], got shape \(3,\)$"),
+            (np.zeros((0, 3)), [], r"^no rows$"),
+            (np.array([[np.nan, 0.5, 0.5], [1 / 3] * 3]), [0, 1], r"^probs contain NaN or inf$"),
+            (np.array([[np.inf, 0.5, 0.5], [1 / 3] * 3]), [0, 1], r"^probs contain NaN or inf$"),
+            (p, [0, 5], r"^labels must be 0, 1 or 2; got \[5\]$"),
+            (p, [-1, 3], r"^labels must be 0, 1 or 2; got \[-1, 3\]$")]:
+        for fn in (log_loss, accuracy, ece, summarize):
+            with pytest.raises(ValueError, match=msg):
+                fn(probs, labels)
+    with pytest.raises(ValueError, match=r"^n_bins must be >= 1, got 0$"):
+        ece(p, [0, 1], n_bins=0)
+
+
+def test_ece_and_summary_exact_on_a_small_case():
+    """Three rows, 2 bins: confidences 0.7 (right), 0.7 (wrong), 0.4 (right) -> bin (0, .5]: 1 row,
+    |1 - 0.4|; bin (.5, 1]: 2 rows, |0.5 - 0.7|: ECE = (0.6 + 2 * 0.2) / 3."""
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3]])
+    y = np.array([0, 0, 1])
+    assert ece(p, y, n_bins=2) == pytest.approx((0.6 + 2 * 0.2) / 3, abs=1e-12)
+    assert ece(np.array([[0.5, 0.25, 0.25]]), [0], n_bins=2) == pytest.approx(0.5)   # 0.5 sits in bin (0, .5]
+    s = summarize(p, y, n_bins=2)
+    assert s == pytest.approx({"n": 3, "log_loss": -np.mean(np.log([0.7, 0.1, 0.4])), "accuracy": 2 / 3,
+                               "ece": (0.6 + 2 * 0.2) / 3, "mean_winner_model_a": 1.1 / 3,
+                               "mean_winner_model_b": 0.8 / 3, "mean_winner_tie": 1.1 / 3}, abs=1e-12)
+    assert isinstance(s["n"], int)
+    np.testing.assert_allclose(softmax(np.log([[1.0, 2.0, 5.0]])), [[0.125, 0.25, 0.625]], rtol=1e-12)
+
+
+def test_read_labels_messages_and_index(tmp_path):
+    pd.DataFrame({"x": [1]}).to_csv(tmp_path / "noid.csv", index=False)
+    with pytest.raises(ValueError, match=r"noid.csv: no `id` column \(columns: \['x'\]\)$"):
+        read_labels(tmp_path / "noid.csv")
+    pd.DataFrame({"id": [1, 2], "label": [0, "x"]}).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(ValueError, match=r"d.csv: row 1: label 'x' is not 0, 1 or 2$"):
+        read_labels(tmp_path / "d.csv")
+    w = pd.DataFrame({"id": [1, 2], "winner_model_a": [0, 1], "winner_model_b": [1, 1], "winner_tie": [0, 0]})
+    w.to_csv(tmp_path / "w.csv", index=False)
+    with pytest.raises(ValueError, match=r"w.csv: row 1: winner columns \[1, 1, 0\] must be 0/1 with exactly one 1$"):
+        read_labels(tmp_path / "w.csv")
+    pd.DataFrame({"id": [1], "winner_model_a": [1]}).to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(ValueError, match=r"e.csv: needs `label` or the winner columns \(missing \['winner_model_b', 'winner_tie'\]\)$"):
+        read_labels(tmp_path / "e.csv")
+    pd.DataFrame({"id": ["a", "b", "a"], "label": [0, 1, 2]}).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(ValueError, match=r"dup.csv: row 2: duplicated id 'a'$"):
+        read_labels(tmp_path / "dup.csv")
+    pd.DataFrame({"id": ["x", "y"], "label": [1.0, 2.0]}).to_csv(tmp_path / "f.csv", index=False)
+    s = read_labels(tmp_path / "f.csv")
+    assert s.dtype == np.int64 and s.name == "label" and s.index.name == "id" and s.to_dict() == {"x": 1, "y": 2}
