@@ -8,18 +8,22 @@ progress bars stay off the console unless `lmsys run --verbose` (see `quiet_cons
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-# Known noise of the stack on every run, each checked to be harmless (never hide errors):
-KNOWN_NOISE = (
-    r".*is an Enum subclass and is now natively supported by torch.compile.*",   # torchao, at import
-    r".*`torch_dtype` is deprecated.*",                                           # transformers 5 rename
-    r".*Failed to load CPU gemm_4bit_forward.*",                                  # bitsandbytes without `kernels`
+# Known noise of the stack on every run, each checked to be harmless. Only these loggers' warnings
+# are dropped (their errors still show), and only on the console of `lmsys run` without --verbose.
+NOISY_LOGGERS = (
+    "torchao",                         # CUDA-only kernels (.so) that a CPU build cannot load, no triton
+    "torch.utils._pytree",             # torchao's Enum registration, deprecated in torch 2.13
+    "bitsandbytes.backends.cpu.ops",   # the optional `kernels` package for the CPU 4-bit path
 )
+KNOWN_WARNINGS = (r".*`torch_dtype` is deprecated.*",                 # transformers 5 renamed it `dtype`
+                  r".*`is_gradient_checkpointing` is deprecated.*")   # peft asks transformers 5 the old name
 
 
 def quiet_console() -> None:
@@ -27,8 +31,12 @@ def quiet_console() -> None:
     reaches the UI), step progress bars are off (tqdm reads TQDM_DISABLE), known noise is filtered."""
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    for pattern in KNOWN_NOISE:
+    for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:   # the CLI's own handler: Prefect's INFO records propagate to it
+        handler.setLevel(logging.WARNING)
 
 
 def previous_seconds(flow_run_json: Path) -> dict[str, float]:

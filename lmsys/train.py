@@ -74,8 +74,8 @@ def cross_entropy_loss(logits, labels, soft_targets=None, sample_weight=None):
 
 def val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     """Multiclass log loss and accuracy of logits [N, 3] against int labels [N]."""
-    t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    t = torch.tensor(np.asarray(logits, dtype=np.float32))     # copies: the arrays may be read-only views
+    y = torch.tensor(np.asarray(labels, dtype=np.int64))
     return {"log_loss": float(F.cross_entropy(t, y)), "accuracy": float((t.argmax(1) == y).float().mean())}
 
 
