@@ -232,3 +232,26 @@ def test_encode_rows_and_swap(tok):
     got_sw = T.encode_rows(df, tok, 128, CFG, swap=True)
     assert got_sw == [T.encode_pair(p, b, a, tok, 128, CFG) for p, a, b in zip(df.prompt, df.response_a, df.response_b)]
     assert got_sw != got
+
+
+# ---- the optional answer-length fields
+
+LEN_TEMPLATE = 'Q: {prompt}\nA ({a_words} words): {a}\nB ({b_words} words): {b}'
+
+
+@SETTINGS
+@given(row=rows, max_length=st.integers(64, 512))
+def test_length_fields_state_the_uncut_lengths_and_swap_with_the_answers(tok, row, max_length):
+    p, a, b = row
+    cfg = dict(CFG, template=LEN_TEMPLATE)
+    parts = T.encode_pair_parts(p, a, b, tok, max_length, cfg)
+    assert parts.a_words == toks(tok, str(T.word_count(a))) and parts.b_words == toks(tok, str(T.word_count(b)))
+    assert len(parts.ids) <= max_length                  # the fields count against the budget
+    assert T.encode_pair(p, b, a, tok, max_length, cfg) == parts.swapped().ids
+
+
+def test_length_fields_come_in_pairs_and_format_text_fills_them(tok):
+    with pytest.raises(ValueError, match="a_words"):
+        T.template_layout(tok, "{prompt} {a} {b} {a_words}")
+    text = T.format_text(["q"], ["one two three"], [None, "x y"], dict(CFG, template=LEN_TEMPLATE))
+    assert text == "Q: q\nA (3 words): one two three\nB (2 words): \nx y"
