@@ -9,6 +9,7 @@ environment by default), this venv's python, and write their logs to artifacts/<
 """
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -22,12 +23,29 @@ from lmsys.paths import Layout
 
 
 def make_task_runner(cfg: dict, runner: str | None = None):
+    """`local`: one task at a time in this process (local_workers 1), or local_workers processes, each
+    with one torch thread (the steps seed torch's global RNG, which threads would share; one thread per
+    process keeps the numbers independent of which process ran a task). `slurm`: see slurm_task_runner."""
     runner = runner or cfg["orchestration"]["runner"]
     if runner == "local":
-        return ThreadPoolTaskRunner(max_workers=int(cfg["orchestration"].get("local_workers", 1)))
+        n = int(cfg["orchestration"].get("local_workers", 1))
+        if n > 1:
+            from prefect.task_runners import ProcessPoolTaskRunner
+            return ProcessPoolTaskRunner(max_workers=n, initializer=local_worker_setup,
+                                         initargs=(os.environ.get("TQDM_DISABLE") == "1",))
+        return ThreadPoolTaskRunner(max_workers=1)
     if runner == "slurm":
         return slurm_task_runner(cfg)
     raise ValueError(f"unknown runner {runner!r}; choose local or slurm")
+
+
+def local_worker_setup(quiet: bool) -> None:
+    """In each local worker process, before torch is imported: one intra-op thread; the console
+    filters of `lmsys run` when it runs without --verbose."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    if quiet:
+        from flows.console import quiet_console
+        quiet_console()
 
 
 def prefect_api_url() -> str | None:
@@ -87,10 +105,14 @@ def slurm_task_runner(cfg: dict):
     from prefect_dask import DaskTaskRunner
     check_slurm(cfg)
     s = cfg["orchestration"]["slurm"]
+    kw, cluster_class = slurm_cluster_kwargs(cfg), "dask_jobqueue.SLURMCluster"
+    if int(s.get("cpu_jobs") or 0):
+        kw, cluster_class = ({**kw, "cpu_jobs": int(s["cpu_jobs"]), "cpu_job": cpu_job_template(cfg)},
+                             "flows.slurm_cpu.SLURMClusterWithCpuJobs")
     # target_duration: one job per ready task (up to max_jobs). Dask's default sizes the cluster by
     # expected seconds of work (5 s per worker), which with unknown or short-task durations would
     # run two long folds one after the other on one job.
-    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=slurm_cluster_kwargs(cfg),
+    return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kw,
                           adapt_kwargs={"minimum": int(s["min_jobs"]), "maximum": int(s["max_jobs"]),
                                         "target_duration": "10ms", "wait_count": 10})
 

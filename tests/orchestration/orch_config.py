@@ -5,7 +5,8 @@
 SMALL = {"folds.n_folds": 2, "models.teachers": ["llama"], "demo.rows": 200, "demo.test_rows": 40,
          "demo.external_rows": 40, "demo.ut_rows": 60, "train_teacher.epochs": 1, "distill.epochs": 1,
          "distill.max_steps": 8,
-         "text.train_max_length": 128, "text.infer_max_length": 128, "text.prompt_tokens": 32}
+         "text.train_max_length": 128, "text.infer_max_length": 128, "text.prompt_tokens": 32,
+         "orchestration.local_workers": 1}      # tasks in the flow's process: the tests count and time them there
 # SLURM on this one node: workers on the loopback interface, two 1-GPU jobs of 3 GB kept for the
 # whole run (min_jobs = max_jobs: both folds get a warm worker), an early first checkpoint (the
 # scancel test needs a window between the first checkpoint and the end of training)
