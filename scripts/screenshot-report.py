@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     out = argv[0] if argv else "report-ui.png"
     page = f"{api.removesuffix('/api')}/artifacts/artifact/{art['id']}"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1280,2400", "--virtual-time-budget=15000", f"--screenshot={out}", page],
+                    "--window-size=1280,2400", "--virtual-time-budget=40000", f"--screenshot={out}", page],
                    check=True, capture_output=True, timeout=120)
     print(f"{page} -> {out}")
     return 0
