@@ -4,7 +4,9 @@ worker, the three deployments of deployments/deploy.py created in a git copy of 
 with unchanged data runs no step; `lmsys data add` validates, versions with DVC and emits the event
 whose trigger runs the pipeline on the new file.
 
-The tests of the module share the copy, server and worker and run in order.
+The tests of the module share the copy, server and worker; they run in any order: the first pipeline
+run is a module fixture (`first_run`, what it observes is captured at once), and the tests that need
+"the data as of the last successful run" establish it themselves.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 
 from lineage_support import PrefectServer, make_copy, sh, start_background, stop_background
 
@@ -74,7 +77,8 @@ def test_deployments_are_created(ops):
         assert d["job_variables"]["working_dir"] == str(ops["path"])
     ui = s.api("GET", "/deployments/name/lmsys-pipeline/ui")
     props = ui["parameter_openapi_schema"]["properties"]
-    assert props["profile"]["enum"] == ["tiny", "small", "full"]
+    profiles = yaml.safe_load((ops["path"] / "params.yaml").read_text())["profiles"]
+    assert sorted(props["profile"]["enum"]) == sorted(profiles)             # every profile of params.yaml
     assert {"type": "array", "items": {"type": "integer"}} in props["folds"]["anyOf"]
     assert {"train", "test", "external", "ut", "teachers", "calibrate", "quantize", "evaluate"} <= set(props)
     cron = s.api("GET", "/deployments/name/lmsys-rerun-if-data-changed/scheduled")["schedules"]
@@ -87,25 +91,62 @@ def test_deployments_are_created(ops):
     assert pool["type"] == "process"
 
 
-def test_pipeline_run_through_the_api_completes(ops):
+@pytest.fixture(scope="module")
+def first_run(ops):
+    """The UI deployment's pipeline run, and what it left behind, observed right after it."""
     fr = _run_deployment(ops, "lmsys-pipeline/ui", {"profile": "tiny"})
-    names = {t["name"].rsplit("-", 1)[0] for t in _task_runs(ops, fr["id"])}
-    assert {"prepare", "train-teacher-fold1-modelllama", "distill-fold0", "predict", "evaluate"} <= names
+    return {"run": fr, "tasks": {t["name"].rsplit("-", 1)[0] for t in _task_runs(ops, fr["id"])},
+            "dvc_status": sh(["dvc", "status"], ops["path"], ops["env"]).stdout,
+            "data_state": json.loads((ops["path"] / "artifacts/tiny/data_state.json").read_text()),
+            "flow_run": json.loads((ops["path"] / "artifacts/tiny/flow_run.json").read_text())}
+
+
+def test_pipeline_run_through_the_api_completes(ops, first_run):
+    fr = first_run["run"]
+    assert {"prepare", "train-teacher-fold1-modelllama", "distill-fold0", "predict", "evaluate"} <= first_run["tasks"]
     assert (ops["path"] / "artifacts/tiny/predictions/submission.csv").exists()
     assert ops["server"].artifact("lmsys-metrics", fr["id"]) is not None
     assert ops["server"].artifact("lmsys-lineage", fr["id"]) is not None
-    assert (ops["path"] / "artifacts/tiny/data_state.json").exists()
-    r = sh(["dvc", "status"], ops["path"], ops["env"])
-    assert "Data and pipelines are up to date." in r.stdout, r.stdout
+    assert set(first_run["data_state"]["files"]) >= {"data/demo/train.csv", "data/demo/test.csv"}, first_run["data_state"]
+    assert "Data and pipelines are up to date." in first_run["dvc_status"].splitlines(), first_run["dvc_status"]
 
 
-def test_scheduled_rerun_with_unchanged_data_does_nothing(ops):
-    t0 = time.monotonic()
+def _rerun_artifact(ops, fr) -> str:
+    art = ops["server"].artifact("lmsys-rerun", fr["id"])
+    assert art, f"no lmsys-rerun artifact for {fr['id']}"
+    return art["data"]
+
+
+def _settle(ops) -> None:
+    """Make 'the data as of the last successful run of the default config' hold, whatever ran before
+    (a data add records its own file set): one scheduled run, which reruns only if it must."""
+    _run_deployment(ops, "lmsys-rerun-if-data-changed/scheduled", {})
+
+
+def test_scheduled_rerun_with_unchanged_data_does_nothing(ops, first_run):
+    _settle(ops)
     fr = _run_deployment(ops, "lmsys-rerun-if-data-changed/scheduled", {})
     assert _task_runs(ops, fr["id"]) == [] and _subflows(ops, fr["id"]) == []
-    art = ops["server"].artifact("lmsys-rerun", fr["id"])
-    assert art and "Nothing to do: data unchanged" in art["data"]
-    assert time.monotonic() - t0 < 300
+    assert _rerun_artifact(ops, fr).startswith("Nothing to do: data unchanged since the last successful run")
+    assert fr["state"]["type"] == "COMPLETED"
+
+
+def test_scheduled_rerun_when_data_changed_runs_the_pipeline(ops, first_run):
+    """A data file of the default config edited (one row's prompt): the scheduled run says which file
+    changed and runs the pipeline as a subflow; the next scheduled run has nothing to do."""
+    _settle(ops)
+    f = ops["path"] / "data/demo/train.csv"
+    df = pd.read_csv(f)
+    df.loc[0, "prompt"] = json.dumps([f"an edited prompt {time.time_ns()}"])
+    df.to_csv(f, index=False)
+    fr = _run_deployment(ops, "lmsys-rerun-if-data-changed/scheduled", {})
+    assert _rerun_artifact(ops, fr) == "Reran the pipeline: data changed since the last successful run: data/demo/train.csv.\n"
+    sub = _subflows(ops, fr["id"])
+    assert len(sub) == 1 and sub[0]["state"]["type"] == "COMPLETED", sub
+    names = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in _task_runs(ops, sub[0]["id"])}
+    assert names["prepare"] == "Completed", names                      # its input changed: it reran
+    fr = _run_deployment(ops, "lmsys-rerun-if-data-changed/scheduled", {})
+    assert _rerun_artifact(ops, fr).startswith("Nothing to do: data unchanged")
 
 
 def test_data_add_refuses_quarantined_rows(ops, tmp_path):
@@ -122,7 +163,7 @@ def test_data_add_refuses_quarantined_rows(ops, tmp_path):
     assert r.returncode == 2
 
 
-def test_data_add_triggers_a_run_on_the_new_file(ops, tmp_path):
+def test_data_add_triggers_a_run_on_the_new_file(ops, first_run, tmp_path):
     path, env, s = ops["path"], ops["env"], ops["server"]
     sh(["lmsys", "demo-data", "--out", str(tmp_path / "d"), "--rows", "60", "--seed", "7"], path, env)
     new = tmp_path / "battles_2026.csv"
