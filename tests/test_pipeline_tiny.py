@@ -130,8 +130,14 @@ def test_calibration_step_metrics(tiny_run):
     cfg, layout, _, _ = tiny_run
     for m in cfg["models"]["teachers"]:
         c = json.loads(layout.calibration(m).read_text())
-        assert c["method"] == "vector" and c["nll_after"] <= c["nll_before"] + 1e-9
+        assert c["method"] == "vector" and c["cross_fitted"]          # fold k scaled by params fitted without it
+        for k, p in c["folds"].items():
+            assert int(k) not in p["fitted_on_folds"] and p["nll_after"] <= p["nll_before"] + 1e-9
         assert c["heldout_log_loss_after"] < c["heldout_log_loss_before"] + 0.02
+    metrics = json.loads((layout.reports / "metrics.json").read_text())
+    assert metrics["test_rows_answered_by_fallback"] == 0                            # none on the demo
+    assert "held out" in (layout.reports / "report.md").read_text()
+    assert (layout.post_pretrain(cfg["models"]["student"]) / "adapter" / "adapter_config.json").exists()
 
 
 def test_predict_cli_default_model(tiny_run, tmp_path):
