@@ -1,11 +1,13 @@
 """Dedup, leak removal, swap, folds (grouped by prompt, stratified, deterministic), the folds CLI."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from lmsys.data import schema as S
 from lmsys.data.folds import EXTERNAL_FOLD, fold_split, make_folds
@@ -79,3 +81,23 @@ def test_folds_cli_on_shared(shared_data, tmp_path):
     whole = t["label"].value_counts(normalize=True)
     for _, g in t.groupby("fold"):
         assert (g["label"].value_counts(normalize=True) - whole).abs().max() <= 0.05
+
+
+def test_make_folds_arguments_and_shape():
+    """K = 2 is the smallest accepted; exactly K distinct prompts fill K folds; without external
+    rows only competition rows; the frame has a fresh 0..N-1 index; the messages name the problem."""
+    t = table(30, 3)
+    two = make_folds(t, 2, seed=0)
+    assert sorted(two["fold"].unique()) == [0, 1] and two["id"].tolist() == t["id"].tolist()
+    three = make_folds(t, 3, seed=0)                           # exactly 3 distinct prompts, 3 folds
+    assert sorted(three["fold"].unique()) == [0, 1, 2]
+    with_ext = make_folds(t, 3, seed=0, external=table(4, 3, id0=100))
+    assert with_ext.index.equals(pd.RangeIndex(34)) and with_ext["fold"].tolist()[-4:] == [EXTERNAL_FOLD] * 4
+    for bad in (1, 0, 2.0, "2"):
+        with pytest.raises(ValueError, match=r"^n_folds must be an integer >= 2 \(one fold leaves nothing to validate on\), got "
+                                             + re.escape(repr(bad)) + "$"):
+            make_folds(t, bad, seed=0)
+    with pytest.raises(ValueError, match=r"^3 distinct prompts cannot fill 4 folds$"):
+        make_folds(t, 4, seed=0)
+    with pytest.raises(ValueError, match=r"^folds need labelled competition rows; got unlabelled \(test\) rows$"):
+        make_folds(t.assign(label=S.UNLABELLED), 2, seed=0)
