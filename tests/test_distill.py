@@ -165,6 +165,7 @@ def test_distill_step_weights_follow_params():
     cfg = load_config("tiny")
     assert sample_weights(cfg, soft, y) is None                              # off by default
     cfg["distill"]["info_gain_weights"] = True
+    cfg["distill"]["info_gain_baseline"] = "prior"                          # (params.yaml's default is ema)
     fixed = sample_weights(cfg, soft, y)
     assert fixed.shape == (12,) and np.isclose(fixed.mean(), 1.0) and fixed.std() > 0
     cfg["distill"]["info_gain_baseline"] = "ema"
