@@ -101,3 +101,13 @@ def test_make_folds_arguments_and_shape():
         make_folds(t, 4, seed=0)
     with pytest.raises(ValueError, match=r"^folds need labelled competition rows; got unlabelled \(test\) rows$"):
         make_folds(t.assign(label=S.UNLABELLED), 2, seed=0)
+
+
+def test_fold_split_frames_and_missing_rows():
+    t = table(20, 4)
+    folds = make_folds(t, 2, seed=0)
+    train, val = fold_split(t, folds, 0)
+    for part in (train, val):
+        assert list(part.columns) == list(t.columns) and part.index.equals(pd.RangeIndex(len(part)))
+    with pytest.raises(ValueError, match=r"^rows without a fold \(first: \['13', '14', '15', '16', '17'\]\); rerun the folds step$"):
+        fold_split(t, folds.iloc[:13], 0)                              # ids 13..19 have no fold
