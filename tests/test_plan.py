@@ -68,6 +68,28 @@ def test_plan_errors_are_one_line(capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
+def test_full_profile_slurm_job_scripts_gpu_and_cpu_templates():
+    """The sbatch scripts dask-jobqueue writes for the full profile: GPU jobs on the GPU template with
+    --gres=gpu:1 and the GPU worker resource; the CPU-only job on the CPU template (partition, memory,
+    cores, walltime), no --gres, offering the CPU_JOB resource that CPU steps ask for."""
+    from dask_jobqueue.slurm import SLURMJob
+
+    from flows.runners import cpu_job_template, slurm_cluster_kwargs
+    from flows.slurm_cpu import cpu_job_options
+    cfg = load_config("full")
+    kw = {k: v for k, v in slurm_cluster_kwargs(cfg).items()
+          if k not in ("log_directory", "scheduler_options", "interface")}
+    gpu = SLURMJob(scheduler="tcp://127.0.0.1:8786", name="gpu-0", **kw).job_script()
+    cpu = SLURMJob(scheduler="tcp://127.0.0.1:8786", name="cpu-0", **cpu_job_options(kw, cpu_job_template(cfg))).job_script()
+    for line in ("#SBATCH -p gpu", "#SBATCH --gres=gpu:1", "#SBATCH -t 7-00:00:00", "#SBATCH --cpus-per-task=16"):
+        assert line in gpu, gpu
+    assert "--resources GPU=1" in gpu and "CPU_JOB" not in gpu
+    for line in ("#SBATCH -p cpu", "#SBATCH -t 12:00:00", "#SBATCH --cpus-per-task=4"):
+        assert line in cpu, cpu
+    assert "--gres" not in cpu and "GPU=1" not in cpu and "--resources CPU_JOB=1" in cpu
+    assert re.search(r"#SBATCH --mem=(29|30|32)G", cpu) and re.search(r"#SBATCH --mem=1(19|20|28)G", gpu)
+
+
 def test_models_without_figures_are_shown_unknown_not_fatal(capsys):
     """The small profile's models have no figures in orchestration.estimate: their tasks print '?' and
     are left out of the totals, which the output says."""
