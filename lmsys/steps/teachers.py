@@ -150,7 +150,7 @@ def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
     report = {"fold": fold, "model": name, "threshold": cfg["filter_argmax"]["threshold"],
               "rows_in": len(train), "rows_removed": int(drop.sum()), "rows_kept": int((~drop).sum()),
               "removed_per_class": per_class}
-    log.warning("filter-argmax fold %d: removed %d of %d training rows %s", fold, drop.sum(), len(train), per_class)
+    log.info("filter-argmax fold %d: removed %d of %d training rows %s", fold, drop.sum(), len(train), per_class)
     with atomic_dir(layout.filtered(fold)) as tmp:
         pd.DataFrame({"id": train["id"][~drop]}).to_csv(tmp / "train_ids.csv", index=False)
         pd.DataFrame({"id": train["id"][drop], "label": C.labels(train)[drop], "confidence": conf[drop]}
