@@ -150,3 +150,14 @@ def test_fold_gain_computes_in_float64_and_takes_float_labels():
     want = float(np.mean(np.log(p64[np.arange(50), y]) - np.log(prior[y])))
     assert fold_gain(p, y, prior) == want
     assert fold_gain(p, y.astype(np.float64), prior) == want
+
+
+def test_fold_gain_clips_zero_probabilities_and_reads_the_baseline_in_float64():
+    p = np.array([[0.0, 0.5, 0.5], [0.5, 0.5, 0.0]])
+    y = np.array([0, 1])
+    base = np.array([0.0, 0.5, 0.5], dtype=np.float32)                 # a zero baseline class, float32
+    want = ((np.log(1e-15) - np.log(1e-15)) + (np.log(0.5) - np.log(np.float64(np.float32(0.5))))) / 2
+    assert fold_gain(p, y, base) == want
+    base32 = np.array([0.3, 0.3, 0.4], dtype=np.float32)
+    q = np.full((2, 3), 1 / 3)
+    assert fold_gain(q, y, base32) == float(np.mean(np.log(q[[0, 1], y]) - np.log(base32.astype(np.float64)[y])))
