@@ -91,10 +91,11 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
     logger = get_run_logger()
     levels = plan(cfg)
     task_runner = FlowRunContext.get().task_runner
+    if cfg["orchestration"]["runner"] == "slurm":      # settings no worker could run: before any job, the check's too
+        check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])
     if check:
         preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
     if cfg["orchestration"]["runner"] == "slurm":
-        check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])   # before any job
         if type(task_runner).__name__ != "DaskTaskRunner":
             logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
             return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(
