@@ -1,7 +1,7 @@
 """`lmsys check` without a Prefect server or SLURM: the tiny and small profiles pass, quarantined rows
 warn (exit 1), the token is found but never printed, the cache fingerprint follows what was checked.
 The faults that must stop the flow (missing model, 2-label head, LoRA target absent, unusable column,
-unknown partition) are in tests/orchestration/test_check.py, with a real Prefect server and SLURM."""
+unknown partition) are in tests/orchestration/test_check_flow.py, with a real Prefect server and SLURM."""
 from __future__ import annotations
 
 import os
