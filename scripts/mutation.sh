@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CI=${CI:-}
 mkdir -p "$WORK"
 git ls-files -co --exclude-standard -z | xargs -0 cp -p --parents -t "$WORK/" 2>/dev/null || true   # deleted files: skip
 cd "$WORK"
-nice -n 19 mutmut run --max-children "$JOBS" "$@" || true     # exits non-zero when mutants survive
+nice -n "${NICE:-10}" mutmut run --max-children "$JOBS" "$@" || true     # exits non-zero when mutants survive
 mutmut results --all true > mutation-results.txt
 python - "$@" <<'EOF'
 """Summary of mutation-results.txt (lines '    <mutant name>: <status>'), optionally limited to globs."""

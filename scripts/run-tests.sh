@@ -13,4 +13,4 @@ fi
 # Random order (pytest-random-order): modules shuffled, and the tests within each module; the seed is
 # printed at the top ("--random-order-seed=N") and rerunning with that option repeats the order.
 # PYTEST_ORDER=--random-order-bucket=none runs in file order.
-python -m pytest -p no:cacheprovider "${PYTEST_ORDER:---random-order-bucket=module}" "$@"
+python -m pytest -p no:cacheprovider --durations=25 "${PYTEST_ORDER:---random-order-bucket=module}" "$@"
