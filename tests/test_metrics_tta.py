@@ -171,3 +171,173 @@ def test_read_labels_messages_and_index(tmp_path):
     pd.DataFrame({"id": ["x", "y"], "label": [1.0, 2.0]}).to_csv(tmp_path / "f.csv", index=False)
     s = read_labels(tmp_path / "f.csv")
     assert s.dtype == np.int64 and s.name == "label" and s.index.name == "id" and s.to_dict() == {"x": 1, "y": 2}
+
+
+# ---------------------------------------------------------------- what the plots and the report contain
+# (the Figure each plot function draws, captured at lmsys.metrics._save; the report's text exactly)
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Figures passed to lmsys.metrics._save (still written), in call order."""
+    import lmsys.metrics as M
+    seen, save = [], M._save
+
+    def capture(fig, path):
+        seen.append(fig)
+        return save(fig, path)
+    monkeypatch.setattr(M, "_save", capture)
+    return seen
+
+
+def _legend(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_reliability_plot_draws_the_bins(tmp_path, figures):
+    from matplotlib.colors import to_rgba
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3], [0.9, 0.05, 0.05]])
+    y = np.array([0, 0, 1, 0])          # 2 bins: (0, .5]: row 2 (right); (.5, 1]: rows 0, 1, 3 (2 right)
+    out = plot_reliability(p, y, tmp_path / "r.png", n_bins=2)
+    assert out == tmp_path / "r.png" and out.read_bytes()[:8] == PNG
+    (fig,) = figures
+    assert tuple(fig.get_size_inches()) == (4.5, 4.5)
+    (ax,) = fig.axes
+    diag, line = ax.lines
+    assert list(diag.get_xdata()) == [0, 1] and list(diag.get_ydata()) == [0, 1] and diag.get_linestyle() == "--"
+    assert to_rgba(diag.get_color()) == to_rgba("grey")
+    np.testing.assert_allclose(line.get_xdata(), [0.4, (0.7 + 0.7 + 0.9) / 3])
+    np.testing.assert_allclose(line.get_ydata(), [1.0, 2 / 3])
+    assert line.get_marker() == "o" and line.get_linestyle() == "-" and to_rgba(line.get_color()) == to_rgba("C3")
+    bars = ax.patches
+    assert len(bars) == 2
+    np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], [0.25, 0.75])
+    np.testing.assert_allclose([b.get_width() for b in bars], [0.5, 0.5])
+    np.testing.assert_allclose([b.get_height() for b in bars], [1.0, 2 / 3])
+    assert bars[0].get_alpha() == 0.6 and to_rgba(bars[0].get_edgecolor())[:3] == to_rgba("k")[:3]
+    assert ax.get_xlabel() == "confidence (top label)" and ax.get_ylabel() == "accuracy"
+    assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
+    assert ax.get_title() == f"reliability, ECE={ece(p, y, 2):.4f}"
+    assert _legend(ax) == ["perfect", "(confidence, accuracy)", "accuracy"]
+    assert ax.get_legend()._loc == 2                                     # upper left
+    assert ax.get_legend().get_texts()[0].get_fontsize() == 8
+    figures.clear()
+    plot_reliability(p, y, tmp_path / "r15.png")                         # default 15 bins: 3 used
+    assert len(figures[0].axes[0].patches) == 3
+    np.testing.assert_allclose([b.get_width() for b in figures[0].axes[0].patches], [1 / 15] * 3)
+
+
+def test_fold_losses_plot_draws_each_fold_and_the_mean(tmp_path, figures):
+    from matplotlib.colors import to_rgba
+    out = plot_fold_losses({0: 0.9, "f1": 0.95, 2: 0.88}, tmp_path / "f.png")
+    assert out == tmp_path / "f.png" and out.read_bytes()[:8] == PNG
+    (fig,) = figures
+    np.testing.assert_allclose(fig.get_size_inches(), (4.4, 3.5))        # max(4, 0.8 * 3 + 2)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "f1", "2"]
+    np.testing.assert_allclose([b.get_height() for b in ax.patches], [0.9, 0.95, 0.88])
+    assert all(to_rgba(b.get_facecolor()) == to_rgba("C0") for b in ax.patches)
+    (mean,) = ax.lines
+    np.testing.assert_allclose(mean.get_ydata(), [0.91, 0.91])
+    assert mean.get_linestyle() == "--" and to_rgba(mean.get_color()) == to_rgba("C3")
+    assert _legend(ax) == ["mean 0.9100"] and ax.get_legend().get_texts()[0].get_fontsize() == 8
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("fold", "log loss", "validation log loss per fold")
+    figures.clear()
+    plot_fold_losses({k: 1.0 for k in range(8)}, tmp_path / "g.png")
+    np.testing.assert_allclose(figures[0].get_size_inches(), (8.4, 3.5))
+    figures.clear()
+    plot_fold_losses({0: 1.0}, tmp_path / "h.png")
+    np.testing.assert_allclose(figures[0].get_size_inches(), (4, 3.5))
+    with pytest.raises(ValueError, match=r"^no fold losses to plot$"):
+        plot_fold_losses({}, tmp_path / "e.png")
+
+
+def test_confusion_plot_counts_and_fractions(tmp_path, figures):
+    p = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    y = np.array([0, 0, 0, 1, 2])       # predicted 0, 0, 1, 2, 0
+    out = plot_confusion(p, y, tmp_path / "c.png")
+    assert out == tmp_path / "c.png" and out.read_bytes()[:8] == PNG
+    (fig,) = figures
+    np.testing.assert_allclose(fig.get_size_inches(), (4, 3.6))
+    (ax,) = fig.axes
+    (im,) = ax.images
+    np.testing.assert_allclose(im.get_array(), [[2 / 3, 1 / 3, 0], [0, 0, 1], [1, 0, 0]])
+    assert im.get_cmap().name == "Blues" and im.get_clim() == (0, 1)
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    assert len(texts) == 9
+    assert texts[(0, 0)].get_text() == "2\n0.67" and texts[(0, 1)].get_text() == "1\n0.33"
+    assert texts[(1, 2)].get_text() == "1\n1.00" and texts[(2, 2)].get_text() == "0\n0.00"
+    assert texts[(0, 0)].get_color() == "white" and texts[(0, 1)].get_color() == "black"
+    assert texts[(1, 1)].get_color() == "black" and texts[(2, 0)].get_color() == "white"
+    assert all(t.get_ha() == "center" and t.get_va() == "center" and t.get_fontsize() == 8 for t in ax.texts)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B", "tie"] == [t.get_text() for t in ax.get_yticklabels()]
+    assert list(ax.get_xticks()) == [0, 1, 2] == list(ax.get_yticks())
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("predicted", "true", "confusion (argmax)")
+    figures.clear()
+    half = np.array([[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    plot_confusion(half, np.array([0, 0]), tmp_path / "h.png")          # a fraction of exactly 0.5: black
+    t = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in figures[0].axes[0].texts}
+    assert t[(0, 0)].get_text() == "1\n0.50" and t[(0, 0)].get_color() == "black"
+    with pytest.raises(ValueError, match=r"^labels must be \[2\]"):
+        plot_confusion(half, np.array([0]), tmp_path / "x.png")
+
+
+def test_plot_files_are_png_at_100_dpi(tmp_path):
+    from PIL import Image
+    p, y = sample(50, 5)
+    with Image.open(plot_reliability(p, y, tmp_path / "r.png")) as im:
+        assert im.format == "PNG"
+        assert im.info.get("dpi", (100, 100))[0] == pytest.approx(100, abs=0.5)
+        w, h = im.size
+    assert 300 < w < 450 and 300 < h < 450                               # 4.5 in at 100 dpi, tight bbox
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+def test_rounded_and_report_text_exact(tmp_path):
+    from lmsys.metrics import rounded
+    obj = {"a": 0.123456789, "b": [np.float32(0.5), (1.23456789, "x")], "c": {"d": np.float64(2 / 3)}, "n": 3, "s": "t"}
+    assert rounded(obj) == {"a": 0.123457, "b": [0.5, [1.234568, "x"]], "c": {"d": 0.666667}, "n": 3, "s": "t"}
+    assert rounded(obj, 2) == {"a": 0.12, "b": [0.5, [1.23, "x"]], "c": {"d": 0.67}, "n": 3, "s": "t"}
+    assert type(rounded(np.float32(0.25))) is float and rounded(True) is True and rounded(None) is None
+    (tmp_path / "img").mkdir()
+    img = tmp_path / "img" / "plot.png"
+    img.write_bytes(PNG)
+    rep = write_report(tmp_path / "out", {
+        "metrics": {"log_loss": 0.98765, "n": 3, "name": "m"},
+        "folds": {"fold 0": {"log_loss": 0.9, "acc": np.float32(0.5)}, "fold 1": {"log_loss": 0.95}},
+        "plots": [img, "after the plot"],
+        "notes": "free *markdown*"}, title="T")
+    assert rep == tmp_path / "out" / "report.md"
+    assert rep.read_text() == (
+        "# T\n\n"
+        "## metrics\n\n| metric | value |\n|---|---|\n| log_loss | 0.9877 |\n| n | 3 |\n| name | m |\n\n"
+        "## folds\n\n| | log_loss | acc |\n|---|---|---|\n| fold 0 | 0.9000 | 0.5000 |\n| fold 1 | 0.9500 |  |\n\n"
+        "## plots\n\n![plot](../img/plot.png)\n\nafter the plot\n\n"
+        "## notes\n\nfree *markdown*\n")
+    assert write_report(tmp_path / "out2", {}).read_text() == "# Evaluation report\n"
+    with pytest.raises(TypeError, match=r"^report item of type int: use str, dict, Path or a list of them$"):
+        write_report(tmp_path / "out3", {"bad": 3})
+    assert not (tmp_path / "out3" / "report.md").exists()
+
+
+def test_log_loss_clip_and_reliability_bins_exact():
+    from lmsys.metrics import reliability_bins
+    p = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert log_loss(p, [0, 1]) == pytest.approx(-np.log(1 - 1e-15), abs=1e-18)   # upper clip 1 - 1e-15
+    assert log_loss(p, [1, 0]) == pytest.approx(-np.log(1e-15), rel=1e-12)
+    assert log_loss(p, np.array([0.0, 1.0])) == log_loss(p, [0, 1])                 # float labels accepted
+    assert accuracy(p, [0, 0]) == 0.5
+    q = np.array([[0.34, 0.33, 0.33], [0.5, 0.3, 0.2], [0.51, 0.3, 0.19], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
+    count, conf, acc = reliability_bins(q, [0, 1, 0, 0, 2], 2)
+    np.testing.assert_array_equal(count, [2, 3])                        # 0.34, 0.5 | 0.51, 1.0, 0.6
+    np.testing.assert_allclose(conf, [0.42, (0.51 + 1.0 + 0.6) / 3])
+    np.testing.assert_allclose(acc, [0.5, 1.0])
+    count, conf, acc = reliability_bins(q, [0, 1, 0, 0, 2], 4)          # an empty bin: zeros, no NaN
+    np.testing.assert_array_equal(count, [0, 2, 2, 1])
+    np.testing.assert_allclose(conf, [0, 0.42, 0.555, 1.0])
+    np.testing.assert_allclose(acc, [0, 0.5, 1, 1])
+    assert count.dtype == np.float64 and len(reliability_bins(q, [0] * 5, 1)[0]) == 1
+    assert ece(q, [0, 1, 0, 0, 2], n_bins=1) == pytest.approx(abs(4 / 5 - q.max(1).mean()))
+    s = summarize(q, [0, 1, 0, 0, 2], n_bins=1)
+    assert s["ece"] == pytest.approx(abs(4 / 5 - q.max(1).mean())) and s["n"] == 5
+    assert summarize(q, [0, 1, 0, 0, 2])["ece"] == pytest.approx(ece(q, [0, 1, 0, 0, 2], 15))
+    np.testing.assert_allclose(softmax(np.array([[0.0, np.log(3.0)], [1e4, 0.0]])), [[0.25, 0.75], [1.0, 0.0]])
