@@ -319,7 +319,7 @@ def test_read_predictions_each_problem_exact(tmp_path, frame, match):
         read_predictions(tmp_path / "f.csv")
 
 
-def test_read_predictions_kinds_clip_and_labels(tmp_path):
+def test_read_predictions_kinds_probability_floor_and_labels(tmp_path):
     from lmsys.calibration import read_predictions_kind
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match=r"empty.csv: empty file$"):

@@ -152,7 +152,7 @@ def test_fold_gain_computes_in_float64_and_takes_float_labels():
     assert fold_gain(p, y.astype(np.float64), prior) == want
 
 
-def test_fold_gain_clips_zero_probabilities_and_reads_the_baseline_in_float64():
+def test_fold_gain_floors_zero_probabilities_and_reads_the_baseline_in_float64():
     p = np.array([[0.0, 0.5, 0.5], [0.5, 0.5, 0.0]])
     y = np.array([0, 1])
     base = np.array([0.0, 0.5, 0.5], dtype=np.float32)                 # a zero baseline class, float32

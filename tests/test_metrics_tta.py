@@ -319,7 +319,7 @@ def test_rounded_and_report_text_exact(tmp_path):
     assert not (tmp_path / "out3" / "report.md").exists()
 
 
-def test_log_loss_clip_and_reliability_bins_exact():
+def test_log_loss_bounds_and_reliability_bins_exact():
     from lmsys.metrics import reliability_bins
     p = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     assert log_loss(p, [0, 1]) == pytest.approx(-np.log(1 - 1e-15), abs=1e-18)   # upper clip 1 - 1e-15
