@@ -6,6 +6,7 @@
 #   scripts/mutation.sh                         every mutant
 #   scripts/mutation.sh 'lmsys.tta*'            one module's mutants (mutmut's name globs)
 #   MUTATION_DIR=/tmp/m JOBS=2 scripts/mutation.sh
+#   scripts/mutation.sh $(cat survivors.txt)    re-test named mutants (e.g. the survivors, after adding tests)
 #
 # It runs in a copy of the working tree (tracked + untracked, not ignored) under $MUTATION_DIR, so
 # the repo gets no mutants/ directory and edits made meanwhile do not reach a running session; a
@@ -24,6 +25,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CI=${CI:-}
 mkdir -p "$WORK"
 git ls-files -co --exclude-standard -z | xargs -0 cp -p --parents -t "$WORK/" 2>/dev/null || true   # deleted files: skip
 cd "$WORK"
+# mutmut copies tests/ into mutants/ once and never refreshes it: tests edited since would not run
+if [ -d mutants ]; then rm -rf mutants/tests && cp -a tests mutants/tests; fi
 nice -n "${NICE:-10}" mutmut run --max-children "$JOBS" "$@" || true     # exits non-zero when mutants survive
 mutmut results --all true > mutation-results.txt
 python - "$@" <<'EOF'

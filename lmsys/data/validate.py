@@ -161,8 +161,13 @@ def _kaggle_row(r: dict, labelled: bool, warn: dict) -> dict:
         if sum(flags) != 1:
             raise RowError("winner_count", f"{sum(flags)} winner flags set, need exactly 1")
         label = flags.index(True)
-    return {"model_a": str(r.get("model_a", "") or ""), "model_b": str(r.get("model_b", "") or ""),
+    return {"model_a": _name(r.get("model_a")), "model_b": _name(r.get("model_b")),
             "prompt": prompt, "response_a": a, "response_b": b, "label": label}
+
+
+def _name(value) -> str:
+    """A model name cell: missing (None, or NaN where a JSON reader filled a null) -> ''."""
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
 
 
 def _conversation(raw, what: str, warn: dict) -> tuple[list[str], list[str]]:
@@ -198,7 +203,7 @@ def _arena_row(r: dict, warn: dict) -> dict:
     winner = r.get("winner")
     if winner not in S.ARENA_WINNER_TO_LABEL:
         raise RowError("bad_label", f"winner={winner!r} not in {sorted(S.ARENA_WINNER_TO_LABEL)}")
-    return {"model_a": str(r.get("model_a") or ""), "model_b": str(r.get("model_b") or ""),
+    return {"model_a": _name(r.get("model_a")), "model_b": _name(r.get("model_b")),
             "prompt": pa, "response_a": a, "response_b": b, "label": S.ARENA_WINNER_TO_LABEL[winner]}
 
 
