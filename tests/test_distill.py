@@ -175,3 +175,86 @@ def test_distill_step_weights_follow_params():
     cfg["distill"]["info_gain_baseline"] = "teacher"
     with pytest.raises(ValueError, match="info_gain_baseline must be 'prior' or 'ema'"):
         sample_weights(cfg, soft, y)
+
+
+# ---------------------------------------------------------------- exact values and messages (mutation testing)
+
+def test_prior_probs_exact():
+    assert prior_probs([0, 0, 1]).tolist() == [3 / 6, 2 / 6, 1 / 6]                      # add-one by default
+    assert prior_probs([0, 0, 1], smoothing=0.5).tolist() == [2.5 / 4.5, 1.5 / 4.5, 0.5 / 4.5]
+    assert prior_probs([0, 0], smoothing=0).tolist() == [1.0, 0.0, 0.0]                   # [3] even with classes unseen
+    assert prior_probs(np.array([2.0, 1.0, 2.0])).tolist() == [1 / 6, 2 / 6, 3 / 6]      # float labels are read as ints
+    assert prior_probs([0, 1, 2, 3]).tolist() == [2 / 6, 2 / 6, 2 / 6]                   # only classes 0..2 are counted
+    assert prior_probs([1]).dtype == np.float64
+
+
+def test_info_gain_weights_exact_and_messages():
+    from lmsys.distill import _mean_one
+    z = np.log(np.array([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]))
+    y = np.array([0, 1, 0])
+    base = np.array([0.25, 0.5, 0.25])
+    r = np.log([0.5 / 0.25, 0.6 / 0.5, 0.1 / 0.25])
+    np.testing.assert_allclose(info_gain_weights(z, y, base), 3 * np.exp(r) / np.exp(r).sum(), rtol=1e-12)
+    np.testing.assert_allclose(info_gain_weights(z, y, base, tau=2.0), 3 * np.exp(r / 2) / np.exp(r / 2).sum(), rtol=1e-12)
+    np.testing.assert_allclose(info_gain_weights(z, y, np.tile(base, (3, 1))), info_gain_weights(z, y, base), rtol=1e-12)
+    # a zero baseline or teacher probability is clipped at 1e-15: finite weights
+    w = info_gain_weights(np.array([[0.0, -1e4, 0.0], [0.0, 0.0, 0.0]]), np.array([1, 0]), np.array([0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(w, _mean_one(np.array([np.log(1e-15), np.log(1 / 3) - np.log(1e-15)]), 1.0), rtol=1e-9)
+    np.testing.assert_allclose(_mean_one(np.array([0.0, np.log(3.0)]), 1.0), [0.5, 1.5])
+    np.testing.assert_allclose(_mean_one(np.array([1000.0, 1000.0 + np.log(3.0)]), 1.0), [0.5, 1.5])   # no overflow
+    for args, msg in [((z, y, base[:2]), r"^baseline_probs must be \[N, 3\] or \[3\] and tau > 0; got \(2,\), tau=1.0$"),
+                      ((z, y, np.ones((2, 3))), r"^baseline_probs must be \[N, 3\] or \[3\] and tau > 0; got \(2, 3\), tau=1.0$"),
+                      ((z, y, base, 0), r"^baseline_probs must be \[N, 3\] or \[3\] and tau > 0; got \(3, 3\), tau=0$"),
+                      ((z, y, base, -1.0), r"tau=-1.0$"),
+                      ((z[:2], y, base), r"^teacher_logits must be \[N, 3\] and labels \[N\] in 0..2; got \(2, 3\), \(3,\)$"),
+                      ((z[:, :2], y, base), r"^teacher_logits must be \[N, 3\] and labels \[N\] in 0..2; got \(3, 2\), \(3,\)$"),
+                      ((z, np.array([0, 1, 3]), base), r"got \(3, 3\), \(3,\)$"),
+                      ((z, np.array([0, -1, 2]), base), r"got \(3, 3\), \(3,\)$"),
+                      ((np.zeros((0, 3)), np.array([], int), base), r"got \(0, 3\), \(0,\)$")]:
+        with pytest.raises(ValueError, match=msg):
+            info_gain_weights(*args)
+
+
+def test_ema_baseline_exact_and_messages():
+    for decay in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^decay must be in \[0, 1\), got {decay}$"):
+            EmaBaseline(2, [1, 1, 1], decay=decay)
+    with pytest.raises(ValueError, match=r"^prior must be \[3\], got \(2,\)$"):
+        EmaBaseline(2, [1, 1])
+    b = EmaBaseline(3, [1, 1, 2], decay=0.0)                  # decay 0: the student's probabilities replace the row
+    assert b.decay == 0.0 and b.probs.dtype == np.float64 and b.probs.shape == (3, 3)
+    b.update(np.array([2, 0]), np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]], dtype=np.float32))
+    np.testing.assert_allclose(b.probs, [[0.6, 0.3, 0.1], [0.25, 0.25, 0.5], [0.1, 0.2, 0.7]], rtol=1e-7)
+    assert EmaBaseline(2, [1, 1, 1]).decay == 0.999
+    s = b.state_dict()
+    assert set(s) == {"decay", "probs"} and s["probs"] is not b.probs and np.array_equal(s["probs"], b.probs)
+    s["probs"][0, 0] = 9.0
+    assert b.probs[0, 0] == pytest.approx(0.6)                # a copy: the saved state does not move with training
+    c = EmaBaseline(1, [1, 1, 1])
+    state = {"decay": np.float32(0.25), "probs": [[0.2, 0.3, 0.5]]}
+    c.load_state_dict(state)
+    assert type(c.decay) is float and c.decay == 0.25 and c.probs.dtype == np.float64
+    assert np.array_equal(c([0]), [[0.2, 0.3, 0.5]])
+
+
+def test_ema_info_gain_weights_defaults_messages_and_edges():
+    from lmsys.distill import EmaInfoGainWeights
+    z, y = np.array([[2.0, 0, 0]]), np.array([0])
+    w = EmaInfoGainWeights(z, y, prior=[1, 1, 1])            # one row: defaults decay 0.5, tau 1
+    assert w.ema.decay == 0.5 and w.tau == 1.0 and len(w) == 1 and w.batch([0]).tolist() == [1.0]
+    assert EmaInfoGainWeights(z, y, [1, 1, 1], decay=0.2, tau=3).ema.decay == 0.2
+    assert EmaInfoGainWeights(z, y, [1, 1, 1], decay=0.2, tau=3).tau == 3.0
+    for tau in (0, -2.5):
+        with pytest.raises(ValueError, match=rf"^tau must be > 0, got {tau}$"):
+            EmaInfoGainWeights(z, y, [1, 1, 1], tau=tau)
+    zz = np.array([[2.0, 0, 0], [0, 0, 2.0]])
+    yy = np.array([0, 2])
+    e = EmaInfoGainWeights(zz, yy, prior=[1, 1, 0])          # a zero baseline probability (class 2): clipped, finite
+    wb = e.batch([0, 1])
+    assert np.all(np.isfinite(wb)) and wb[1] > wb[0]
+    assert wb.tolist() == pytest.approx(info_gain_weights(zz, yy, np.array([0.5, 0.5, 0.0])).tolist())
+    tau2 = EmaInfoGainWeights(zz, yy, prior=[1, 2, 1], tau=2.0)
+    assert tau2.batch([0, 1]).tolist() == pytest.approx(info_gain_weights(zz, yy, np.array([0.25, 0.5, 0.25]), tau=2.0).tolist())
+    assert tau2.fingerprint() != EmaInfoGainWeights(zz, yy, prior=[1, 2, 1], tau=1.0).fingerprint()
+    assert tau2.fingerprint() != EmaInfoGainWeights(zz, yy, prior=[1, 1, 1], tau=2.0).fingerprint()
+    assert tau2.fingerprint() != EmaInfoGainWeights(zz, np.array([0, 1]), prior=[1, 2, 1], tau=2.0).fingerprint()
