@@ -12,6 +12,7 @@ their tokenizer in the same directory; bits 2, 3, 4, 8; CPU (kernels compile onc
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 from pathlib import Path
@@ -125,10 +126,13 @@ def _load_reference(model_dir: Path, device: torch.device):
 
 # ---------------------------------------------------------------- public API
 
-def load_quantized(out_dir: str | Path, device: str | torch.device | None = None):
+def load_quantized(out_dir: str | Path, device: str | torch.device | None = None, backend: str | None = None):
     """A frozen eval-mode GPTQ classifier from `out_dir`, placed on `device` (default: cuda when
     available, else cpu). device_map is what places a GPTQ model: `.to(device)` after loading
-    leaves gptqmodel's kernels where they were selected.
+    leaves gptqmodel's kernels where they were selected. `backend` (a gptqmodel kernel name, e.g.
+    "gptq_triton", "gptq_torch"; None: the one quantize.json records, else "auto") picks the
+    kernel: "auto" on Hopper is Marlin, whose CUDA extension is compiled on first use (over 5 min
+    on an H200, cached in ~/.cache/gptqmodel); Triton kernels compile in seconds.
 
     Raises FileNotFoundError without config.json, ValueError when the checkpoint is not GPTQ,
     ImportError when the backend is missing."""
@@ -143,15 +147,23 @@ def load_quantized(out_dir: str | Path, device: str | torch.device | None = None
         raise ValueError(f"{out_dir} is not a GPTQ checkpoint (quant_method={method!r})")
     require_gptq_backend()
     device = torch.device(device) if device is not None else _default_device()
+    override = {}
+    recorded = out_dir / METRICS_FILE
+    if backend is None and recorded.exists():
+        backend = json.loads(recorded.read_text()).get("backend")
+    if backend is not None:                 # a loading attribute: merged into the saved GPTQ config
+        from transformers import GPTQConfig
+        saved = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+        override["quantization_config"] = GPTQConfig.from_dict({**saved, "backend": backend})
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(out_dir), dtype="auto", device_map={"": str(device)})
+        str(out_dir), dtype="auto", device_map={"": str(device)}, **override)
     model.requires_grad_(False)
     return model.eval()
 
 
 def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], bits: int = 8,
                   group_size: int = 128, model_seqlen: int = 2100, eval_fn: EvalFn | None = None,
-                  device: str | torch.device | None = None) -> dict:
+                  device: str | torch.device | None = None, backend: str = "auto") -> dict:
     """GPTQ-quantise the merged classifier at `model_dir` (its tokenizer beside it) into `out_dir`.
 
     Calibrates on `texts` (each truncated to model_seqlen tokens). The quantised model and the
@@ -160,7 +172,10 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     finite. Only then, with quantize.json written, does the dir replace `out_dir` whole, so a
     failed or killed run never leaves a half-checked `out_dir`.
 
-    Returns metrics: bits, group_size (used), group_size_requested, group_size_fallback,
+    `backend`: the gptqmodel kernel the quantised model runs with (see `load_quantized`); saved
+    with the checkpoint and used for the reload check.
+
+    Returns metrics: bits, backend, group_size (used), group_size_requested, group_size_fallback,
     n_calibration, log_loss_unquantized / log_loss_quantized / log_loss_change (eval_fn(model, tok)
     on both models; None without eval_fn), max_abs_logit_diff (probe), quantize_seconds,
     reload_seconds, size_mb_before, size_mb_after (weight files).
@@ -188,7 +203,7 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     del ref
 
     qconfig = GPTQConfig(bits=bits, group_size=used_group, dataset=_calibration_dataset(tok, texts, model_seqlen),
-                         tokenizer=tok, model_seqlen=model_seqlen)
+                         tokenizer=tok, model_seqlen=model_seqlen, backend=backend)
     t0 = time.perf_counter()
     from lmsys.models import device_map     # straight onto the device (transformers' GPTQ default is the host)
     qmodel = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype="auto",
@@ -203,12 +218,12 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
         tok.save_pretrained(stage)
         del qmodel
         t0 = time.perf_counter()
-        reloaded = load_quantized(stage, device)
+        reloaded = load_quantized(stage, device, backend)
         reload_seconds = time.perf_counter() - t0
         probe_after = _verify(reloaded, tok, texts, head_before)
         loss_after = float(eval_fn(reloaded, tok)) if eval_fn is not None else None
         metrics = {
-            "bits": bits, "group_size": used_group, "group_size_requested": group_size,
+            "bits": bits, "backend": backend, "group_size": used_group, "group_size_requested": group_size,
             "group_size_fallback": used_group != group_size, "n_calibration": len(texts),
             "log_loss_unquantized": loss_before, "log_loss_quantized": loss_after,
             "log_loss_change": None if eval_fn is None else loss_after - loss_before,

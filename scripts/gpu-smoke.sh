@@ -104,7 +104,8 @@ STAGES="${STAGES:-tests,bench}"     # STAGES=bench: only the benchmark (a second
 rc=0
 if [[ ",$STAGES," == *,tests,* ]]; then
   echo "== tests/gpu"
-  left=$(( BUDGET_S - ($(date +%s) - t0) - ( [[ ",$STAGES," == *,bench,* ]] && echo 150 || echo 10 ) ))
+  reserve=10; [[ ",$STAGES," == *,bench,* ]] && reserve=150      # seconds kept for the benchmark
+  left=$(( BUDGET_S - ($(date +%s) - t0) - reserve ))
   timeout $(( left > 60 ? left : 60 )) "$PY" -m pytest -p no:cacheprovider -q -rs -s tests/gpu 2>&1 | tee "$OUT/pytest.log" | tail -40
   rc=${PIPESTATUS[0]}
 fi

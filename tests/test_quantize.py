@@ -95,6 +95,21 @@ def test_gemma2_8bit(tmp_path, tok):
     _assert_quantized_copy(src, tmp_path / "q", tok, max_diff=0.05)
 
 
+def test_backend_recorded_and_used_on_reload(tmp_path, llama_dir, tok):
+    """quantize.backend picks gptqmodel's kernel (the gpu-smoke profile: Triton, because `auto`'s Marlin
+    compiles a CUDA extension for minutes); quantize.json records it and a later load uses it."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    out = tmp_path / "q"
+    m = quantize_gptq(llama_dir, out, corpus(16, seed=1), bits=8, group_size=32, model_seqlen=64, backend="gptq_torch")
+    assert m["backend"] == json.loads((out / METRICS_FILE).read_text())["backend"] == "gptq_torch"
+
+    def kernels(model):
+        return {type(mod).__name__ for mod in model.modules() if isinstance(mod, BaseQuantLinear)}
+    assert kernels(load_quantized(out, "cpu")) == {"TorchLinear"}          # the recorded one
+    other = kernels(load_quantized(out, "cpu", backend="gptq_torch_int8"))     # an explicit one wins
+    assert len(other) == 1 and other != {"TorchLinear"}, other
+
+
 def test_resolve_group_size():
     cfg = AutoConfig.for_model("llama", **TINY)
     assert resolve_group_size(cfg, 32) == 32 and resolve_group_size(cfg, -1) == -1

@@ -243,7 +243,7 @@ def run_quantize(cfg: dict, layout: Layout) -> StepResult:
     q = cfg["quantize"]
     texts = calibration_texts(cfg, layout, q["n_calibration"])
     metrics = quantize_gptq(layout.ensemble, layout.quantized, texts, bits=q["bits"], group_size=q["group_size"],
-                            model_seqlen=q["model_seqlen"], eval_fn=partial(_eval_model, cfg, layout))
+                            model_seqlen=q["model_seqlen"], backend=q["backend"], eval_fn=partial(_eval_model, cfg, layout))
     return StepResult(outputs=[layout.quantized], metrics=metrics)
 
 
