@@ -258,3 +258,18 @@ def test_ema_info_gain_weights_defaults_messages_and_edges():
     assert tau2.fingerprint() != EmaInfoGainWeights(zz, yy, prior=[1, 2, 1], tau=1.0).fingerprint()
     assert tau2.fingerprint() != EmaInfoGainWeights(zz, yy, prior=[1, 1, 1], tau=2.0).fingerprint()
     assert tau2.fingerprint() != EmaInfoGainWeights(zz, np.array([0, 1]), prior=[1, 2, 1], tau=2.0).fingerprint()
+
+
+def test_inputs_are_read_as_float64_and_int64():
+    """float32 baselines / priors and float labels: the same weights as the float64 / int inputs."""
+    from lmsys.distill import EmaInfoGainWeights
+    z = np.log(np.array([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]))
+    y = np.array([0, 1, 0])
+    base32 = np.array([0.3, 0.3, 0.4], dtype=np.float32)
+    assert np.array_equal(info_gain_weights(z, y, base32), info_gain_weights(z, y, base32.astype(np.float64)))
+    assert np.array_equal(info_gain_weights(z, y.astype(np.float64), base32), info_gain_weights(z, y, base32))
+    assert np.array_equal(info_gain_weights(z.astype(np.float32), y, base32),
+                          info_gain_weights(z.astype(np.float32).astype(np.float64), y, base32))
+    e = EmaInfoGainWeights(z, y.astype(np.float64), prior=np.array([1, 1, 2], dtype=np.float32))
+    assert e.labels.dtype == np.int64 and e.ema.probs.dtype == np.float64
+    assert EmaBaseline(2, np.array([1, 1, 3], dtype=np.float32)).probs.tolist() == [[0.2, 0.2, 0.6]] * 2
