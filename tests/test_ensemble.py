@@ -352,6 +352,8 @@ def test_fold_weights_exact_and_messages():
     w = fold_weights([0.0, 1000.0], tau=0.01)                      # exp(-200) floored at 1e-8, renormalised
     np.testing.assert_allclose(w, [1e-8 / (1 + 1e-8), 1 / (1 + 1e-8)], rtol=1e-12)
     np.testing.assert_allclose(fold_weights([0.0, 1.0], tau=0.1, floor=0.2), [0.2 / 1.2, 1 / 1.2], rtol=1e-6)
+    np.testing.assert_allclose(fold_weights([0.0, 1.0, 1.0], tau=0.01, floor=0.3), [0.3 / 1.3, 0.5 / 1.3, 0.5 / 1.3])
+    np.testing.assert_allclose(fold_weights([0.0, 1000.0], tau=1e-3), [1e-8 / (1 + 1e-8), 1 / (1 + 1e-8)])  # no overflow
     np.testing.assert_array_equal(fold_weights([1e6, 1e6 + 1e-7]), [0.5, 0.5])        # std below 1e-12 * max |r|
     np.testing.assert_array_equal(fold_weights([0.5]), [1.0])
     assert fold_weights([0.0, 1e-11])[1] > 0.6                        # tiny but real differences still rank

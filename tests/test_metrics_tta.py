@@ -162,6 +162,14 @@ def test_read_labels_messages_and_index(tmp_path):
     w.to_csv(tmp_path / "w.csv", index=False)
     with pytest.raises(ValueError, match=r"w.csv: row 1: winner columns \[1, 1, 0\] must be 0/1 with exactly one 1$"):
         read_labels(tmp_path / "w.csv")
+    w = pd.DataFrame({"id": [1, 2, 3], "winner_model_a": [0, 1, "x"], "winner_model_b": [1, 0, 0], "winner_tie": [0, 0, 1]})
+    w.to_csv(tmp_path / "x.csv", index=False)
+    with pytest.raises(ValueError, match=r"x.csv: row 2: winner columns \['x', (np.int64\()?0\)?, (np.int64\()?1\)?\] must be 0/1 with exactly one 1$"):
+        read_labels(tmp_path / "x.csv")
+    w = pd.DataFrame({"id": [1, 2], "winner_model_a": [0, 2], "winner_model_b": [1, 0], "winner_tie": [0, 0]})
+    w.to_csv(tmp_path / "v.csv", index=False)
+    with pytest.raises(ValueError, match=r"v.csv: row 1: winner columns \[2, 0, 0\] must be 0/1 with exactly one 1$"):
+        read_labels(tmp_path / "v.csv")
     pd.DataFrame({"id": [1], "winner_model_a": [1]}).to_csv(tmp_path / "e.csv", index=False)
     with pytest.raises(ValueError, match=r"e.csv: needs `label` or the winner columns \(missing \['winner_model_b', 'winner_tie'\]\)$"):
         read_labels(tmp_path / "e.csv")

@@ -282,7 +282,7 @@ def test_each_arena_row_problem_reason_and_detail(tmp_path):
     rows.append(_arena(" q7 ", model_a=None, conversation_a=json.dumps(
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}, {"role": "user", "content": "r"},
          {"role": "assistant", "content": "a"}]),
-        conversation_b=json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"},
+        conversation_b=json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": None},
                                    {"role": "user", "content": "r"}, {"role": "assistant", "content": "c"}]), winner="tie"))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     v = validate_file(tmp_path / "a.jsonl")
@@ -293,8 +293,9 @@ def test_each_arena_row_problem_reason_and_detail(tmp_path):
     assert set(v.clean["source"]) == {"arena33k"}
     last = v.clean.iloc[1]
     assert last["model_a"] == "" and last["model_b"] == "y" and last["prompt"] == ["q", "r"]
-    assert last["response_a"] == ["", "a"] and last["response_b"] == ["b", "c"]
-    assert v.warnings == {"null_turn": 1}
+    assert last["response_a"] == ["", "a"] and last["response_b"] == ["", "c"]
+    assert v.clean.iloc[0][["model_a", "model_b"]].tolist() == ["x", "y"]
+    assert v.warnings == {"null_turn": 2}
 
 
 def test_row_helpers_directly():
