@@ -260,6 +260,8 @@ ARENA_CASES = [
     ({"conversation_b": '[{"role": "system", "content": "x"}]'}, "bad_json", "conversation_b: unknown role 'system'"),
     ({"conversation_a": '[{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]'}, "bad_json",
      "conversation_a: turn is int, not a string"),
+    ({"conversation_b": '[{"role": "user", "content": "q"}, {"role": "assistant", "content": ["b"]}]'}, "bad_json",
+     "conversation_b: turn is list, not a string"),
     ({"conversation_b": '[{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]'},
      "prompt_mismatch", "conversation_a and conversation_b have different user turns"),
     ({"winner": "nobody"}, "bad_label", "winner='nobody' not in ['model_a', 'model_b', 'tie', 'tie (bothbad)']"),
