@@ -264,8 +264,9 @@ def test_inputs_are_read_as_float64_and_int64():
     """float32 baselines / priors and float labels: the same weights as the float64 / int inputs."""
     from lmsys.distill import EmaInfoGainWeights
     z = np.log(np.array([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]))
-    y = np.array([0, 1, 0])
-    base32 = np.array([0.3, 0.3, 0.4], dtype=np.float32)
+    y = np.array([0, 1, 2])                          # three labels: three different baseline values
+    base32 = np.array([0.3, 0.2, 0.5], dtype=np.float32)
+    assert not np.array_equal(np.log(base32), np.log(base32.astype(np.float64)))   # (float32 math would show)
     assert np.array_equal(info_gain_weights(z, y, base32), info_gain_weights(z, y, base32.astype(np.float64)))
     assert np.array_equal(info_gain_weights(z, y.astype(np.float64), base32), info_gain_weights(z, y, base32))
     assert np.array_equal(info_gain_weights(z.astype(np.float32), y, base32),
