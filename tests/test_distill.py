@@ -274,3 +274,6 @@ def test_inputs_are_read_as_float64_and_int64():
     e = EmaInfoGainWeights(z, y.astype(np.float64), prior=np.array([1, 1, 2], dtype=np.float32))
     assert e.labels.dtype == np.int64 and e.ema.probs.dtype == np.float64
     assert EmaBaseline(2, np.array([1, 1, 3], dtype=np.float32)).probs.tolist() == [[0.2, 0.2, 0.6]] * 2
+    b = EmaBaseline(1, [1, 1, 1], decay=0.5)
+    b.load_state_dict({"decay": 0.5, "probs": np.array([[0.2, 0.3, 0.5]], dtype=np.float32)})   # a float32 state
+    assert b.probs.dtype == np.float64

@@ -356,6 +356,7 @@ def test_fold_weights_exact_and_messages():
     np.testing.assert_allclose(fold_weights([0.0, 1000.0], tau=1e-3), [1e-8 / (1 + 1e-8), 1 / (1 + 1e-8)])  # no overflow
     assert fold_weights([1e6, 1e6 + 1e-7]).tolist() == [0.5, 0.5]                       # std below 1e-12 * max |r|
     assert fold_weights([0.5]).tolist() == [1.0]
+    assert fold_weights([0.0, 2e-12]).tolist() == [0.5, 0.5]                           # std exactly at the threshold
     assert fold_weights([0.0, 3e-12])[1] > 0.6                         # std 1.5e-12 > 1e-12 * max(1, |r|): ranked
     g32 = np.array([0.1, 0.35, 0.2], dtype=np.float32)                # float32 gains are computed in float64
     assert np.array_equal(fold_weights(g32), fold_weights(g32.astype(np.float64)))
