@@ -213,6 +213,7 @@ def test_kaggle_rows_normalised(tmp_path, caplog):
     assert c["id"].tolist() == ["7", "8", "9", "10"] and c["label"].tolist() == [0, 1, 2, 0]
     assert c["label"].dtype == "int64" and set(c["source"]) == {"mine"}
     assert c.iloc[0][["model_a", "model_b"]].tolist() == ["NA", ""]                       # "NA" is text, not missing
+    assert c.iloc[1][["model_a", "model_b"]].tolist() == ["m1", "m2"]
     assert c.iloc[2]["prompt"] == ["a", ""] and c.iloc[2]["response_a"] == ["", "x"]
     assert v.warnings == {"null_turn": 2}
     assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'k.csv'}: 2 null turns kept as empty strings"]
@@ -319,6 +320,9 @@ def test_row_helpers_directly():
     for bad in (None, float("nan"), " "):
         with pytest.raises(RowError, match="^missing_id$"):
             _row_id(bad, False)
+    from lmsys.data.validate import _name
+    assert [_name(v) for v in (None, float("nan"), np.nan, 2.5, 0, "m", "")] == ["", "", "", "2.5", "0", "m", ""]
+    assert RowError("r").detail == "" and RowError("r", "d").detail == "d" and RowError("r").reason == "r"
     assert _printable(np.array([1, 2])) == "[1, 2]" and _printable({"k": "é"}) == '{"k": "é"}'
     assert _printable(["x", None]) == '["x", null]' and _printable(3.5) == 3.5 and _printable(None) is None
     assert _printable("a\udce9") == "a\\udce9" and _printable({"t": pd.Timestamp(0)}) == '{"t": "1970-01-01 00:00:00"}'
