@@ -7,6 +7,11 @@
 #   scripts/mutation.sh 'lmsys.tta*'            one module's mutants (mutmut's name globs)
 #   MUTATION_DIR=/tmp/m JOBS=2 scripts/mutation.sh
 #   scripts/mutation.sh $(cat survivors.txt)    re-test named mutants (e.g. the survivors, after adding tests)
+#   scripts/mutation.sh --recheck names.txt     re-test named mutants of an existing $MUTATION_DIR/mutants
+#                                               against the tests as they are now, one process, no stats
+#                                               pass: each mutant switched on (MUTANT_UNDER_TEST, mutmut's
+#                                               own switch) while its module's whole test file runs (-x);
+#                                               prints "<name> killed|survived", mutmut's records untouched
 #
 # It runs in a copy of the working tree (tracked + untracked, not ignored) under $MUTATION_DIR, so
 # the repo gets no mutants/ directory and edits made meanwhile do not reach a running session; a
@@ -27,6 +32,26 @@ git ls-files -co --exclude-standard -z | xargs -0 cp -p --parents -t "$WORK/" 2>
 cd "$WORK"
 # mutmut copies tests/ into mutants/ once and never refreshes it: tests edited since would not run
 if [ -d mutants ]; then rm -rf mutants/tests && cp -a tests mutants/tests; fi
+if [ "${1:-}" = --recheck ]; then
+  names=$(realpath "$2")
+  cd mutants
+  exec nice -n "${NICE:-10}" python - "$names" <<'EOF'
+import contextlib, io, os, sys
+sys.path.insert(0, os.getcwd())
+import pytest
+FILES = {"lmsys.calibration": "tests/test_calibration.py", "lmsys.tta": "tests/test_metrics_tta.py",
+         "lmsys.metrics": "tests/test_metrics_tta.py", "lmsys.ensemble": "tests/test_ensemble.py",
+         "lmsys.distill": "tests/test_distill.py", "lmsys.data.validate": "tests/test_validate.py",
+         "lmsys.data.folds": "tests/test_transforms_folds.py"}
+for name in dict.fromkeys(l.strip() for l in open(sys.argv[1]) if l.strip()):
+    os.environ["MUTANT_UNDER_TEST"] = name
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:random_order", "-W", "ignore",
+                          "-k", "not cli and not demo_data_passes and not shared",
+                          FILES[name.split(".x_")[0].split(".xǁ")[0]]])
+    print(name, "survived" if rc == 0 else "killed" if rc == 1 else f"error (pytest exit {int(rc)})", flush=True)
+EOF
+fi
 nice -n "${NICE:-10}" mutmut run --max-children "$JOBS" "$@" || true     # exits non-zero when mutants survive
 mutmut results --all true > mutation-results.txt
 python - "$@" <<'EOF'
