@@ -411,3 +411,25 @@ def test_fallback_rows_and_raw_ids(tmp_path):
     pd.DataFrame({"x": [1]}).to_csv(tmp_path / "n.csv", index=False)
     with pytest.raises(UnusableFile, match=r"n.csv: no `id` column$"):
         raw_ids(tmp_path / "n.csv")
+
+
+def test_fallback_rows_edges(tmp_path):
+    """Which id column, which rows are skipped (a null id is not an answerable 'None'/'nan'), a 33k id
+    kept as text, and an empty result that still has the columns."""
+    from lmsys.data.validate import fallback_rows, raw_ids
+    rows = [{"id": None, "question_id": "q0", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'},
+            {"id": "5", "question_id": "q1", "prompt": "[bad", "response_a": '["a"]', "response_b": '["b"]'},
+            {"id": "6", "question_id": "q2", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")       # a Kaggle file that also carries a question_id
+    v = validate_file(tmp_path / "t.parquet")
+    assert dict(zip(v.quarantine["row"], v.quarantine["reason"])) == {0: "missing_id", 1: "bad_json"}
+    assert fallback_rows(v)[["id", "row", "reason"]].to_dict("records") == [{"id": "5", "row": 1, "reason": "bad_json"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        _arena("007", winner="nobody"), _arena(None, winner="nobody"), _arena("8")]))
+    v = validate_file(tmp_path / "a.jsonl")
+    assert fallback_rows(v)["id"].tolist() == ["007"]                                    # 33k ids are text
+    write_csv(tmp_path / "d.csv", [{"id": "1", **GOOD}, {"id": "1", **GOOD}])
+    fb = fallback_rows(validate_file(tmp_path / "d.csv"))                               # only a repeated id
+    assert fb.empty and list(fb.columns) == ["id", "row", "reason", "detail"]
+    pd.DataFrame({"id": [5.0, 5.5, float("nan")]}).to_parquet(tmp_path / "f.parquet")
+    assert raw_ids(tmp_path / "f.parquet") == ["5", "5.5"]                              # a non-integer float kept as text
