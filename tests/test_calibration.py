@@ -302,6 +302,8 @@ def test_max_iter_limits_the_optimiser():
      r"f.csv: row 1 \(id 'b'\): non-numeric or missing probability: \[nan, 0.5, 0.5\]$"),
     ({"id": ["a", "b"], "winner_model_a": [0.2, 1.02], "winner_model_b": [0.8, -0.02], "winner_tie": [0.0, 0.0]},
      r"f.csv: row 1 \(id 'b'\): probability outside \[0, 1\]: \[1.02, -0.02, 0.0\]$"),
+    ({"id": ["a", "b"], "winner_model_a": [0.2, 0.5], "winner_model_b": [0.8, -0.1], "winner_tie": [0.0, 0.6]},
+     r"f.csv: row 1 \(id 'b'\): probability outside \[0, 1\]: \[0.5, -0.1, 0.6\]$"),
     ({"id": ["a", "b"], "winner_model_a": [0.2, 0.0], "winner_model_b": [0.8, 1.02], "winner_tie": [0.0, 0.0]},
      r"f.csv: row 1 \(id 'b'\): probability outside \[0, 1\]: \[0.0, 1.02, 0.0\]$"),
     ({"id": ["a", "b"], "winner_model_a": [0.2, 0.5], "winner_model_b": [0.8, 0.5], "winner_tie": [0.0, 0.02]},

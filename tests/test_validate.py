@@ -433,3 +433,34 @@ def test_fallback_rows_edges(tmp_path):
     assert fb.empty and list(fb.columns) == ["id", "row", "reason", "detail"]
     pd.DataFrame({"id": [5.0, 5.5, float("nan")]}).to_parquet(tmp_path / "f.parquet")
     assert raw_ids(tmp_path / "f.parquet") == ["5", "5.5"]                              # a non-integer float kept as text
+
+
+def test_readers_by_suffix_keep_ids_as_text(tmp_path):
+    """Compressed JSON / JSON lines are read by suffix, with the values as written (dtype=False: a
+    question_id "007" stays text); a 20-digit Kaggle id is not rounded through a float."""
+    import gzip
+    rows = [_arena("007"), _arena("q1", winner="tie")]
+    for name, text in [("a.jsonl.gz", "\n".join(json.dumps(r) for r in rows)), ("a.json.gz", json.dumps(rows)),
+                       ("b.JSONL", "\n".join(json.dumps(r) for r in rows)), ("b.json", json.dumps(rows))]:
+        p = tmp_path / name
+        p.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+        v = validate_file(p)
+        assert v.fmt == "arena33k" and v.clean["id"].tolist() == ["007", "q1"], name
+        assert v.clean["label"].tolist() == [1, 2]
+    write_csv(tmp_path / "big.csv", [{"id": "12345678901234567891", **GOOD}])
+    assert validate_file(tmp_path / "big.csv").clean["id"].tolist() == ["12345678901234567891"]
+
+
+@pytest.mark.parametrize("header, fmt", [("question_id,conversation_a", "arena33k"), ("id,prompt", "kaggle"),
+                                         ("id,response_a", "kaggle"), ("id,response_b", "kaggle")])
+def test_any_one_format_column_picks_the_format(tmp_path, header, fmt):
+    """One column of a format is enough to name it; check_columns then lists the others it lacks."""
+    (tmp_path / "f.csv").write_text(header + "\n1,2\n")
+    with pytest.raises(UnusableFile, match=rf"f.csv: missing columns \[.*\] for format {fmt}$"):
+        validate_file(tmp_path / "f.csv")
+
+
+def test_exactly_the_raw_ultrafeedback_columns(tmp_path):
+    (tmp_path / "u.csv").write_text("instruction,completions\n1,2\n")
+    with pytest.raises(UnusableFile, match="the raw UltraFeedback release"):
+        validate_file(tmp_path / "u.csv")
