@@ -447,6 +447,10 @@ def test_readers_by_suffix_keep_ids_as_text(tmp_path):
         v = validate_file(p)
         assert v.fmt == "arena33k" and v.clean["id"].tolist() == ["007", "q1"], name
         assert v.clean["label"].tolist() == [1, 2]
+    for name in ("n.json", "n.jsonl"):                     # every id numeric-looking: still text
+        rows = [_arena("007"), _arena("8", winner="tie")]
+        (tmp_path / name).write_text(json.dumps(rows) if name == "n.json" else "\n".join(json.dumps(r) for r in rows))
+        assert validate_file(tmp_path / name).clean["id"].tolist() == ["007", "8"], name
     write_csv(tmp_path / "big.csv", [{"id": "12345678901234567891", **GOOD}])
     assert validate_file(tmp_path / "big.csv").clean["id"].tolist() == ["12345678901234567891"]
 
