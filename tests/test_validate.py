@@ -468,3 +468,15 @@ def test_exactly_the_raw_ultrafeedback_columns(tmp_path):
     (tmp_path / "u.csv").write_text("instruction,completions\n1,2\n")
     with pytest.raises(UnusableFile, match="the raw UltraFeedback release"):
         validate_file(tmp_path / "u.csv")
+
+
+def test_check_columns_says_whether_labelled(tmp_path):
+    from lmsys.data.validate import check_columns
+    p = tmp_path / "x"
+    arena = pd.DataFrame([_arena("q1")])
+    assert check_columns(arena, "arena33k", p) is True                     # 33k rows always carry a winner
+    assert check_columns(pd.DataFrame([{"id": "1", **GOOD}]), "kaggle", p) is True
+    assert check_columns(pd.DataFrame([{"id": 1, "prompt": 1, "response_a": 1, "response_b": 1}]), "kaggle", p) is False
+    (tmp_path / "u.csv").write_text("instruction,completions,c,d,e,f,g\n1,2,3,4,5,6,7\n")
+    with pytest.raises(UnusableFile, match=r"\(columns \['c', 'completions', 'd', 'e', 'f', 'g'\]\.\.\.\)"):
+        validate_file(tmp_path / "u.csv")                                  # the first six, sorted
