@@ -210,6 +210,7 @@ def test_kaggle_rows_normalised(tmp_path, caplog):
         v = validate_file(tmp_path / "k.csv", source="mine")
     c = v.clean
     assert list(c.columns) == S.CANONICAL_COLUMNS and len(v.quarantine) == 0
+    assert list(v.quarantine.columns) == [*S.KAGGLE_TRAIN_COLUMNS, "row", "reason", "detail"]   # even when empty
     assert c["id"].tolist() == ["7", "8", "9", "10"] and c["label"].tolist() == [0, 1, 2, 0]
     assert c["label"].dtype == "int64" and set(c["source"]) == {"mine"}
     assert c.iloc[0][["model_a", "model_b"]].tolist() == ["NA", ""]                       # "NA" is text, not missing
