@@ -243,6 +243,7 @@ def test_apply_file_refuses_the_other_kind_and_method(tmp_path):
     z, y = make(200, 6)
     pd.DataFrame({"id": range(200), **dict(zip(LOGIT_COLUMNS, z.T)), "label": y}).to_csv(tmp_path / "l.csv", index=False)
     pd.DataFrame({"id": range(200), **dict(zip(WINNER_COLUMNS, softmax(z).T))}).to_csv(tmp_path / "p.csv", index=False)
+    assert calibrate_fit_file(tmp_path / "l.csv", tmp_path / "v.json")["method"] == "vector"        # the default
     params = calibrate_fit_file(tmp_path / "l.csv", tmp_path / "c.json", "temperature")
     assert params["fitted_on"] == "logits" and params["method"] == "temperature"
     with pytest.raises(ValueError, match="fitted on logits but the predictions file has probabilities"):
