@@ -73,6 +73,7 @@ def test_uninformative_logits_keep_the_identity(method):
     p = fit_calibration(z, y, method)
     assert p["nll_after"] == pytest.approx(np.log(3), abs=1e-12) == pytest.approx(p["nll_before"], abs=1e-12)
     assert p["temperature" if method == "temperature" else "bias"] == ([0.0] * 3 if method == "vector" else 1.0)
+    assert p["fallback"] is False and p["nll_fit"] == p["nll_before"]    # no step, no loss: the fit is kept
 
 
 def test_identity_fallback_when_the_fit_diverges():
@@ -120,6 +121,10 @@ def test_file_round_trip(tmp_path, as_probs):
 def test_read_predictions_without_labels(tmp_path):
     pd.DataFrame({"id": ["a", "b"], "logit_a": [1, 2], "logit_b": [0, 0], "logit_tie": [0, 1]}).to_csv(tmp_path / "p.csv", index=False)
     ids, logits, labels = read_predictions(tmp_path / "p.csv")
+    assert logits.dtype == np.float64                                   # integer logits are read as float64
+    from lmsys.calibration import _identity
+    assert _identity("temperature") == {"method": "temperature", "temperature": 1.0}
+    assert _identity("vector") == {"method": "vector", "scale": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
     assert labels is None and logits.shape == (2, 3) and list(ids) == ["a", "b"]
     with pytest.raises(ValueError, match="label"):
         calibrate_fit_file(tmp_path / "p.csv", tmp_path / "c.json")
@@ -275,12 +280,14 @@ def test_fit_result_fields_exact():
     p = fit_calibration(zb, y, "temperature")
     t = torch.tensor(p["temperature"], dtype=torch.float64, requires_grad=True)
     F.cross_entropy(torch.from_numpy(zb) / t, torch.from_numpy(y)).backward()
-    assert abs(float(t.grad)) < 1e-5                                  # a converged optimum, not an early stop
+    assert abs(float(t.grad)) < 1e-7                                  # a converged optimum, not an early stop
+    assert float(np.float32(p["temperature"])) != p["temperature"]      # fitted in float64, not float32
     p = fit_calibration(zb, y, "vector")
     s = torch.tensor(p["scale"], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(p["bias"], dtype=torch.float64, requires_grad=True)
     F.cross_entropy(torch.from_numpy(zb) * s + b, torch.from_numpy(y)).backward()
     assert float(s.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
+    assert all(float(np.float32(v)) != v for v in p["scale"] + p["bias"])   # fitted in float64, not float32
 
 
 def test_max_iter_limits_the_optimiser():
