@@ -335,6 +335,9 @@ def test_ensemble_adapters_output_and_metadata(tmp_path):
     sd = torch.load(out / "weights.pt")
     torch.testing.assert_close(sd["score.weight"], 0.25 * _fold(0)["base_model.model.score.modules_to_save.weight"]
                                + 0.75 * _fold(1)["base_model.model.score.modules_to_save.weight"])
+    one = ensemble_adapters(Tiny, dirs[:1], tmp_path / "one", method="exact")      # a single fold
+    assert json.loads((one / "ensemble.json").read_text())["full_tensors"] == ["score.weight"]
+    assert json.loads((one / "ensemble.json").read_text())["base_model"] == "tiny-base"
     out2 = ensemble_adapters(Tiny, dirs, tmp_path / "out2")
     assert sorted(p.name for p in out2.iterdir()) == ["ensemble.json", "weights.pt"]
     assert json.loads((out2 / "ensemble.json").read_text())["method"] == "mean"
