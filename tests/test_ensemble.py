@@ -304,6 +304,8 @@ def test_weights_checks_named():
     np.testing.assert_array_equal(_weights("mean", 4, None), [0.25] * 4)
     np.testing.assert_array_equal(_weights("exact", 2, None), [0.5, 0.5])
     np.testing.assert_allclose(_weights("weighted", 3, [1, 1, 2]), [0.25, 0.25, 0.5])
+    w32 = np.array([0.2, 0.3, 0.7], dtype=np.float32)                  # float32 weights normalised in float64
+    assert _weights("weighted", 3, w32).tolist() == (w32.astype(np.float64) / w32.astype(np.float64).sum()).tolist()
     with pytest.raises(ValueError, match=r"^unknown ensemble method 'svd'; supported: \('mean', 'exact', 'weighted'\)$"):
         _weights("svd", 2, None)
     for m in ("mean", "exact"):
