@@ -160,6 +160,8 @@ def test_logit_and_label_checks_exact():
     for y in ([0, 1, 3], [0, 1], [[0, 1, 2]], [-1, 0, 1]):
         with pytest.raises(ValueError, match=r"^labels must be \[3\] with values 0, 1, 2$"):
             fit_calibration(np.zeros((3, 3)), np.array(y))
+    with pytest.raises(ValueError, match=r"^labels must be \[4\] with values 0, 1, 2$"):
+        fit_calibration(np.zeros((4, 3)), np.array([0, 1, 2, 5]))
     z, y = _check(np.ones((1, 3), dtype=np.float32), np.array([2.0]))
     assert z.dtype == np.float64 and y.dtype == np.int64 and y.tolist() == [2]
     assert _check([[1, 2, 3]])[1] is None

@@ -275,6 +275,17 @@ def test_merge_arithmetic_each_method(tmp_path):
     torch.testing.assert_close(m.lin.weight, (W0b.float() + sum(4.0 * b @ a for a, b in zip(A, B)) / 3).bfloat16())
 
 
+def test_merge_reads_half_precision_adapters_in_float32(tmp_path):
+    """Adapter tensors given in float16 are merged in float32 (as read_adapter's are)."""
+    from lmsys.ensemble import merge_into
+    g = torch.Generator().manual_seed(3)
+    A, B, S = torch.randn(2, 3, generator=g).half(), torch.randn(4, 2, generator=g).half(), torch.randn(2, 4, generator=g)
+    m = Tiny()
+    W0 = m.lin.weight.detach().clone()
+    merge_into(m, [({"lin.weight": (A, B, 4.0)}, {"score.weight": S})], np.ones(1), "exact")
+    torch.testing.assert_close(m.lin.weight, W0 + 4.0 * B.float() @ A.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_merge_checks_named(tmp_path):
     from lmsys.ensemble import _delta, merge_into, read_adapter
     f0 = read_adapter(_write_adapter(tmp_path / "f0", _fold(0)))[:2]
