@@ -212,7 +212,7 @@ def test_read_adapter_keys_scales_and_dtypes(tmp_path):
     assert A.dtype == B.dtype == torch.float32 and s == 8 / 2
     torch.testing.assert_close(B, t["base_model.model.lin.lora_B.weight"].float())
     torch.testing.assert_close(full["score.weight"], t["base_model.model.score.modules_to_save.weight"])
-    assert read_adapter(_write_adapter(tmp_path / "rs", _fold(0, r=4), use_rslora=True))[0]["lin.weight"][2] == 8 / 2.0
+    assert read_adapter(_write_adapter(tmp_path / "rs", _fold(0, r=9), use_rslora=True))[0]["lin.weight"][2] == 8 / 3.0
     assert read_adapter(_write_adapter(tmp_path / "r4", _fold(0, r=4), use_rslora=False))[0]["lin.weight"][2] == 8 / 4
     assert read_adapter(_write_adapter(tmp_path / "al", _fold(0), lora_alpha=3))[0]["lin.weight"][2] == 1.5
     plain = {"base_model.model.score.weight": torch.ones(2, 4)}
