@@ -285,6 +285,13 @@ def test_confusion_plot_counts_and_fractions(tmp_path, figures):
     plot_confusion(half, np.array([0, 0]), tmp_path / "h.png")          # a fraction of exactly 0.5: black
     t = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in figures[0].axes[0].texts}
     assert t[(0, 0)].get_text() == "1\n0.50" and t[(0, 0)].get_color() == "black"
+    assert figures[0].axes[0].images[0].get_clim() == (0, 1)            # fixed scale, not the data's (0, 0.5)
+    figures.clear()
+    y9 = np.repeat([0, 1, 2], 4)                                        # every (true, predicted) pair present
+    p9 = np.eye(3)[[0, 0, 1, 2, 1, 1, 0, 2, 2, 2, 0, 1]] * 0.5 + 0.5 / 3
+    plot_confusion(p9, y9, tmp_path / "n.png")
+    assert figures[0].axes[0].images[0].get_array().min() > 0
+    assert figures[0].axes[0].images[0].get_clim() == (0, 1)
     with pytest.raises(ValueError, match=r"^labels must be \[2\]"):
         plot_confusion(half, np.array([0]), tmp_path / "x.png")
 
