@@ -221,7 +221,7 @@ def test_reliability_plot_draws_the_bins(tmp_path, figures):
     np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], [0.25, 0.75])
     np.testing.assert_allclose([b.get_width() for b in bars], [0.5, 0.5])
     np.testing.assert_allclose([b.get_height() for b in bars], [1.0, 2 / 3])
-    assert bars[0].get_alpha() == 0.6 and to_rgba(bars[0].get_edgecolor())[:3] == to_rgba("k")[:3]
+    assert bars[0].get_alpha() == 0.6 and tuple(bars[0].get_edgecolor()) == (0.0, 0.0, 0.0, 0.6)   # black edges
     assert ax.get_xlabel() == "confidence (top label)" and ax.get_ylabel() == "accuracy"
     assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
     assert ax.get_title() == f"reliability, ECE={ece(p, y, 2):.4f}"
