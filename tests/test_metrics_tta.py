@@ -356,3 +356,8 @@ def test_log_loss_bounds_and_reliability_bins_exact():
     assert s["ece"] == pytest.approx(abs(4 / 5 - q.max(1).mean())) and s["n"] == 5
     assert summarize(q, [0, 1, 0, 0, 2])["ece"] == pytest.approx(ece(q, [0, 1, 0, 0, 2], 15))
     np.testing.assert_allclose(softmax(np.array([[0.0, np.log(3.0)], [1e4, 0.0]])), [[0.25, 0.75], [1.0, 0.0]])
+    np.testing.assert_allclose(softmax(np.array([0.0, np.log(3.0)])), [0.25, 0.75])           # one row, 1-D
+    z32 = np.array([[0.3, -1.2, 2.5]], dtype=np.float32)
+    assert np.array_equal(softmax(z32), softmax(z32.astype(np.float64)))                       # computed in float64
+    p, y = sample(2000, 9)
+    assert ece(p, y) == ece(p, y, 15) != ece(p, y, 16)                                           # 15 bins by default
