@@ -128,7 +128,8 @@ def test_metric_input_checks_name_what_is_wrong():
             (np.array([[np.nan, 0.5, 0.5], [1 / 3] * 3]), [0, 1], r"^probs contain NaN or inf$"),
             (np.array([[np.inf, 0.5, 0.5], [1 / 3] * 3]), [0, 1], r"^probs contain NaN or inf$"),
             (p, [0, 5], r"^labels must be 0, 1 or 2; got \[5\]$"),
-            (p, [-1, 3], r"^labels must be 0, 1 or 2; got \[-1, 3\]$")]:
+            (p, [-1, 3], r"^labels must be 0, 1 or 2; got \[-1, 3\]$"),
+            (p, [1, 5], r"^labels must be 0, 1 or 2; got \[5\]$")]:
         for fn in (log_loss, accuracy, ece, summarize):
             with pytest.raises(ValueError, match=msg):
                 fn(probs, labels)
@@ -357,6 +358,8 @@ def test_log_loss_bounds_and_reliability_bins_exact():
     assert summarize(q, [0, 1, 0, 0, 2])["ece"] == pytest.approx(ece(q, [0, 1, 0, 0, 2], 15))
     np.testing.assert_allclose(softmax(np.array([[0.0, np.log(3.0)], [1e4, 0.0]])), [[0.25, 0.75], [1.0, 0.0]])
     np.testing.assert_allclose(softmax(np.array([0.0, np.log(3.0)])), [0.25, 0.75])           # one row, 1-D
+    p32, y32 = q.astype(np.float32), np.array([0, 1, 0, 0, 2])
+    assert log_loss(p32, y32) == log_loss(p32.astype(np.float64), y32)                        # probabilities read as float64
     z32 = np.array([[0.3, -1.2, 2.5]], dtype=np.float32)
     assert np.array_equal(softmax(z32), softmax(z32.astype(np.float64)))                       # computed in float64
     p, y = sample(2000, 9)
