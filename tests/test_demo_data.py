@@ -187,3 +187,28 @@ def test_small_sizes(tmp_path):
     assert len(ut) == 0 and list(ut.columns) == KAGGLE_TRAIN_COLUMNS
     assert json.loads(paths["truth"].read_text())["ut"]["bayes_log_loss"] is None
     assert len(_arena(paths["external"])) == 2
+
+
+def test_prepare_removes_the_leaked_external_rows_and_its_report_adds_up(demo, truth, tmp_path):
+    """The prepare step on the default demo: the three external battles that repeat competition rows
+    are removed with their reason (and nothing else is), and per table every row read is used,
+    removed or quarantined: the report's counts add up to the rows in the files."""
+    from lmsys.config import load_config
+    from lmsys.paths import Layout
+    from lmsys.steps.prepare import run_prepare
+    cfg = load_config("tiny", {f"data.{k}": str(demo[k]) for k in ("train", "test", "external", "ut")})
+    layout = Layout("tiny", tmp_path)
+    run_prepare(cfg, layout)
+    report = json.loads((layout.prepared / "report.json").read_text())
+    removed = pd.read_csv(layout.prepared / "removed.csv", dtype={"id": str})
+    leaked = removed[removed["reason"] == "in_competition_data"]
+    assert sorted(leaked["id"]) == sorted(map(str, truth["external_leaks"]))
+    assert set(leaked["table"]) == {"external"} and report["removed"]["external:in_competition_data"] == 3
+    used = {name: pd.read_parquet(layout.prepared / f"{name}.parquet") for name in ("train", "external", "ut")}
+    assert not set(leaked["id"]) & set(used["external"]["id"].astype(str))
+    for name, path in (("train", demo["train"]), ("external", demo["external"]), ("ut", demo["ut"])):
+        f = report["files"][str(path)]
+        n_removed = sum(n for key, n in report["removed"].items() if key.startswith(f"{name}:"))
+        assert f["rows_in"] == report["rows_used"][name] + n_removed + f["rows_quarantined"], name
+        assert report["rows_used"][name] == len(used[name]) > 0
+    assert report["files"][str(demo["external"])]["rows_in"] == len(_arena(demo["external"]))
