@@ -55,6 +55,24 @@ def log_loss(probs, labels) -> float:
     return float(-np.log(picked).mean())
 
 
+def row_losses(probs, labels) -> np.ndarray:
+    """Each row's log loss, -log p[label] (clipped like `log_loss`), shape [n]."""
+    p, y = _check(probs, labels)
+    return -np.log(np.clip(p[np.arange(len(y)), y], EPS, 1 - EPS))
+
+
+def paired_bootstrap(losses_a, losses_b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of losses_a - losses_b over the same rows and its percentile bootstrap interval (rows
+    resampled with replacement, `n_boot` times, fixed seed): an interval above 0 says b is better
+    than a by more than the rows' noise."""
+    d = np.asarray(losses_a, dtype=np.float64) - np.asarray(losses_b, dtype=np.float64)
+    if d.ndim != 1 or not len(d):
+        raise ValueError(f"paired_bootstrap needs two equal 1-d loss arrays, got shape {d.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
+    lo, hi = np.percentile(d[idx].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "level": level, "n": len(d)}
+
+
 def accuracy(probs, labels) -> float:
     p, y = _check(probs, labels)
     return float((p.argmax(axis=1) == y).mean())

@@ -364,3 +364,25 @@ def test_log_loss_bounds_and_reliability_bins_exact():
     assert np.array_equal(softmax(z32), softmax(z32.astype(np.float64)))                       # computed in float64
     p, y = sample(2000, 9)
     assert ece(p, y) == ece(p, y, 15) != ece(p, y, 16)                                           # 15 bins by default
+
+
+def test_row_losses_and_paired_bootstrap():
+    from lmsys.metrics import paired_bootstrap, row_losses
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(3), 50)
+    y = rng.integers(0, 3, 50)
+    r = row_losses(p, y)
+    assert r.shape == (50,) and r.mean() == pytest.approx(log_loss(p, y), abs=1e-12)
+    assert r[7] == pytest.approx(-np.log(p[7, y[7]]))
+    same = paired_bootstrap(r, r)
+    assert (same["mean"], same["lo"], same["hi"], same["n"]) == (0.0, 0.0, 0.0, 50)
+    shifted = paired_bootstrap(r + 0.25, r)                  # a constant gap has no spread
+    assert shifted["lo"] == pytest.approx(0.25) and shifted["hi"] == pytest.approx(0.25)
+    gap = rng.normal(0.1, 1.0, 50)
+    noisy = paired_bootstrap(r + gap, r, n_boot=4000, seed=1)
+    assert noisy["mean"] == pytest.approx(gap.mean()) and noisy["lo"] < noisy["mean"] < noisy["hi"]
+    assert noisy["hi"] - noisy["lo"] == pytest.approx(2 * 1.96 * gap.std() / np.sqrt(50), rel=0.15)   # ~ normal theory
+    half = paired_bootstrap(r + gap, r, n_boot=4000, seed=1, level=0.5)
+    assert noisy["lo"] < half["lo"] < half["hi"] < noisy["hi"]
+    with pytest.raises(ValueError, match="equal 1-d"):
+        paired_bootstrap(r[None, :], r[None, :])

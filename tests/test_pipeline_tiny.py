@@ -79,10 +79,22 @@ def test_logits_one_finite_row_per_input(tiny_run):
 
 
 def test_training_beats_class_prior(tiny_run):
-    """The demo labels carry a learnable signal; out-of-fold log loss must beat the class prior."""
-    _, layout, _, _ = tiny_run
+    """The demo labels carry a learnable signal, and the student (the model the pipeline ships) beats
+    the class prior by more than the rows' noise: the paired bootstrap 95% interval of (prior's row
+    loss - student's row loss) over the out-of-fold rows lies above 0 (the main job's run: +0.025,
+    [0.015, 0.036]). The teachers learn less at this size (llama +0.015 [0.003, 0.027], qwen +0.000
+    [-0.005, 0.006]: issue 10), so for them only the point estimate is checked."""
+    from lmsys import metrics as M
+    from lmsys.steps import serve as S
+    cfg, layout, _, _ = tiny_run
     m = json.loads((layout.reports / "metrics.json").read_text())
-    assert m["student_oof_log_loss"] < m["class_prior_log_loss"]
+    train = pd.read_parquet(layout.prepared / "train.parquet")["label"].to_numpy()
+    prior = np.bincount(train, minlength=3) / len(train)
+    per_fold = S._oof_student(cfg, layout, tta=True)
+    p, y = (np.concatenate([v[i] for v in per_fold.values()]) for i in (0, 1))
+    gain = M.paired_bootstrap(M.row_losses(np.tile(prior, (len(y), 1)), y), M.row_losses(p, y))
+    assert gain["n"] == len(train) and gain["lo"] > 0, gain        # every row out of fold once
+    assert m["student_oof_log_loss"] == pytest.approx(M.log_loss(p, y), abs=1e-6)
     assert m["teacher_llama_oof_log_loss"] < m["class_prior_log_loss"]
     assert m["demo_bayes_train"] < m["class_prior_log_loss"] - 0.1
 
