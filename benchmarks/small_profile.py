@@ -7,7 +7,7 @@ same battle judged the same way by several annotators is one row); `--rows N` th
 subset of N of those rows spread over all 80 prompts, so the CPU run fits (the subset file is
 written into the work root and is what data.train points at).
 
-Steps (lmsys.steps.registry.run_step, in an isolated root, default benchmarks/work/small_profile):
+Steps (lmsys.steps.recipe.run_step, in an isolated root, default benchmarks/work/small_profile):
   prepare, folds (3, grouped by prompt), tokenizer, post-pretrain(gemma3), filter-argmax(k),
   train-teacher(gemma3, k), teacher-logits(gemma3, k), calibrate(gemma3), distill(k)
 Predict/evaluate are skipped: the OOF scores are computed here from the files the steps write
@@ -52,8 +52,7 @@ from lmsys.data.transforms import dedupe  # noqa: E402
 from lmsys.data.validate import validate_file  # noqa: E402
 from lmsys.metrics import accuracy, log_loss, softmax  # noqa: E402
 from lmsys.paths import Layout  # noqa: E402
-from lmsys.steps import STEPS  # noqa: E402
-from lmsys.steps.registry import run_step  # noqa: E402
+from lmsys.steps.recipe import STEPS, run_step  # noqa: E402
 from lmsys.tta import symmetrize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

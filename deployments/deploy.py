@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lmsys.lineage import EVENT_DATA_ADDED
+from flows.events import EVENT_DATA_ADDED
 
 POOL = "lmsys-local"
 CRON = "0 3 * * *"
@@ -64,8 +64,8 @@ def deploy_all(root: Path | str = ROOT, pool: str = POOL, cron: str = CRON, prof
     f = flow.from_source(str(root), "flows/pipeline.py:pipeline")
     ids["lmsys-pipeline/ui"] = f.deploy(
         name="ui", parameters={"profile": profile},
-        description="The whole recipe (steps 0-9). Parameters: profile, data files (default: the demo), folds, "
-                    "teachers, optional steps (calibrate / quantize / evaluate), dotted params overrides.",
+        description="The whole recipe (`lmsys steps`). Parameters: profile, data files (default: the demo), dotted "
+                    "params overrides (folds.use, models.teachers, calibrate.enabled, orchestration.runner, ...), root.",
         **common)
     f = flow.from_source(str(root), "deployments/ops_flows.py:rerun_if_data_changed")
     ids["lmsys-rerun-if-data-changed/scheduled"] = f.deploy(

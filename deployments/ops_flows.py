@@ -16,15 +16,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import flow_config, pipeline
 from flows.runners import make_task_runner
-from lmsys import lineage
 from lmsys.config import ROOT, load_config
 from lmsys.paths import Layout
+from stages import lineage
+
+LOCAL = {"orchestration.runner": "local"}
 
 
-def _run_pipeline(cfg: dict, **params) -> dict:
-    """The pipeline as a subflow, one task at a time on the local runner (deterministic steps)."""
-    return pipeline.with_options(task_runner=make_task_runner(cfg, "local"))(profile=cfg["profile"], runner="local",
-                                                                             **params)
+def _run_pipeline(**params) -> dict:
+    """The pipeline (its flow parameters: `params`) as a subflow on the local runner."""
+    params["overrides"] = {**(params.get("overrides") or {}), **LOCAL}
+    return pipeline.with_options(task_runner=make_task_runner(flow_config(**params)))(**params)
 
 
 @flow(name="lmsys-rerun-if-data-changed", log_prints=True)
@@ -34,14 +36,15 @@ def rerun_if_data_changed(profile: Literal["tiny", "small", "full"] = "tiny",
                           overrides: dict | None = None) -> dict:
     """Scheduled: rerun the pipeline when its data files changed since the last successful run."""
     logger = get_run_logger()
-    cfg = flow_config(profile, train, test, external, ut, None, None, None, None, True, "local", overrides, None)
+    params = {"profile": profile, "train": train, "test": test, "external": external, "ut": ut, "overrides": overrides}
+    cfg = flow_config(**params)
     changed, why = lineage.data_changed(cfg)
     if not changed:
         logger.info("%s: nothing to do", why)
         create_markdown_artifact(f"Nothing to do: {why}.\n", key="lmsys-rerun", description="scheduled rerun")
         return {"ran": False, "reason": why}
     logger.info("%s: running the pipeline", why)
-    out = _run_pipeline(cfg, train=train, test=test, external=external, ut=ut, overrides=overrides)
+    out = _run_pipeline(**params)
     create_markdown_artifact(f"Reran the pipeline: {why}.\n", key="lmsys-rerun", description="scheduled rerun")
     return {"ran": True, "reason": why, **out}
 
@@ -52,13 +55,13 @@ def ingest_new_data(path: str, kind: Literal["train", "external", "ut", "test"] 
     """Event-triggered: the pipeline with the added file. external: joins the configured external
     files; train / ut / test: replaces that table's file (the other tables stay as configured)."""
     from lmsys.steps.prepare import data_files, uses_demo
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     logger = get_run_logger()
     new = Path(path) if Path(path).is_absolute() else ROOT / path
     if not new.exists():
         raise FileNotFoundError(f"{new} does not exist (was it added on another machine? `dvc pull` it)")
     base = load_config(profile, overrides)
-    layout = Layout(profile)
+    layout = Layout.of(base)
     files = data_files(base, layout)
     if uses_demo(base) and not all(p.exists() for fs in files.values() for p in fs):
         logger.info("the demo data the new file joins is missing: generating it")
@@ -76,7 +79,5 @@ def ingest_new_data(path: str, kind: Literal["train", "external", "ut", "test"] 
         overrides = {**(overrides or {}), "data.test_labels": str(demo_paths(layout.demo_dir)["test_labels"])}
     logger.info("running the pipeline with %s as %s: %s", new.name, kind, data)
     data["external"] = data["external"] or None
-    cfg = flow_config(profile, data["train"], data["test"], data["external"], data["ut"], None, None, None,
-                      None, True, "local", overrides, None)
-    out = _run_pipeline(cfg, overrides=overrides, **data)
+    out = _run_pipeline(profile=profile, overrides=overrides, **data)
     return {"added": str(new), "kind": kind, "data": data, **out}

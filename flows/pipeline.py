@@ -1,9 +1,10 @@
-"""The pipeline flow: the seed's step list, steps 0 -> 9, folds and teachers fanned out.
+"""The pipeline flow: the recipe table's tasks (lmsys.steps.recipe), folds and teachers fanned out.
 
-Each level of the graph is submitted at once (its tasks run in parallel on the task runner), then
-checked: a cache hit whose outputs no longer carry its key is rerun with refresh_cache. Optional
-steps follow params.yaml (calibrate.enabled, quantize.enabled, evaluate) unless the flow's
-parameters say otherwise.
+Every task starts as soon as the tasks that write its inputs have finished (graph(cfg): its
+upstream futures are passed as wait_for), never waiting for a whole level: a slow fold delays only
+what reads it. A finished cache hit whose outputs no longer carry its key is rerun with
+refresh_cache before anything downstream starts. Optional steps follow params.yaml
+(calibrate.enabled, quantize.enabled, evaluate.enabled; the flow's `overrides` set them).
 """
 from __future__ import annotations
 
@@ -20,19 +21,21 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from flows.check import preflight
 from flows.console import Progress, previous_seconds
-from flows.runners import check_slurm, make_task_runner, wait_for_level
+from flows.runners import check_slurm, make_task_runner, wait_any
+from flows.secrets import use_prefect_secret
 from lmsys.config import load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
-from lmsys.plan import plan, step_timeout            # the task graph lives in the library (lmsys plan)
-from tasks.steps import STEPS, outputs_match, run_step, task_label   # tasks.steps registers every step
+from lmsys.plan import step_timeout
+from lmsys.steps.recipe import STEPS, graph, plan, task_label
+from tasks.steps import outputs_match, run_step
 
-# Seconds between updates of the progress artifact (one API call each): a level that finishes sooner
-# (all cached, or a tiny step) is reported with the next one; the last level is always reported.
+# Seconds between updates of the progress artifact (one API call each); the last task always updates it.
 PROGRESS_EVERY_S = 5.0
+DATA = ("train", "test", "external", "ut")      # the flow's data parameters: data.<name> overrides
 
 
-def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
+def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list):
     import dask
     o = cfg["orchestration"]
     t = run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
@@ -40,111 +43,133 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool):
                               refresh_cache=refresh)   # a local thread cannot be stopped: Prefect only warns
     if STEPS[name].gpu and o["runner"] == "slurm":
         with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
-            return t.submit(name, cfg, keys)
+            return t.submit(name, cfg, keys, wait_for=wait_for)
     if o["runner"] == "slurm" and int(o["slurm"].get("cpu_jobs") or 0):
         with dask.annotate(resources={"CPU_JOB": 1}):    # CPU steps on the CPU job template's workers
-            return t.submit(name, cfg, keys)
-    return t.submit(name, cfg, keys)
+            return t.submit(name, cfg, keys, wait_for=wait_for)
+    return t.submit(name, cfg, keys, wait_for=wait_for)
 
 
-def _run_level(level, cfg: dict, task_runner=None, console: Progress | None = None) -> list[dict]:
-    """Submit a level, wait, rerun stale cache hits; returns one record per task."""
-    layout = Layout(cfg["profile"], cfg.get("root"))
-    futures = [(n, k, _submit(n, cfg, k, refresh=not all(Path(p).exists() for p in STEPS[n].outputs(cfg, layout, **k))))
-               for n, k in level]
-    wait_for_level([f for _, _, f in futures], [task_label(n, k) for n, k, _ in futures], cfg, task_runner)
-    records = []
-    for n, k, fut in futures:
-        res = fut.result()
-        state = fut.state.name
-        if state == "Cached" and not outputs_match(cfg, n, k, res["key"]):
-            get_run_logger().warning("%s: cache hit but its outputs were replaced since; rerunning", task_label(n, k))
-            fut = _submit(n, cfg, k, refresh=True)
-            wait_for_level([fut], [task_label(n, k)], cfg, task_runner)
-            res, state = fut.result(), "Completed (refreshed)"
-        records.append({"task": task_label(n, k), "step": n, "gpu": STEPS[n].gpu, "state": state,
-                        **{x: res.get(x) for x in ("host", "slurm_job_id", "pid", "started", "seconds", "finished",
-                                                   "key", "outputs", "metrics")}})
-    if console is not None:
-        for r in sorted(records, key=lambda r: r["finished"] or 0):
-            console.task_done(r["task"], r["state"], r["seconds"] if r["state"] != "Cached" else 0.0)
-        console.report()
-    return records
+class Scheduler:
+    """Submits each task of the run once the tasks that write its inputs have finished, and keeps
+    one record per task (state, where and when it ran) in the order the tasks finished."""
+
+    def __init__(self, cfg: dict, task_runner, console: Progress | None = None):
+        self.cfg, self.task_runner, self.console = cfg, task_runner, console
+        self.tasks = {task_label(n, k): (n, k) for n, k in plan(cfg)}
+        self.deps = graph(cfg)
+        self.waiting = list(self.tasks)             # table order: the order ready tasks are submitted in
+        self.running: dict = {}
+        self.futures: dict = {}
+        self.refreshed: set[str] = set()
+        self.records: dict[str, dict] = {}
+
+    def submit_ready(self) -> None:
+        layout = Layout.of(self.cfg)
+        for t in [t for t in self.waiting if all(d in self.records for d in self.deps[t])]:
+            self.waiting.remove(t)
+            n, k = self.tasks[t]
+            missing = not all(Path(p).exists() for p in STEPS[n].outputs(self.cfg, layout, **k))
+            self.running[t] = _submit(n, self.cfg, k, refresh=missing, wait_for=self.upstream(t))
+
+    def upstream(self, label: str) -> list:
+        """wait_for of a task: its finished upstream tasks (the graph in Prefect's records). On Dask their
+        final states, not futures: a Dask future would make Dask recompute an upstream task whose worker
+        job has gone (scancel), although its outputs are on disk."""
+        futures = [self.futures[d] for d in self.deps[label]]
+        return [f.state for f in futures] if type(self.task_runner).__name__ == "DaskTaskRunner" else futures
+
+    def collect(self, label: str) -> dict | None:
+        """The record of a finished task, or None when it was a stale cache hit (resubmitted)."""
+        n, k = self.tasks[label]
+        fut = self.running.pop(label)
+        res, state = fut.result(), fut.state.name
+        if state == "Cached" and not outputs_match(self.cfg, n, k, res["key"]):
+            get_run_logger().warning("%s: cache hit but its outputs were replaced since; rerunning", label)
+            self.refreshed.add(label)
+            self.running[label] = _submit(n, self.cfg, k, refresh=True, wait_for=self.upstream(label))
+            return None
+        self.futures[label] = fut
+        state = "Completed (refreshed)" if label in self.refreshed else state
+        return {"task": label, "step": n, "gpu": STEPS[n].gpu, "state": state,
+                **{x: res.get(x) for x in ("host", "slurm_job_id", "pid", "started", "seconds", "finished",
+                                           "key", "outputs", "metrics")}}
+
+    def run(self, on_done=lambda: None) -> list[dict]:
+        """Run every task; `on_done()` after each batch of finished tasks. Returns the records in plan order."""
+        self.submit_ready()
+        while self.running:
+            finished = [r for r in map(self.collect, wait_any(self.running, self.cfg, self.task_runner)) if r]
+            for rec in sorted(finished, key=lambda r: r["finished"] or 0):
+                self.records[rec["task"]] = rec
+                if self.console is not None:
+                    self.console.task_done(rec["task"], rec["state"], rec["seconds"] if rec["state"] != "Cached" else 0.0)
+            if self.console is not None:
+                self.console.report()
+            on_done()
+            self.submit_ready()
+        return [self.records[t] for t in self.tasks]
 
 
 @flow(name="lmsys-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
              train: str | None = None, test: str | None = None,
              external: list[str] | None = None, ut: str | None = None,
-             folds: list[int] | None = None, teachers: list[str] | None = None,
-             calibrate: bool | None = None, quantize: bool | None = None, evaluate: bool = True,
-             runner: Literal["local", "slurm"] | None = None,
              overrides: dict | None = None, root: str | None = None, check: bool = True) -> dict:
-    """Run the whole recipe. Data defaults to the embedded demo (train=None); `folds`/`teachers` are
-    the seed's TEACHER_FOLDS / SKIP_QWEN / INFER_MODELS; `overrides` are dotted params keys.
-    The task runner is the flow's (see run_pipeline, which picks it from the runner); started with the
-    decorator's thread runner and runner 'slurm' (a deployment run from the UI), the flow runs itself as
-    a subflow on the SLURM Dask runner. `check` runs `lmsys check` first (flows/check.py): a failed check
-    stops the flow before any step."""
-    cfg = flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
-                      overrides, root)
+    """Run the whole recipe. Data defaults to the embedded demo (train=None); `overrides` are dotted
+    params.yaml keys (e.g. folds.use, models.teachers, calibrate.enabled, orchestration.runner);
+    `root` is where data/, artifacts/ and reports/ go. The task runner is the flow's (run_pipeline
+    picks it from orchestration.runner); started with the decorator's thread runner and runner slurm
+    (a deployment run from the UI), the flow runs itself, with the same parameters, as a subflow on
+    the SLURM Dask runner. `check` runs `lmsys check` first (flows/check.py): a failed check stops
+    the flow before any step."""
+    params = dict(locals())                     # the flow's parameters, as given: the subflow reuses them
+    cfg = flow_config(**params)
     logger = get_run_logger()
-    levels = plan(cfg)
+    use_prefect_secret()
     task_runner = FlowRunContext.get().task_runner
     if cfg["orchestration"]["runner"] == "slurm":      # settings no worker could run: before any job, the check's too
-        check_slurm(cfg, [task_label(n, k) for lv in levels for n, k in lv if STEPS[n].gpu])
+        check_slurm(cfg, [task_label(n, k) for n, k in plan(cfg) if STEPS[n].gpu])
     if check:
         preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
-    if cfg["orchestration"]["runner"] == "slurm":
-        if type(task_runner).__name__ != "DaskTaskRunner":
-            logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
-            return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(
-                profile=profile, train=train, test=test, external=external, ut=ut, folds=folds, teachers=teachers,
-                calibrate=calibrate, quantize=quantize, evaluate=evaluate, runner=runner, overrides=overrides,
-                root=root, check=False)
-    from lmsys.lineage import git_rev
+    if cfg["orchestration"]["runner"] == "slurm" and type(task_runner).__name__ != "DaskTaskRunner":
+        logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
+        return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(**{**params, "check": False})
+    from lmsys.revision import git_rev
     code_rev = git_rev()                        # the code this run runs: read before it writes anything
-    n_tasks, done, records = sum(map(len, levels)), 0, []
+    labels = [task_label(n, k) for n, k in plan(cfg)]
+    console = Progress(labels, previous_seconds(Layout.of(cfg).art / "flow_run.json"), logger)
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
-    t0 = last_update = time.perf_counter()
-    console = Progress([task_label(n, k) for lv in levels for n, k in lv],
-                       previous_seconds(Layout(cfg["profile"], cfg.get("root")).art / "flow_run.json"), logger)
-    for i, level in enumerate(levels):
-        logger.debug("running %s", ", ".join(task_label(n, k) for n, k in level))
-        records += _run_level(level, cfg, task_runner, console)
-        done += len(level)
-        if time.perf_counter() - last_update >= PROGRESS_EVERY_S or i == len(levels) - 1:
-            update_progress_artifact(progress, 100.0 * done / n_tasks)
-            last_update = time.perf_counter()
-    return _finish(cfg, levels, records, time.perf_counter() - t0, code_rev)
+    sched, t0, last = Scheduler(cfg, task_runner, console), time.perf_counter(), [time.perf_counter()]
+
+    def report_progress():
+        if time.perf_counter() - last[0] >= PROGRESS_EVERY_S or len(sched.records) == len(labels):
+            update_progress_artifact(progress, 100.0 * len(sched.records) / len(labels))
+            last[0] = time.perf_counter()
+    records = sched.run(report_progress)
+    return _finish(cfg, plan(cfg), records, time.perf_counter() - t0, code_rev)
 
 
-def flow_config(profile, train, test, external, ut, folds, teachers, calibrate, quantize, evaluate, runner,
-                overrides, root) -> dict:
-    over = dict(overrides or {})
-    for key, value in (("data.train", train), ("data.test", test), ("data.external", external), ("data.ut", ut),
-                       ("folds.use", folds), ("models.teachers", teachers), ("calibrate.enabled", calibrate),
-                       ("quantize.enabled", quantize), ("orchestration.runner", runner)):
-        if value is not None:
-            over[key] = value
+def flow_config(profile: str = "tiny", overrides: dict | None = None, root: str | None = None, **params) -> dict:
+    """The resolved config of the flow's parameters: `overrides`, then the data paths as data.<name>
+    (train, test, external, ut), then `root`. Other flow parameters (check) do not enter it."""
+    over = {**(overrides or {}), **{f"data.{k}": params[k] for k in DATA if params.get(k) is not None}}
     cfg = load_config(profile, over)
-    cfg["evaluate"]["enabled"] = evaluate and cfg["evaluate"]["enabled"]
     if root:
         cfg["root"] = str(root)
     return cfg
 
 
-def _finish(cfg: dict, levels: list[list[tuple[str, dict]]], records: list[dict], seconds: float,
-            code_rev: str) -> dict:
-    layout = Layout(cfg["profile"], cfg.get("root"))
+def _finish(cfg: dict, tasks: list[tuple[str, dict]], records: list[dict], seconds: float, code_rev: str) -> dict:
+    """Record the run (flow_run.json, dvc.lock, the data record) and publish its artifacts; the summary."""
+    layout = Layout.of(cfg)
     ctx = FlowRunContext.get()
-    from lmsys.lineage import lineage_markdown, record_flow_run, stage_name   # dvc.lock entries + data record
+    from stages.lineage import lineage_markdown, record_flow_run, stage_name   # dvc.lock entries + data record
     summary = {"profile": cfg["profile"], "git_rev": code_rev, "seconds": seconds,
                "runner": cfg["orchestration"]["runner"], "flow_run_id": str(ctx.flow_run.id) if ctx else None,
                "tasks": len(records), "cached": sum(r["state"] == "Cached" for r in records),
                "submission": str(layout.submission), "report": str(layout.reports / "report.md"),
                "records": records}
-    tasks = [t for level in levels for t in level]          # records come in this order
     cached = {stage_name(n, k) for (n, k), r in zip(tasks, records) if r["state"] == "Cached"}
     lineage = record_flow_run(cfg, tasks, cached)
     summary["dvc"] = {"stages": lineage["stages"], "note": lineage["note"], "git_rev": lineage["git_rev"]}
@@ -181,16 +206,13 @@ def embed_images(markdown: str, base: Path) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", inline, markdown)
 
 
-def run_pipeline(profile: str = "tiny", runner: str | None = None, overrides: dict | None = None,
-                 root: str | None = None, **params) -> dict:
-    """The flow on the task runner that `runner` (default: orchestration.runner) names; the other
-    arguments are the flow's parameters. Returns the flow's summary."""
-    cfg = flow_config(profile, params.get("train"), params.get("test"), params.get("external"), params.get("ut"),
-                      params.get("folds"), params.get("teachers"), params.get("calibrate"), params.get("quantize"),
-                      params.get("evaluate", True), runner, overrides, root)
-    runner = cfg["orchestration"]["runner"]
-    flow_fn = pipeline.with_options(task_runner=make_task_runner(cfg, runner))
-    return flow_fn(profile=profile, runner=runner, overrides=overrides, root=root, **params)
+def run_pipeline(runner: str | None = None, **params) -> dict:
+    """The flow (its parameters: `params`) on the task runner of orchestration.runner, which
+    `runner` overrides. Returns the flow's summary."""
+    if runner:
+        params["overrides"] = {**(params.get("overrides") or {}), "orchestration.runner": runner}
+    cfg = flow_config(**params)
+    return pipeline.with_options(task_runner=make_task_runner(cfg))(**params)
 
 
 def run_from_cli(args) -> int:

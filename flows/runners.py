@@ -71,7 +71,7 @@ def check_slurm(cfg: dict, gpu_tasks: list[str] = ()) -> None:
 
 
 def log_dir(cfg: dict) -> Path:
-    return Layout(cfg["profile"], cfg.get("root")).art / "slurm-logs"
+    return Layout.of(cfg).art / "slurm-logs"
 
 
 def slurm_cluster_kwargs(cfg: dict) -> dict:
@@ -117,33 +117,38 @@ def slurm_task_runner(cfg: dict):
                                         "target_duration": "10ms", "wait_count": 10})
 
 
-# ---------------------------------------------------------------- waiting on a SLURM level
+# ---------------------------------------------------------------- waiting for the next task to finish
 
-def wait_for_level(futures: list, labels: list[str], cfg: dict, task_runner) -> None:
-    """Block until every future is done; raise when no worker has been connected for
+def wait_any(running: dict, cfg: dict, task_runner) -> list[str]:
+    """Block until at least one of `running` (label -> Prefect future) is done; return the labels of
+    those done. On the Dask runner, raise when no worker has been connected for
     orchestration.slurm.worker_wait_s while tasks wait (a task needing a worker that no job can
-    provide would otherwise wait forever). A no-op for runners other than Dask."""
+    provide would otherwise wait forever)."""
     client = getattr(task_runner, "client", None) if type(task_runner).__name__ == "DaskTaskRunner" else None
-    if client is None:
-        return
     wait_s = float(cfg["orchestration"]["slurm"]["worker_wait_s"])
     last_worker = time.monotonic()
-    pending = list(zip(futures, labels))
-    done = threading.Event()
-    for f in futures:
-        f.wrapped_future.add_done_callback(lambda _: done.set())
-    while pending:
-        pending = [(f, n) for f, n in pending if not f.wrapped_future.done()]
-        if not pending:
-            return
-        if client.nthreads():
-            last_worker = time.monotonic()
-        elif time.monotonic() - last_worker > wait_s:
-            msg = no_worker_message(cfg, task_runner, [n for _, n in pending], wait_s)
-            _stop_scaling(task_runner)
-            raise RuntimeError(msg)
-        done.wait(1.0)
-        done.clear()
+    woke = threading.Event()
+    for f in running.values():
+        f.add_done_callback(lambda _: woke.set())
+    while True:
+        done = [t for t, f in running.items() if _done(f)]
+        if done:
+            return done
+        if client is not None:
+            if client.nthreads():
+                last_worker = time.monotonic()
+            elif time.monotonic() - last_worker > wait_s:
+                msg = no_worker_message(cfg, task_runner, list(running), wait_s)
+                _stop_scaling(task_runner)
+                raise RuntimeError(msg)
+        woke.wait(1.0)
+        woke.clear()
+
+
+def _done(future) -> bool:
+    """Has the task behind a Prefect future finished (its runner's own future, no API call)?"""
+    wrapped = getattr(future, "wrapped_future", None)
+    return wrapped.done() if wrapped is not None else future.state.is_final()
 
 
 def no_worker_message(cfg: dict, task_runner, waiting: list[str], wait_s: float) -> str:

@@ -80,7 +80,7 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
     Prefect API the SLURM job must reach. progress(str) is called as groups finish. in_job(names, rows,
     api_url) -> list of Check dicts runs job_checks on a GPU worker that is already up (the flow's Dask
     cluster) instead of submitting a check job. Nothing raises for a failing check; it is a FAIL line."""
-    layout = Layout(cfg["profile"], cfg.get("root"))
+    layout = Layout.of(cfg)
     runner = runner or cfg["orchestration"]["runner"]
     say = progress or (lambda _msg: None)
     checks, weights, loadable = [], {}, []
@@ -720,7 +720,7 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
     config/index stamps), the data files (size, mtime) or the demo parameters, the runner's settings,
     the text settings and this module's code. The flow caches its check task on it."""
     from lmsys.steps.prepare import data_files, uses_demo
-    layout = Layout(cfg["profile"], cfg.get("root"))
+    layout = Layout.of(cfg)
     here = Path(__file__).resolve().parent      # sources read, not imported: a cached rerun pays no torch import
     runner = runner or cfg["orchestration"]["runner"]
     specs = {n: cfg["models"]["specs"].get(n) for n in model_names(cfg)}

@@ -128,14 +128,14 @@ def cmd_demo_data(args) -> int:
 def step_keys(args) -> dict:
     """The step's own fan-out keys from the parsed options (`lmsys predict --model DIR` without
     --test runs step 8, whose --model is not a key of it)."""
-    from lmsys.steps import STEPS
+    from lmsys.steps.recipe import STEPS
     return {k: getattr(args, k) for k in STEPS[args.step].fan_out if getattr(args, k, None) is not None}
 
 
 def cmd_step(args) -> int:
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     cfg = _config(args)
-    result = run_step(args.step, cfg, Layout(cfg["profile"], cfg.get("root")), **step_keys(args))
+    result = run_step(args.step, cfg, Layout.of(cfg), **step_keys(args))
     print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
                      indent=2, default=str))
     warn = {k: result.metrics.get(k) for k in ("rows_quarantined", "fallback_rows") if result.metrics.get(k)}
@@ -247,8 +247,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="params file (default: the repo's params.yaml)")
 
 
+def cmd_steps(args) -> int:
+    """`lmsys steps`: the recipe table, numbered, in order."""
+    from lmsys.steps.recipe import format_recipe
+    print(format_recipe())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from lmsys.steps.registry import STEPS
+    from lmsys.steps.recipe import STEPS
     ap = argparse.ArgumentParser(prog="lmsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--debug", action="store_true", help="print the traceback of an error (also anywhere after the command)")
@@ -319,14 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", required=True)
         p.set_defaults(func=cmd_step, step=name)
 
-    from lmsys import lineage                   # lineage / operations (lmsys/lineage.py)
-    p = sub.add_parser("step", help="run any registry step by name (e.g. `step demo-data`, as dvc.yaml does)")
+    from stages import lineage                  # dvc.yaml, dvc.lock, data add (stages/lineage.py)
+    p = sub.add_parser("steps", help="the recipe: every step with its number, in order")
+    p.set_defaults(func=cmd_steps)
+    p = sub.add_parser("step", help="run any recipe step by name (e.g. `step demo-data`, as dvc.yaml does)")
     p.add_argument("step", choices=list(STEPS))
     p.add_argument("--fold", type=int)
     p.add_argument("--model")
     _add_config_args(p)
     p.set_defaults(func=cmd_step)
-    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the step registry (--check: exit 1 when stale)")
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the recipe table (--check: exit 1 when stale)")
     p.add_argument("--check", action="store_true")
     p.add_argument("--profile", choices=PROFILES, help="default: params.yaml's profile")
     p.add_argument("--out", help="write here instead of the repo's dvc.yaml")
@@ -379,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("LMSYS_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    from flows.secrets import use_prefect_secret
+    use_prefect_secret()                        # hf_token() may fall back on the Prefect Secret block
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -249,3 +249,11 @@ def write_report(out_dir, sections: dict, title: str = "Evaluation report") -> P
     with atomic_path(path) as tmp:
         tmp.write_text("\n\n".join(parts) + "\n")
     return path
+
+
+def class_prior(labels) -> np.ndarray:
+    """Class frequencies [3] of labels [N] (0/1/2), uniform when there are none: the answer for a
+    test row that cannot be read."""
+    y = np.asarray(labels, dtype=np.int64)
+    y = y[(y >= 0) & (y <= 2)]
+    return np.bincount(y, minlength=3) / len(y) if len(y) else np.full(3, 1 / 3)

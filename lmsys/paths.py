@@ -31,6 +31,11 @@ class Layout:
         self.root = Path(root) if root else ROOT
         self.profile = profile
 
+    @classmethod
+    def of(cls, cfg: dict) -> "Layout":
+        """The layout of a resolved config: its profile, under its `root` (default: the repo)."""
+        return cls(cfg["profile"], cfg.get("root"))
+
     # inputs
     @property
     def demo_dir(self) -> Path:

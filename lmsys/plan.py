@@ -1,16 +1,16 @@
 """The task graph and what it will cost, before anything runs (`lmsys plan`).
 
-`plan(cfg)` is the one description of which steps run with which keys, as levels: every task of a
-level depends only on earlier levels (the Prefect flow, DVC lineage and the tests all read it).
+Which tasks run, and what each waits for, is lmsys.steps.recipe (plan, graph, levels).
 
 `estimate(cfg, gpus)` prices every task from the figures in `orchestration.estimate` (params.yaml,
 per profile, with the device they were measured on): rows per step from the prepared tables when
 they exist, else `estimate.rows` or the demo sizes; samples/s per model for training and inference
 on one device; load seconds per model build; fixed seconds for the CPU steps, the merge and GPTQ.
 Each task gets its job template (GPU or CPU SLURM job: partition, gres, memory, cores, walltime)
-and timeout (orchestration.slurm / cpu_job / timeouts). The flow runs level by level, so the wall
-time on N GPUs is the sum over levels of that level's makespan (its GPU tasks placed longest first
-on the least-loaded GPU; CPU tasks beside them); the critical path is the longest task of each level.
+and timeout (orchestration.slurm / cpu_job / timeouts). The wall time on N GPUs is estimated level by
+level (recipe.levels: the sum of each level's makespan, its GPU tasks placed longest first on the
+least-loaded GPU, CPU tasks beside them): an upper bound, since the flow starts each task as soon as
+its inputs exist; the critical path is the longest task of each level.
 
 No Prefect import: the CLI, the flow and the checks use it alike.
 """
@@ -19,35 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmsys.paths import Layout
-
-
-def plan(cfg: dict) -> list[list[tuple[str, dict]]]:
-    """The graph as levels of (step, keys); every task of a level depends only on earlier levels."""
-    from lmsys.steps.folds import active_folds
-    from lmsys.steps.prepare import uses_demo
-    from lmsys.steps.teachers import filter_model
-    folds, teachers = active_folds(cfg), list(cfg["models"]["teachers"])
-    levels = [[("demo-data", {})]] if uses_demo(cfg) else []
-    levels += [[("prepare", {})], [("folds", {}), ("tokenizer", {})],
-               [*[("post-pretrain", {"model": m}) for m in teachers], ("post-pretrain-student", {})],
-               [("filter-score", {"model": filter_model(cfg)})],         # once per filtering model, not per fold
-               [("filter-argmax", {"fold": k}) for k in folds],
-               [("train-teacher", {"model": m, "fold": k}) for m in teachers for k in folds],
-               [("teacher-logits", {"model": m, "fold": k}) for m in teachers for k in folds]]
-    if cfg["calibrate"]["enabled"]:
-        levels.append([("calibrate", {"model": m}) for m in teachers])
-    levels += [[("distill", {"fold": k}) for k in folds], [("ensemble", {})]]
-    if cfg["quantize"]["enabled"]:
-        levels.append([("quantize", {})])
-    levels.append([("predict", {})])
-    if cfg["evaluate"]["enabled"]:
-        levels.append([("evaluate", {})])
-    return levels
-
-
-def task_label(name: str, keys: dict) -> str:
-    """A task's name, as the Prefect tasks name it (tasks.steps.task_label): `train-teacher-fold0-modelllama`."""
-    return "-".join([name, *(f"{k}{v}" for k, v in sorted(keys.items()))])
+from lmsys.steps.recipe import STEPS, levels, task_label
 
 
 # ---------------------------------------------------------------- resources and timeouts
@@ -85,7 +57,7 @@ def walltime_s(text: str) -> int:
 def dataset_rows(cfg: dict) -> dict[str, int]:
     """Rows of train, external, ut, test: the prepared tables when they exist, else
     orchestration.estimate.rows (the real data's sizes), else the demo parameters."""
-    layout = Layout(cfg["profile"], cfg.get("root"))
+    layout = Layout.of(cfg)
     est = (cfg["orchestration"].get("estimate") or {}).get("rows") or {}
     demo = cfg["demo"]
     fallback = {"train": demo["rows"], "external": demo["external_rows"], "ut": demo["ut_rows"], "test": demo["test_rows"]}
@@ -154,7 +126,6 @@ class TaskEstimate:
 
 def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], level: int) -> TaskEstimate:
     """One task's resources and estimated wall time from orchestration.estimate."""
-    from lmsys.steps import STEPS
     est = cfg["orchestration"]["estimate"]
     step = STEPS[name]
     model, kind, samples = _work(cfg, name, keys, rows)
@@ -174,7 +145,7 @@ def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], level:
 
 
 def estimate(cfg: dict, gpus: int = 1) -> dict:
-    """Every task of plan(cfg) priced (TaskEstimate), the total GPU-hours, the wall time on `gpus`
+    """Every task of the run priced (TaskEstimate), the total GPU-hours, the wall time on `gpus`
     GPUs (sum over levels of each level's makespan, GPU tasks placed longest first on the least-loaded
     GPU) and the critical path (each level's longest task). Raises ValueError for gpus < 1 and
     KeyError when a model has no figures in orchestration.estimate.models."""
@@ -182,7 +153,7 @@ def estimate(cfg: dict, gpus: int = 1) -> dict:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     rows = dataset_rows(cfg)
     tasks, wall, path = [], 0.0, []
-    for i, level in enumerate(plan(cfg)):
+    for i, level in enumerate(levels(cfg)):
         ests = [task_estimate(cfg, n, k, rows, i) for n, k in level]
         tasks += ests
         loads = [0.0] * gpus
@@ -247,7 +218,6 @@ def cmd_plan(args) -> int:
     import sys
 
     from lmsys.config import load_config, parse_override
-    import lmsys.steps.registry  # noqa: F401  (registers every step)
     try:
         cfg = load_config(args.profile, dict(parse_override(o) for o in (args.set or [])), getattr(args, "params", None))
         if getattr(args, "root", None):

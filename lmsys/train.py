@@ -29,6 +29,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -229,6 +230,77 @@ def _evaluate(model, val_ids, val_labels, pad_id, batch_size, step: int) -> dict
 
 # ---------------------------------------------------------------- the trainer
 
+@dataclass
+class Run:
+    """One training run's state, in one object: what it trains on, its optimizer and schedule, where
+    it writes, and `state` (step, epoch, position, best, history: what a checkpoint saves)."""
+    model: object
+    cfg: dict                                  # batch_size, lr, epochs, ... (train_classifier's docstring)
+    plan: dict                                 # _plan: batch size, accumulation, steps per epoch, total steps
+    data: dict                                 # ids, labels, pad_id, soft, weight
+    val_ids: list | None
+    val_labels: np.ndarray | None
+    out_dir: Path
+    opt: object
+    sched: object
+    state: dict
+    weights: DynamicWeights | None = None      # the dynamic sample weights (saved in checkpoints), if any
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_ids is not None and len(self.val_ids) > 0
+
+    def resume(self) -> int | None:
+        """Load checkpoint/ into the run when it belongs to it; returns its step (None: a fresh start)."""
+        ckpt = self.out_dir / "checkpoint"
+        if not (ckpt / "state.json").exists():
+            return None
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved.get("fingerprint") != self.state["fingerprint"]:
+            log.warning("ignoring %s: written by another run (other settings, data, targets, weights or model)", ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            return None
+        self.state.update(load_checkpoint(ckpt, self.model, self.opt, self.sched, self.weights))
+        log.info("resuming from %s at step %d (epoch %d)", ckpt, self.state["global_step"], self.state["epoch"])
+        return self.state["global_step"]
+
+    def after_step(self) -> None:
+        """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
+        step = self.state["global_step"]
+        every = self.cfg.get("eval_every")
+        if self.has_val and every and step % int(every) == 0:
+            self.record_eval()
+        every = self.cfg.get("checkpoint_every")
+        if every and step % int(every) == 0 and step < self.plan["total_steps"]:
+            save_checkpoint(self.out_dir / "checkpoint", self.model, self.opt, self.sched, self.state, self.weights)
+
+    def record_eval(self) -> None:
+        ev = _evaluate(self.model, self.val_ids, self.val_labels, self.data["pad_id"], self.plan["batch_size"],
+                       self.state["global_step"])
+        self.state["evals"].append(ev)
+        log.info("step %d: val log loss %.4f, accuracy %.3f", ev["step"], ev["log_loss"], ev["accuracy"])
+        if self.state["best"] is None or ev["log_loss"] < self.state["best"]["log_loss"]:
+            self.state["best"] = ev
+            _save_model(self.model, self.out_dir / "best")
+
+    def finish(self, resumed_from, rows_per_s, train_s) -> dict:
+        """Final evaluation, final/ and metrics.json, then drop the checkpoint."""
+        out_dir, state = self.out_dir, self.state
+        if self.has_val:
+            if not state["evals"] or state["evals"][-1]["step"] != state["global_step"]:
+                self.record_eval()
+            with atomic_dir(out_dir / "final") as tmp:
+                shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
+            _load_best_into(self.model, out_dir / "best")
+        else:
+            _save_model(self.model, out_dir / "final")
+        metrics = _metrics(state, self.plan, resumed_from, rows_per_s, train_s, len(self.data["ids"]),
+                           len(self.val_ids) if self.has_val else 0)
+        write_json(metrics, out_dir / "metrics.json")
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        return metrics
+
+
 def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray, out_dir: str | Path,
                      cfg: dict, pad_id: int, val_ids: list[list[int]] | None = None,
                      val_labels: np.ndarray | None = None, soft_targets: np.ndarray | None = None,
@@ -241,7 +313,39 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
     and sample_weight [N] (or DynamicWeights) are sliced per batch for loss_fn(logits, labels, soft,
     weight) -> (loss, parts); default loss is cross-entropy. On return the model holds the final weights.
     Raises ValueError on mismatched lengths or an empty training set."""
-    out_dir = Path(out_dir)
+    run = _start(model, train_ids, train_labels, Path(out_dir), cfg, pad_id, val_ids, val_labels, soft_targets,
+                 sample_weight, seed)
+    resumed_from = run.resume()
+    loss_fn, device, state, plan, n = loss_fn or cross_entropy_loss, model_device(model), run.state, run.plan, len(train_ids)
+    model.train()
+    t0, done_rows = time.perf_counter(), 0
+    bar = tqdm(total=plan["total_steps"], initial=state["global_step"], desc=progress_desc, unit="step")
+    while state["global_step"] < plan["total_steps"]:
+        groups = epoch_groups(n, state["epoch"], seed, plan["batch_size"], plan["grad_accum"])
+        # on resume, skip the steps this epoch already consumed (same seeded order)
+        for group in groups[state["step_in_epoch"]:]:
+            loss, parts = _train_step(model, group, run.data, loss_fn, run.opt, run.sched, device)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            state["losses"].append(loss)
+            state["parts"].append(parts)
+            done_rows += sum(len(b) for b in group)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
+            run.after_step()
+            if state["global_step"] >= plan["total_steps"]:
+                break
+        else:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+    bar.close()
+    train_s = time.perf_counter() - t0
+    return run.finish(resumed_from, done_rows / max(train_s, 1e-9), train_s)
+
+
+def _start(model, train_ids, train_labels, out_dir: Path, cfg: dict, pad_id: int, val_ids, val_labels,
+           soft_targets, sample_weight, seed: int) -> Run:
+    """Check the inputs, seed, and build the Run: optimizer, schedule, fresh state (fingerprinted)."""
     n = len(train_ids)
     labels = np.asarray(train_labels, dtype=np.int64)
     as_f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)
@@ -250,12 +354,8 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
     for name, a in (("train_labels", labels), ("soft_targets", soft_targets), ("sample_weight", sample_weight)):
         if a is not None and len(a) != n:
             raise ValueError(f"{name} has {len(a)} rows, train_ids {n}")
-    has_val = val_ids is not None and len(val_ids) > 0
     plan = _plan(n, cfg)
     data = {"ids": train_ids, "labels": labels, "pad_id": pad_id, "soft": soft_targets, "weight": sample_weight}
-    loss_fn = loss_fn or cross_entropy_loss
-    device = model_device(model)
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -264,69 +364,8 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.get("warmup_steps", 0)), plan["total_steps"])
     state = {"fingerprint": _fingerprint(model, data, cfg, seed), "global_step": 0, "epoch": 0,
              "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": []}
-    ckpt = out_dir / "checkpoint"
-    dyn = sample_weight if is_dynamic(sample_weight) else None
-    resumed_from = _maybe_resume(ckpt, model, opt, sched, state, dyn)
-
-    model.train()
-    t0, done_rows = time.perf_counter(), 0
-    bar = tqdm(total=plan["total_steps"], initial=state["global_step"], desc=progress_desc, unit="step")
-    while state["global_step"] < plan["total_steps"]:
-        groups = epoch_groups(n, state["epoch"], seed, plan["batch_size"], plan["grad_accum"])
-        # on resume, skip the steps this epoch already consumed (same seeded order)
-        for group in groups[state["step_in_epoch"]:]:
-            loss, parts = _train_step(model, group, data, loss_fn, opt, sched, device)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            state["losses"].append(loss)
-            state["parts"].append(parts)
-            done_rows += sum(len(b) for b in group)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
-            _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched, dyn)
-            if state["global_step"] >= plan["total_steps"]:
-                break
-        else:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-    bar.close()
-    train_s = time.perf_counter() - t0
-    return _finish(model, state, has_val, val_ids, val_labels, pad_id, cfg, plan, out_dir,
-                   resumed_from, done_rows / max(train_s, 1e-9), train_s, n)
-
-
-def _maybe_resume(ckpt: Path, model, opt, sched, state: dict, weights: DynamicWeights | None) -> int | None:
-    """Load checkpoint/ into model/opt/sched/state when it belongs to this run; returns its step."""
-    if not (ckpt / "state.json").exists():
-        return None
-    saved = json.loads((ckpt / "state.json").read_text())
-    if saved.get("fingerprint") != state["fingerprint"]:
-        log.warning("ignoring %s: written by another run (other settings, data, targets, weights or model)", ckpt)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        return None
-    state.update(load_checkpoint(ckpt, model, opt, sched, weights))
-    log.info("resuming from %s at step %d (epoch %d)", ckpt, state["global_step"], state["epoch"])
-    return state["global_step"]
-
-
-def _after_step(model, state, cfg, has_val, val_ids, val_labels, pad_id, plan, out_dir, opt, sched, weights) -> None:
-    """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
-    step = state["global_step"]
-    every = cfg.get("eval_every")
-    if has_val and every and step % int(every) == 0:
-        _record_eval(model, state, val_ids, val_labels, pad_id, plan["batch_size"], out_dir)
-    every = cfg.get("checkpoint_every")
-    if every and step % int(every) == 0 and step < plan["total_steps"]:
-        save_checkpoint(out_dir / "checkpoint", model, opt, sched, state, weights)
-
-
-def _record_eval(model, state, val_ids, val_labels, pad_id, batch_size, out_dir: Path) -> None:
-    ev = _evaluate(model, val_ids, val_labels, pad_id, batch_size, state["global_step"])
-    state["evals"].append(ev)
-    log.info("step %d: val log loss %.4f, accuracy %.3f", ev["step"], ev["log_loss"], ev["accuracy"])
-    if state["best"] is None or ev["log_loss"] < state["best"]["log_loss"]:
-        state["best"] = ev
-        _save_model(model, out_dir / "best")
+    return Run(model, cfg, plan, data, val_ids, val_labels, out_dir, opt, sched, state,
+               sample_weight if is_dynamic(sample_weight) else None)
 
 
 def _load_best_into(model, best_dir: Path) -> None:
@@ -335,23 +374,6 @@ def _load_best_into(model, best_dir: Path) -> None:
     from peft.utils import load_peft_weights
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_peft_weights(str(best_dir), device=str(model_device(model))))
-
-
-def _finish(model, state, has_val, val_ids, val_labels, pad_id, cfg, plan, out_dir: Path,
-            resumed_from, rows_per_s, train_s, n) -> dict:
-    """Final evaluation, final/ and metrics.json, then drop the checkpoint."""
-    if has_val:
-        if not state["evals"] or state["evals"][-1]["step"] != state["global_step"]:
-            _record_eval(model, state, val_ids, val_labels, pad_id, plan["batch_size"], out_dir)
-        with atomic_dir(out_dir / "final") as tmp:
-            shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
-        _load_best_into(model, out_dir / "best")
-    else:
-        _save_model(model, out_dir / "final")
-    metrics = _metrics(state, plan, resumed_from, rows_per_s, train_s, n, len(val_ids) if has_val else 0)
-    write_json(metrics, out_dir / "metrics.json")
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
-    return metrics
 
 
 def _metrics(state, plan, resumed_from, rows_per_s, train_s, n_train, n_val) -> dict:

@@ -1,7 +1,7 @@
-"""Prefect tasks: one per pipeline step, derived from the lmsys step registry.
+"""Prefect tasks: one per pipeline step, derived from the recipe table (lmsys.steps.recipe).
 
 Cache key = sha256 of (step, fan-out keys, profile, the step's params.yaml values, the content
-hashes of its input files, the source hash of the lmsys modules it runs). Paths are never hashed
+hashes of its input files, the hash of its code: the import closure of its module, lmsys.steps.code). Paths are never hashed
 as strings and Python objects are never pickled into the key. A task's result is small and
 JSON-able: output paths, metrics, the host, pid and SLURM job it ran under, when it started and
 finished. While a task runs, artifacts/<profile>/.running/<task>.json names where it runs.
@@ -13,7 +13,6 @@ otherwise it reruns the task with refresh_cache (outputs deleted or overwritten 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -24,23 +23,24 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
-import lmsys.steps.registry  # noqa: F401  (registers every step: a run whose tasks are all cached never imports it otherwise)
 from lmsys.config import get_dotted
 from lmsys.io import tree_sha256, write_json
 from lmsys.paths import Layout
-from lmsys.steps import STEPS, Step
+from lmsys.steps import Step
+from lmsys.steps import code
+from lmsys.steps.recipe import STEPS, run_step as run, task_label
+
+# Where the project's source is read from for the code hashes (a test points it at a copy to edit).
+CODE_ROOT: Path | None = None
+# LMSYS_TASK_DELAY="<task label>=<seconds>[,...]": sleep before running those tasks (a deliberately
+# slow task, for the scheduling tests; it changes no output and no cache key).
+DELAY_ENV = "LMSYS_TASK_DELAY"
 
 
 def code_hash(step: Step) -> str:
-    """Hash of the source of every lmsys module the step runs (its registry entry names them).
-
-    Read from the files, not imported: a cached rerun must not pay the torch/transformers imports
-    that the model modules make (about 9 s on 2 cores)."""
-    h = hashlib.sha256()
-    for name in step.code_modules():
-        h.update(name.encode())
-        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return h.hexdigest()
+    """Hash of the step's code: every project module its module can import (lmsys.steps.code).
+    Read from the files, not imported: a cached rerun must not pay the torch imports (~9 s)."""
+    return code.code_hash(step.module, CODE_ROOT)
 
 
 def _key_path(p: Path, layout: Layout) -> str:
@@ -60,29 +60,25 @@ def input_hashes(step: Step, cfg: dict, layout: Layout, keys: dict) -> dict[str,
 
 
 def cache_key(name: str, cfg: dict, keys: dict) -> str:
-    step, layout = STEPS[name], Layout(cfg["profile"], cfg.get("root"))
+    step, layout = STEPS[name], Layout.of(cfg)
     blob = {"step": name, "keys": keys, "profile": cfg["profile"],
             "params": {p: get_dotted(cfg, p) for p in step.params},
             "inputs": input_hashes(step, cfg, layout, keys), "code": code_hash(step)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def task_label(name: str, keys: dict) -> str:
-    return "-".join([name, *(f"{k}{v}" for k, v in sorted(keys.items()))])
-
-
 def stamp_path(cfg: dict, name: str, keys: dict) -> Path:
-    return Layout(cfg["profile"], cfg.get("root")).art / ".stamps" / f"{task_label(name, keys)}.json"
+    return Layout.of(cfg).art / ".stamps" / f"{task_label(name, keys)}.json"
 
 
 def running_path(cfg: dict, name: str, keys: dict) -> Path:
     """Marker of a task in progress: where (host, pid, SLURM job) it runs since when."""
-    return Layout(cfg["profile"], cfg.get("root")).art / ".running" / f"{task_label(name, keys)}.json"
+    return Layout.of(cfg).art / ".running" / f"{task_label(name, keys)}.json"
 
 
 def outputs_match(cfg: dict, name: str, keys: dict, key: str) -> bool:
     """Do the step's outputs exist and come from a run under `key`?"""
-    step, layout = STEPS[name], Layout(cfg["profile"], cfg.get("root"))
+    step, layout = STEPS[name], Layout.of(cfg)
     stamp = stamp_path(cfg, name, keys)
     if not stamp.exists() or not all(Path(p).exists() for p in step.outputs(cfg, layout, **keys)):
         return False
@@ -95,8 +91,9 @@ def _key_fn(context: TaskRunContext, parameters: dict) -> str:
 
 @task(cache_key_fn=_key_fn, persist_result=True, log_prints=True)
 def run_step(name: str, cfg: dict, keys: dict) -> dict:
-    """Run one lmsys step (see lmsys.steps.registry) and return paths + metrics + where it ran."""
-    from lmsys.steps.registry import run_step as run
+    """Run one lmsys step (lmsys.steps.recipe) and return paths + metrics + where it ran."""
+    from flows.secrets import use_prefect_secret
+    use_prefect_secret()                      # in this worker process too: the token may be a Secret block
     tx = get_transaction()                    # Prefect's key for this run: _key_fn's, inputs before the step
     key = tx.key if tx is not None and tx.key else cache_key(name, cfg, keys)   # (called outside a flow: compute it)
     where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
@@ -105,10 +102,20 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
     write_json({"task": task_label(name, keys), **where}, marker)
     t0 = time.perf_counter()
     try:
-        result = run(name, cfg, Layout(cfg["profile"], cfg.get("root")), **keys)
+        time.sleep(_delay(task_label(name, keys)))
+        result = run(name, cfg, Layout.of(cfg), **keys)
     finally:
         marker.unlink(missing_ok=True)         # stays only where the process died mid-task
     info = {"step": name, "keys": keys, "key": key, "outputs": [str(p) for p in result.outputs],
             "metrics": result.metrics, **where, "seconds": time.perf_counter() - t0, "finished": time.time()}
     write_json({"key": key, "outputs": info["outputs"]}, stamp_path(cfg, name, keys))
     return json.loads(json.dumps(info, default=str))
+
+
+def _delay(label: str) -> float:
+    """Seconds LMSYS_TASK_DELAY asks task `label` to wait before it runs (0 when it names none)."""
+    for item in filter(None, os.environ.get(DELAY_ENV, "").split(",")):
+        task, _, seconds = item.partition("=")
+        if task.strip() == label:
+            return float(seconds)
+    return 0.0

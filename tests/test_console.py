@@ -10,7 +10,7 @@ import subprocess
 
 from flows.console import Progress, previous_seconds
 from flows.pipeline import embed_images
-from lmsys.lineage import git_rev
+from lmsys.revision import git_rev
 from lmsys.metrics import rounded
 
 

@@ -25,7 +25,7 @@ UP_TO_DATE = "Data and pipelines are up to date."
 
 def test_committed_dvc_yaml_is_generated():
     """The repo's dvc.yaml is exactly what `lmsys dvc-yaml` generates from the registry + params.yaml."""
-    from lmsys.lineage import render_dvc_yaml
+    from stages.lineage import render_dvc_yaml
     assert (ROOT / "dvc.yaml").exists(), "dvc.yaml missing: run `lmsys dvc-yaml`"
     assert (ROOT / "dvc.yaml").read_text() == render_dvc_yaml(root=ROOT), \
         "dvc.yaml differs from the step registry / params.yaml: run `lmsys dvc-yaml` and commit it"
@@ -35,7 +35,7 @@ def test_dvc_yaml_shape():
     """Fanned-out steps are matrix stages over the config's models/folds; params include the profile's
     overrides; step 9's metrics and plots are declared as such."""
     from lmsys.config import load_config
-    from lmsys.lineage import dvc_stages
+    from stages.lineage import dvc_stages
     cfg = load_config(params_path=ROOT / "params.yaml")
     st = dvc_stages(root=ROOT)
     assert st["train-teacher"]["matrix"] == {"model": cfg["models"]["teachers"],

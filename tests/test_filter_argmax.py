@@ -23,7 +23,7 @@ def scored_root(tmp_path_factory):
     confidently wrong (p 0.95 on label+1), every 4th+1 exactly at the threshold on a wrong class
     (0.9: dropped, >=), every 4th+2 wrong but unsure (0.6: kept), the rest confidently right."""
     from lmsys.steps.common import competition_and_external, labels
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     from lmsys.steps.teachers import filter_model
     root = tmp_path_factory.mktemp("filter-root")
     cfg = {**load_config("tiny", SMALL), "root": str(root)}
@@ -49,7 +49,7 @@ def scored_root(tmp_path_factory):
 @pytest.mark.parametrize("fold", [0, 1])
 def test_filter_argmax_drops_exactly_the_confidently_wrong_training_rows(scored_root, fold):
     from lmsys.steps.common import filtered_train, fold_tables
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     cfg, layout, scores = scored_root
     res = run_step("filter-argmax", cfg, layout, fold=fold)
     train, val = fold_tables(layout, fold)
@@ -72,7 +72,7 @@ def test_filter_argmax_drops_exactly_the_confidently_wrong_training_rows(scored_
 
 
 def test_threshold_above_every_confidence_drops_nothing(scored_root, tmp_path):
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     cfg, layout, _ = scored_root
     res = run_step("filter-argmax", {**cfg, "filter_argmax": {"threshold": 0.96}}, layout, fold=0)
     assert res.metrics["rows_removed"] == 0 and res.metrics["rows_kept"] == res.metrics["rows_in"]

@@ -18,8 +18,7 @@ FOLDS = 3
 @pytest.fixture(scope="module")
 def filtered_run(tmp_path_factory):
     import lmsys.models
-    from lmsys.plan import plan
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import plan, run_step
     root = tmp_path_factory.mktemp("filter-root")
     cfg = load_config("tiny", {"models.teachers": ["llama"], "folds.n_folds": FOLDS,
                                "demo.rows": 240, "demo.external_rows": 60, "demo.ut_rows": 80, "demo.test_rows": 20,
@@ -31,21 +30,19 @@ def filtered_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:   # count model builds, the real function still runs
         mp.setattr(lmsys.models, "build_model", lambda spec, *a, **k: builds.append(spec["name"]) or real_build(spec, *a, **k))
         ran = []
-        for level in plan(cfg):
-            for name, keys in level:
-                if name in ("demo-data", "prepare", "folds", "tokenizer", "post-pretrain", "filter-score", "filter-argmax"):
-                    before = len(builds)
-                    run_step(name, cfg, layout, **keys)
-                    ran.append((name, keys, len(builds) - before))
+        for name, keys in plan(cfg):
+            if name in ("demo-data", "prepare", "folds", "tokenizer", "post-pretrain", "filter-score", "filter-argmax"):
+                before = len(builds)
+                run_step(name, cfg, layout, **keys)
+                ran.append((name, keys, len(builds) - before))
     return cfg, layout, ran
 
 
 def test_plan_has_one_filter_score_per_filtering_model():
-    from lmsys.plan import plan
-    from lmsys.steps import STEPS
+    from lmsys.steps.recipe import STEPS, plan
     for n_folds in (3, 5):
         cfg = load_config("tiny", {"folds.n_folds": n_folds})
-        tasks = [t for level in plan(cfg) for t in level]
+        tasks = plan(cfg)
         assert [k for n, k in tasks if n == "filter-score"] == [{"model": cfg["models"]["teachers"][0]}]
         assert [k["fold"] for n, k in tasks if n == "filter-argmax"] == list(range(n_folds))
     assert STEPS["filter-score"].gpu and not STEPS["filter-argmax"].gpu
@@ -85,7 +82,7 @@ def test_filter_model_runs_once_and_folds_read_its_scores(filtered_run):
 
 
 def test_fold_without_scores_is_an_error(filtered_run, tmp_path):
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     cfg, layout, _ = filtered_run
     scores = pd.read_parquet(layout.filter_scores("llama"))
     scores.iloc[5:].to_parquet(layout.filter_scores("llama"), index=False)

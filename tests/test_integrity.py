@@ -289,11 +289,10 @@ def test_teacher_targets_are_computed_on_the_students_text(tok):
 
 
 def test_student_post_pretraining_is_a_step_before_distillation():
-    from flows.pipeline import plan
-    from lmsys.steps import STEPS
+    from lmsys.steps.recipe import STEPS, plan
     cfg = load_config("tiny")
     layout = Layout("tiny")
-    order = [n for level in plan(cfg) for n, _ in level]
+    order = [n for n, _ in plan(cfg)]
     assert STEPS["post-pretrain-student"].number == "1"
     assert order.index("post-pretrain-student") < order.index("distill")
     assert layout.post_pretrain("gemma") in STEPS["distill"].inputs(cfg, layout, fold=0)

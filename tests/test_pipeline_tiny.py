@@ -2,7 +2,8 @@
 (random-init Llama/Qwen2 teachers, Gemma2 student, GPTQ 8-bit on), in a temporary root.
 
 One run is shared by the assertions (session fixture): it takes a few minutes on 2 cores.
-The steps run in the flow's order (flows.pipeline.plan) but without Prefect; the Prefect flow
+The steps run in the flow's order (lmsys.steps.recipe.plan) but without Prefect, each on a config
+that logs the keys it reads (lmsys.config.ReadLog: every key must be declared in the recipe table); the Prefect flow
 itself is tested in tests/orchestration/.
 """
 from __future__ import annotations
@@ -15,17 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmsys.config import load_config
+from lmsys.config import ReadLog, load_config, undeclared
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS
 from lmsys.paths import Layout
 
 SECRET = "hf_TESTSECRET_do_not_leak_4242"
+READS: dict[str, set[str]] = {}              # step -> the config keys it read in tiny_run
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    from flows.pipeline import plan
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import plan, run_step
     root = tmp_path_factory.mktemp("tiny-root")
     cfg = load_config("tiny", {"quantize.enabled": True})
     cfg["root"] = str(root)
@@ -39,9 +40,10 @@ def tiny_run(tmp_path_factory):
     os.environ["HF_TOKEN"] = SECRET            # must never reach a log or an artifact
     results = {}
     try:
-        for level in plan(cfg):
-            for name, keys in level:
-                results[(name, tuple(sorted(keys.items())))] = run_step(name, cfg, layout, **keys)
+        for name, keys in plan(cfg):
+            logged = ReadLog(cfg)
+            results[(name, tuple(sorted(keys.items())))] = run_step(name, logged, layout, **keys)
+            READS.setdefault(name, set()).update(logged.reads)
     finally:
         root_logger.removeHandler(handler)
         root_logger.setLevel(old_level)
@@ -51,6 +53,21 @@ def tiny_run(tmp_path_factory):
         else:
             os.environ["HF_TOKEN"] = old
     return cfg, layout, results, log_file
+
+
+def test_every_step_declares_the_params_it_reads(tiny_run):
+    """A key a step reads but does not declare would be left out of its cache key (and its DVC
+    params): a change of it would not rerun the step. Every step of the run must declare all it read."""
+    from lmsys.steps.recipe import STEPS
+    assert set(READS) == {n for n, _ in plan_of(tiny_run[0])}
+    missing = {n: undeclared(r, STEPS[n].params) for n, r in READS.items()}
+    assert {n: m for n, m in missing.items() if m} == {}
+    assert "distill.lr" in READS["distill"] and "text.template" in READS["tokenizer"], READS   # the log sees reads
+
+
+def plan_of(cfg: dict):
+    from lmsys.steps.recipe import plan
+    return plan(cfg)
 
 
 def test_teacher_steps_outputs(tiny_run):
@@ -179,7 +196,7 @@ def test_distill_step_with_ema_information_gain_weights(tiny_run, tmp_path):
     EMA information-gain weights (lmsys.distill.EmaInfoGainWeights) and reports them (mean 1)."""
     import shutil
 
-    from lmsys.steps.registry import run_step
+    from lmsys.steps.recipe import run_step
     _, layout, results, _ = tiny_run
     root = tmp_path / "root"
     shutil.copytree(layout.root, root, ignore=shutil.ignore_patterns("run.log"))

@@ -8,7 +8,8 @@ import pytest
 
 from lmsys.cli import main
 from lmsys.config import load_config
-from lmsys.plan import estimate, job_template, plan, step_timeout, task_label, walltime_s
+from lmsys.plan import estimate, job_template, step_timeout, walltime_s
+from lmsys.steps.recipe import STEPS, plan, task_label
 
 
 def test_plan_full_on_8_gpus_prints_every_task_with_resources_and_estimates(capsys):
@@ -16,10 +17,9 @@ def test_plan_full_on_8_gpus_prints_every_task_with_resources_and_estimates(caps
     out = capsys.readouterr().out
     cfg = load_config("full")
     lines = {line.split()[1]: line for line in out.splitlines() if re.match(r"\s+\d+\s", line)}
-    tasks = [task_label(n, k) for level in plan(cfg) for n, k in level]
+    tasks = [task_label(n, k) for n, k in plan(cfg)]
     assert sorted(lines) == sorted(tasks) and len(tasks) >= 40
-    from lmsys.steps import STEPS
-    for n, k in (t for level in plan(cfg) for t in level):
+    for n, k in plan(cfg):
         line = lines[task_label(n, k)]
         if STEPS[n].gpu:
             assert "gpu gres=gpu:1 mem=128GB cores=16 wall=7-00:00:00" in line, line
@@ -98,3 +98,45 @@ def test_models_without_figures_are_shown_unknown_not_fatal(capsys):
     line = next(x for x in out.splitlines() if "train-teacher-fold0-modelgemma3" in x)
     assert " ? " in line
     assert "no throughput figures in orchestration.estimate.models for" in out and "left out of the totals" in out
+
+
+# ---------------------------------------------------------------- the recipe table and its graph
+
+def test_lmsys_steps_prints_the_numbered_recipe_in_order(capsys):
+    from lmsys.steps.recipe import RECIPE
+    assert main(["steps"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [n for n, _ in rows] == ["D1", "D2", "D3", "1", "1", "2", "2.5", "2.5", "3", "4", "4.5", "5", "6", "7",
+                                    "8", "8.5", "9"]
+    assert [s for _, s in rows] == [s.name for s in RECIPE for _ in (s.number, *s.also)]
+    assert dict(rows)["8.5"] == "predict"                     # TTA is carried out by the predict step
+
+
+def test_the_flow_the_dvc_stages_and_the_cli_read_one_table():
+    from lmsys.cli import build_parser
+    from stages.lineage import dvc_stages
+    cfg = load_config()
+    assert list(dvc_stages()) == list(dict.fromkeys(n for n, _ in plan(cfg)))       # the table's order
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(STEPS) <= set(sub.choices)
+
+
+def test_each_task_waits_only_for_the_tasks_that_write_its_inputs():
+    from lmsys.steps.recipe import graph, levels
+    cfg = load_config("tiny")
+    deps = graph(cfg)
+    assert set(deps) == {task_label(n, k) for n, k in plan(cfg)}
+    # a fold's teacher logits wait for that fold's teacher only, not the other folds' or teachers'
+    assert [d for d in deps["teacher-logits-fold0-modelllama"] if d.startswith("train-teacher")] == \
+        ["train-teacher-fold0-modelllama"]
+    assert sorted(d for d in deps["distill-fold1"] if d.startswith(("filter-argmax", "calibrate"))) == \
+        ["calibrate-modelllama", "calibrate-modelqwen", "filter-argmax-fold1"]
+    over = load_config("tiny", {"calibrate.enabled": False})
+    assert [d for d in graph(over)["distill-fold1"] if d.startswith("teacher-logits")] == \
+        ["teacher-logits-fold1-modelllama", "teacher-logits-fold1-modelqwen"]   # without step 4.5: its own fold's
+    lv = levels(cfg)
+    assert [t for level in lv for t in level] != [] and lv[0] == [("demo-data", {})]
+    seen: set[str] = set()
+    for level in lv:                           # every task's upstream tasks are in earlier levels
+        assert all(set(deps[task_label(n, k)]) <= seen for n, k in level)
+        seen |= {task_label(n, k) for n, k in level}

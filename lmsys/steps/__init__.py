@@ -1,20 +1,18 @@
-"""Step registry: the single source of the pipeline graph.
+"""The pipeline's steps: what one step is (`Step`) and what it returns (`StepResult`).
 
 Every step is a plain function `run(cfg, layout, **keys) -> StepResult`, where `keys` are the
 fan-out keys it takes (`fold=k`, `model=name`). It reads only the files `inputs(...)` names and
-writes only the paths `outputs(...)` names, atomically. The Prefect tasks (cache key = input
-file hashes + `params` sections + code hash) and `dvc.yaml` (deps/params/outs) are both derived
-from this registry, so the two orchestrators cannot drift.
+writes only the paths `outputs(...)` names, atomically. The ordered recipe table, with the recipe's
+numbers, and the task graph are in lmsys.steps.recipe (imported explicitly: nothing registers by
+being imported). The Prefect tasks (tasks/) and dvc.yaml (stages/) both wrap that table.
+
+This module imports nothing of the project: it is in every step's code (lmsys.steps.code).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-
-# Modules every step runs besides its own: part of every step's code (cache key, DVC deps).
-BASE_MODULES = ("lmsys.steps", "lmsys.io", "lmsys.paths", "lmsys.config")
 
 
 @dataclass
@@ -25,26 +23,17 @@ class StepResult:
 
 @dataclass(frozen=True)
 class Step:
+    number: str                                # the recipe's step number ("1", "2.5", ...; "D1".. the data steps)
     name: str                                  # CLI subcommand and DVC stage name
-    number: str                                # the recipe's step number ("1", "2.5", ...)
     run: Callable[..., StepResult]             # run(cfg, layout, **keys)
     inputs: Callable[..., list[Path]]          # inputs(cfg, layout, **keys) -> files/dirs read
     outputs: Callable[..., list[Path]]         # outputs(cfg, layout, **keys) -> files/dirs written
-    params: tuple[str, ...]                    # params.yaml sections it reads
+    params: tuple[str, ...]                    # params.yaml keys (or sections) it reads
     fan_out: tuple[str, ...] = ()              # () | ("fold",) | ("model",) | ("model", "fold")
     gpu: bool = False                          # needs a GPU worker on the slurm runner
-    modules: tuple[str, ...] = ()              # lmsys modules whose source goes into the code hash
+    also: tuple[str, ...] = ()                 # further recipe numbers this step carries out (predict: 8.5)
 
-    def code_modules(self) -> list[str]:
-        """Every module whose source is this step's code: its own and BASE_MODULES, sorted."""
-        return sorted({*self.modules, *BASE_MODULES})
-
-
-STEPS: dict[str, Step] = {}
-
-
-def register(step: Step) -> Step:
-    if step.name in STEPS:
-        raise ValueError(f"step {step.name!r} registered twice")
-    STEPS[step.name] = step
-    return step
+    @property
+    def module(self) -> str:
+        """The module that holds the step's function: its code is that module's import closure."""
+        return self.run.__module__

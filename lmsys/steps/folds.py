@@ -6,7 +6,7 @@ import pandas as pd
 from lmsys.data.folds import make_folds
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
-from lmsys.steps import Step, StepResult, register
+from lmsys.steps import StepResult
 
 
 def fold_summary(folds: pd.DataFrame, labels: pd.Series) -> dict:
@@ -36,9 +36,3 @@ def active_folds(cfg: dict) -> list[int]:
     """Folds the pipeline runs: folds.use, or all."""
     use = cfg["folds"]["use"]
     return list(range(cfg["folds"]["n_folds"])) if use is None else [int(k) for k in use]
-
-
-register(Step(name="folds", number="2", run=run_folds,
-              inputs=lambda cfg, layout: [layout.prepared / "train.parquet", layout.prepared / "external.parquet"],
-              outputs=lambda cfg, layout: [layout.folds_csv.parent],
-              params=("folds.n_folds", "folds.seed"), modules=("lmsys.data.folds", "lmsys.steps.folds")))

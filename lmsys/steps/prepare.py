@@ -19,7 +19,7 @@ from lmsys.data.schema import empty_table, prompt_key
 from lmsys.data.validate import fallback_rows, validate_file
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
-from lmsys.steps import Step, StepResult, register
+from lmsys.steps import StepResult
 
 log = logging.getLogger(__name__)
 TABLES = ("train", "test", "external", "ut")   # prepared/<name>.parquet
@@ -131,15 +131,3 @@ def run_prepare(cfg: dict, layout: Layout) -> StepResult:
     quarantined = sum(f["rows_quarantined"] for f in report["files"].values())
     return StepResult(outputs=[out], metrics={**report["rows_used"], "rows_quarantined": quarantined,
                                               "test_fallback_rows": report["test_fallback"]["rows"]})
-
-
-register(Step(name="demo-data", number="0", run=run_demo_data,
-              inputs=lambda cfg, layout: [],
-              outputs=lambda cfg, layout: [layout.demo_dir],
-              params=("demo",), modules=("lmsys.data.demo", "lmsys.steps.prepare")))
-
-register(Step(name="prepare", number="0", run=run_prepare,
-              inputs=lambda cfg, layout: [p for fs in data_files(cfg, layout).values() for p in fs],
-              outputs=lambda cfg, layout: [layout.prepared],
-              params=("data",),
-              modules=("lmsys.data.validate", "lmsys.data.transforms", "lmsys.data.schema", "lmsys.steps.prepare")))

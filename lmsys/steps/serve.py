@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from lmsys import metrics as M
+from lmsys.metrics import class_prior
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
-from lmsys.steps import Step, StepResult, register
+from lmsys.steps import StepResult
 from lmsys.steps import common as C
 from lmsys.steps.folds import active_folds
 from lmsys.steps.student import student_logits_path
@@ -65,14 +66,6 @@ def submission(ids, probs: np.ndarray) -> pd.DataFrame:
     out = pd.DataFrame(probs, columns=WINNER_COLUMNS)
     out.insert(0, "id", list(ids))
     return out[SUBMISSION_COLUMNS]
-
-
-def class_prior(labels) -> np.ndarray:
-    """Class frequencies [3] of labels [N] (0/1/2), uniform when there are none: the answer for a
-    test row that cannot be read."""
-    y = np.asarray(labels, dtype=np.int64)
-    y = y[(y >= 0) & (y <= 2)]
-    return np.bincount(y, minlength=3) / len(y) if len(y) else np.full(3, 1 / 3)
 
 
 def check_submission(sub: pd.DataFrame, expected_ids, where: str) -> None:
@@ -154,7 +147,7 @@ def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dic
     pipeline run's final model of the profile. Raises FileNotFoundError without a model, UnusableFile
     for an unusable file, ValueError when the file has no rows or the final check fails."""
     from lmsys.data.validate import fallback_rows, raw_ids, validate_file
-    layout = Layout(cfg["profile"], cfg.get("root"))
+    layout = Layout.of(cfg)
     if model_dir is None:
         if not layout.last_run.exists():
             raise FileNotFoundError(f"no model given and no pipeline run of profile {cfg['profile']!r} "
@@ -293,7 +286,7 @@ def _dvc_plot_data(out: Path, res: dict, p: np.ndarray, y: np.ndarray, bins: int
 
 
 def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
-    from lmsys.lineage import git_rev
+    from lmsys.revision import git_rev
     rev = git_rev()                              # the code's revision
     teacher_rows = {f"{m} ({kind})": {k: v for k, v in r.items() if k != "per_fold_log_loss"}
                     for m, t in res["teachers"].items() for kind, r in t.items()}
@@ -315,7 +308,7 @@ def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
     return sections
 
 
-def _label_files(cfg: dict, layout: Layout) -> list[Path]:
+def label_files(cfg: dict, layout: Layout) -> list[Path]:
     """Files step 9 reads besides artifacts: the test labels and the demo's truth.json, when there are any."""
     from lmsys.data.demo import demo_paths
     from lmsys.steps.prepare import uses_demo
@@ -325,22 +318,9 @@ def _label_files(cfg: dict, layout: Layout) -> list[Path]:
     return [Path(cfg["data"]["test_labels"])] if cfg["data"]["test_labels"] else []
 
 
-def _predict_inputs(cfg, layout):
+def predict_inputs(cfg: dict, layout: Layout) -> list[Path]:
+    """Files step 8 reads: the prepared test rows and fallback list, the training labels (class prior),
+    the raw test files (the submission's ids) and the final model."""
     from lmsys.steps.prepare import data_files
     return [layout.prepared / "test.parquet", layout.prepared / "test_fallback.csv", layout.prepared / "train.parquet",
             *data_files(cfg, layout)["test"], final_model_dir(cfg, layout)]
-
-
-register(Step("predict", "8", run_predict, inputs=_predict_inputs,
-              outputs=lambda cfg, layout: [layout.predictions],
-              params=("predict", "text", "quantize.enabled"), gpu=True,
-              modules=("lmsys.infer", "lmsys.text", "lmsys.tta", "lmsys.models", "lmsys.data.validate",
-                       "lmsys.steps.serve")))
-register(Step("evaluate", "9", run_evaluate,
-              inputs=lambda cfg, layout: [layout.predictions, layout.prepared, *_label_files(cfg, layout),
-                                          *[layout.student(k) for k in active_folds(cfg)],
-                                          *[student_logits_path(cfg, layout, m, k) for m in teachers(cfg) for k in active_folds(cfg)],
-                                          *[layout.logits(m, k) for m in teachers(cfg) for k in active_folds(cfg)]],
-              outputs=lambda cfg, layout: [layout.reports],
-              params=("evaluate", "calibrate.enabled", "quantize.enabled"),
-              modules=("lmsys.metrics", "lmsys.steps.serve")))

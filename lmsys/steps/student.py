@@ -17,9 +17,9 @@ import pandas as pd
 
 from lmsys.data.schema import LOGIT_COLUMNS
 from lmsys.io import write_json, write_table
-from lmsys.metrics import log_loss, softmax
+from lmsys.metrics import class_prior, log_loss, softmax
 from lmsys.paths import Layout
-from lmsys.steps import Step, StepResult, register
+from lmsys.steps import StepResult
 from lmsys.steps import common as C
 from lmsys.steps.folds import active_folds
 from lmsys.steps.teachers import teachers
@@ -189,7 +189,6 @@ def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
     name = cfg["models"]["student"]
     spec, tok = C.spec(cfg, name), C.tokenizer(cfg, layout, name)
     factory = lambda: models.build_base_model(spec, tok, device=C.device(), dtype=C.dtype())  # noqa: E731
-    from lmsys.steps.serve import class_prior
     prior = class_prior(C.table(layout, "train")["label"]).tolist()     # answers unreadable test rows
     ensemble_adapters(factory, [C.adapter(layout.student(k)) for k in folds], layout.ensemble, method, weights,
                       extra={"student": name, "gains": gains, "fold_ids": folds, "class_prior": prior}, tokenizer=tok)
@@ -254,35 +253,3 @@ def _eval_model(cfg: dict, layout: Layout, model, tok, n: int = 128) -> float:
     z = predict_logits(model, C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
                        cfg["predict"]["batch_size"], desc="quant-eval")
     return log_loss(softmax(z), C.labels(rows))
-
-
-_MOD = ("lmsys.models", "lmsys.train", "lmsys.infer", "lmsys.text", "lmsys.steps.common", "lmsys.steps.student")
-_TEACHER_LOGITS = lambda cfg, layout, fold: [student_logits_path(cfg, layout, m, fold) for m in teachers(cfg)]  # noqa: E731
-
-register(Step("post-pretrain-student", "1", run_post_pretrain_student,
-              inputs=lambda cfg, layout: [layout.prepared / "ut.parquet", layout.tokenizer],
-              outputs=lambda cfg, layout: [layout.post_pretrain(cfg["models"]["student"])],
-              params=("post_pretrain", "models", "text", "seed"), gpu=True,
-              modules=(*_MOD, "lmsys.steps.teachers")))
-register(Step("calibrate", "4.5", run_calibrate,
-              inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in active_folds(cfg)],
-              outputs=lambda cfg, layout, model: [layout.calibration(model), layout.calibrated_logits(model, 0).parent],
-              params=("calibrate", "seed"), fan_out=("model",),
-              modules=("lmsys.calibration", "lmsys.steps.student")))
-register(Step("distill", "5", run_distill,
-              inputs=lambda cfg, layout, fold: [layout.prepared / "train.parquet", layout.prepared / "external.parquet",
-                                                layout.folds_csv, layout.tokenizer, layout.filtered(fold),
-                                                layout.post_pretrain(cfg["models"]["student"]),
-                                                *_TEACHER_LOGITS(cfg, layout, fold)],
-              outputs=lambda cfg, layout, fold: [layout.student(fold)],
-              params=("distill", "models", "text", "seed", "train_teacher.subset_size", "calibrate.enabled"),
-              fan_out=("fold",), gpu=True, modules=(*_MOD, "lmsys.distill")))
-register(Step("ensemble", "6", run_ensemble,
-              inputs=lambda cfg, layout: [layout.tokenizer, layout.prepared / "train.parquet",
-                                          layout.prepared / "ut.parquet", *[layout.student(k) for k in active_folds(cfg)]],
-              outputs=lambda cfg, layout: [layout.ensemble],
-              params=("ensemble", "models", "post_pretrain.max_rows", "seed", "text", "predict.batch_size"), gpu=True, modules=(*_MOD, "lmsys.ensemble")))
-register(Step("quantize", "7", run_quantize,
-              inputs=lambda cfg, layout: [layout.ensemble, layout.prepared / "train.parquet"],
-              outputs=lambda cfg, layout: [layout.quantized],
-              params=("quantize", "text", "seed"), gpu=True, modules=(*_MOD, "lmsys.quantize")))

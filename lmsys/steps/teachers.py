@@ -20,7 +20,7 @@ import pandas as pd
 from lmsys.io import atomic_dir, write_table
 from lmsys.metrics import softmax
 from lmsys.paths import Layout
-from lmsys.steps import Step, StepResult, register
+from lmsys.steps import StepResult
 from lmsys.steps import common as C
 from lmsys.text import format_text
 
@@ -225,39 +225,3 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     oof = log_loss(softmax(v[["logit_a", "logit_b", "logit_tie"]].to_numpy()), v["label"].to_numpy())
     return StepResult(outputs=[layout.logits(model, fold)],
                       metrics={"model": model, "fold": fold, "rows": len(out), "val_log_loss": oof})
-
-
-# ---------------------------------------------------------------- registry
-
-_DATA = lambda layout: [layout.prepared / "train.parquet", layout.prepared / "external.parquet"]  # noqa: E731
-_MOD = ("lmsys.models", "lmsys.train", "lmsys.infer", "lmsys.text", "lmsys.steps.common", "lmsys.steps.teachers")
-
-register(Step("tokenizer", "0", run_tokenizer,
-              inputs=lambda cfg, layout: [layout.prepared],
-              outputs=lambda cfg, layout: [layout.tokenizer],
-              params=("models", "text"), modules=("lmsys.models", "lmsys.steps.teachers")))
-register(Step("post-pretrain", "1", run_post_pretrain,
-              inputs=lambda cfg, layout, model: [layout.prepared / "ut.parquet", layout.tokenizer],
-              outputs=lambda cfg, layout, model: [layout.post_pretrain(model)],
-              params=("post_pretrain", "models", "text", "seed"), fan_out=("model",), gpu=True, modules=_MOD))
-register(Step("filter-score", "2.5", run_filter_score,
-              inputs=lambda cfg, layout, model: [*_DATA(layout), layout.tokenizer, layout.post_pretrain(model)],
-              outputs=lambda cfg, layout, model: [layout.filter_scores(model)],
-              params=("models", "text", "teacher_logits.batch_size"), fan_out=("model",), gpu=True, modules=_MOD))
-register(Step("filter-argmax", "2.5", run_filter_argmax,
-              inputs=lambda cfg, layout, fold: [*_DATA(layout), layout.folds_csv,
-                                                layout.filter_scores(filter_model(cfg))],
-              outputs=lambda cfg, layout, fold: [layout.filtered(fold)],
-              params=("filter_argmax", "models.teachers"), fan_out=("fold",),
-              modules=("lmsys.steps.common", "lmsys.steps.teachers")))
-register(Step("train-teacher", "3", run_train_teacher,
-              inputs=lambda cfg, layout, model, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
-                                                       layout.filtered(fold), layout.post_pretrain(model)],
-              outputs=lambda cfg, layout, model, fold: [layout.teacher(model, fold)],
-              params=("train_teacher", "models", "text", "seed"), fan_out=("model", "fold"), gpu=True, modules=_MOD))
-register(Step("teacher-logits", "4", run_teacher_logits,
-              inputs=lambda cfg, layout, model, fold: [*_DATA(layout), layout.folds_csv, layout.tokenizer,
-                                                       layout.filtered(fold), layout.teacher(model, fold)],
-              outputs=lambda cfg, layout, model, fold: [layout.logits(model, fold)],
-              params=("teacher_logits", "train_teacher.subset_size", "models", "text", "seed"),
-              fan_out=("model", "fold"), gpu=True, modules=_MOD))

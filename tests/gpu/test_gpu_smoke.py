@@ -60,10 +60,10 @@ def _write_summary(runs: dict, torch) -> None:
 
 def test_every_task_completed_within_budget(smoke):
     from lmsys.config import load_config
-    from lmsys.plan import plan, task_label
+    from lmsys.steps.recipe import plan, task_label
     _, _, runs = smoke
     states = {r["task"]: r["state"] for r in runs["first"]["records"]}
-    want = [task_label(n, k) for level in plan(load_config("gpu-smoke")) for n, k in level]
+    want = [task_label(n, k) for n, k in plan(load_config("gpu-smoke"))]
     assert sorted(states) == sorted(want)
     assert {t: s for t, s in states.items() if s != "Completed"} == {}
     assert "quantize" in states and "filter-score-modelllama" in states

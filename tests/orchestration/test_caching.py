@@ -4,34 +4,30 @@ One root, five runs of the same small pipeline (orch_config.SMALL; session fixtu
   first   nothing cached: every task runs
   again   nothing changed: every task is a cache hit and no step output is rewritten
   lr      distill.lr changed: distill, ensemble, predict, evaluate rerun; the teachers stay cached
-  code    the source of a module in ensemble's code hash edited: ensemble reruns (same bytes), nothing else
-  back    distill.lr back to the first run's: distill, predict, evaluate are cache hits of the first run
+  code    lmsys/tta.py edited: predict and evaluate rerun (same bytes), nothing upstream
+  back    distill.lr back to the first run's: distill and ensemble are cache hits of the first run
           whose outputs the lr runs replaced since: rerun ("Completed (refreshed)"), same bytes as first
 
-The code edit touches no repo file: for the session, the ensemble step's module list (what
-tasks.steps.code_hash hashes with inspect.getsource) also names a module in a tmp dir, whose source
-the test then edits, exactly as an edit of lmsys/steps/student.py would change the key.
+The code edit touches no repo file: for the session, the code hashes (tasks.steps.CODE_ROOT) are read
+from a copy of lmsys/ in a tmp dir, whose tta.py the test then edits, exactly as an edit of the
+repo's lmsys/tta.py would change the keys of the steps whose import closure holds it.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import re
 import sys
+import shutil
 import time
 
 import pytest
 from orch_config import SMALL
 
-PROBE = "lmsys_code_probe"
-
-
 def _tasks(overrides: dict) -> list[str]:
     """Task labels of the flow for these overrides, in plan order (what the flow runs)."""
     from lmsys.config import load_config
-    from lmsys.plan import plan, task_label
-    return [task_label(n, k) for level in plan(load_config("tiny", overrides)) for n, k in level]
+    from lmsys.steps.recipe import plan, task_label
+    return [task_label(n, k) for n, k in plan(load_config("tiny", overrides))]
 
 
 ALL = _tasks(SMALL)
@@ -42,14 +38,14 @@ assert ALL[-3:] == AFTER, ALL
 
 @pytest.fixture(scope="session")
 def local_runs(pipeline_api, tmp_path_factory):
-    from lmsys.io import tree_sha256
+    import tasks.steps
+    from lmsys.io import file_sha256, tree_sha256
     from lmsys.paths import Layout
-    from lmsys.steps import STEPS
+    from lmsys.steps.code import SOURCE_ROOT
     root = tmp_path_factory.mktemp("local-root")
     layout = Layout("tiny", root)
-    probe_dir = tmp_path_factory.mktemp("probe")
-    probe = probe_dir / f"{PROBE}.py"
-    probe.write_text('"""Stands in for a module of the ensemble step."""\n\ndef weight():\n    return 1.0\n')
+    code_root = tmp_path_factory.mktemp("code")
+    shutil.copytree(SOURCE_ROOT / "lmsys", code_root / "lmsys", ignore=shutil.ignore_patterns("__pycache__"))
     runs: dict[str, dict] = {}
 
     def go(name: str, **over):
@@ -59,6 +55,7 @@ def local_runs(pipeline_api, tmp_path_factory):
         rec = json.loads((layout.art / "flow_run.json").read_text())["records"]
         runs[name] = {"out": out, "wall": wall, "states": {r["task"]: r["state"] for r in rec},
                       "ensemble_hash": tree_sha256(layout.ensemble), "files": _written(root),
+                      "submission_hash": file_sha256(layout.submission),
                       "report": (layout.reports / "report.md").read_text(),
                       "plots": {p.name: p.read_bytes() for p in layout.reports.glob("*.png")},
                       "metrics": json.loads((layout.reports / "metrics.json").read_text())}
@@ -66,16 +63,13 @@ def local_runs(pipeline_api, tmp_path_factory):
               f"{out['cached']}/{out['tasks']} cached", file=sys.stderr)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(probe_dir))
-        ens = STEPS["ensemble"]
-        mp.setitem(STEPS, "ensemble", dataclasses.replace(ens, modules=(*ens.modules, PROBE)))
+        mp.setattr(tasks.steps, "CODE_ROOT", code_root)
         go("first")
         runs["first"]["sha"] = _hashes(root)
         go("again")
         go("lr", **{"distill.lr": 1.0e-3})
-        probe.write_text(probe.read_text().replace("return 1.0", "return 0.5  # edited"))
-        sys.modules.pop(PROBE, None)
-        importlib.invalidate_caches()
+        tta = code_root / "lmsys" / "tta.py"
+        tta.write_text(tta.read_text() + "\n# edited: the code of every step whose import closure holds lmsys.tta\n")
         go("code", **{"distill.lr": 1.0e-3})
         go("back")
     return runs
@@ -175,23 +169,20 @@ def test_changing_a_parameter_reruns_only_its_dependents(local_runs):
         assert lr["states"][t] == "Cached"
 
 
-def test_editing_a_steps_code_reruns_that_step(local_runs):
+def test_editing_tta_reruns_predict_and_evaluate_and_nothing_upstream(local_runs):
     code, lr = local_runs["code"], local_runs["lr"]
-    assert code["states"]["ensemble"] == "Completed", code["states"]
-    assert all(code["states"][t] == "Cached" for t in BEFORE_ENSEMBLE), code["states"]
-    # the probe's edit changes ensemble's code hash, not what it computes: the rerun writes the same
-    # bytes (the step is deterministic), and the steps downstream, whose keys hash the ensemble's
-    # content, are cache hits
+    assert _rerun(code) == {"predict", "evaluate"}, code["states"]
+    # the edit (a comment) changes their code hash, not what they compute: the same submission
+    assert code["submission_hash"] == lr["submission_hash"]
     assert code["ensemble_hash"] == lr["ensemble_hash"]
-    assert {t: code["states"][t] for t in ("predict", "evaluate")} == {"predict": "Cached", "evaluate": "Cached"}
 
 
 def test_cache_hit_whose_outputs_were_replaced_is_rerun(local_runs):
     first, back = local_runs["first"], local_runs["back"]
     refreshed = {t for t, st in back["states"].items() if st == "Completed (refreshed)"}
-    assert refreshed >= {"distill-fold0", "distill-fold1", "predict"}, back["states"]
-    assert back["states"]["evaluate"] in ("Completed", "Completed (refreshed)"), back["states"]
-    assert back["states"]["ensemble"] == "Completed"           # its code hash changed (probe): a new key
+    assert refreshed >= {"distill-fold0", "distill-fold1", "ensemble"}, back["states"]
+    for t in ("predict", "evaluate"):                           # their code changed (tta.py): new keys, or refreshed
+        assert back["states"][t] in ("Completed", "Completed (refreshed)"), back["states"]
     assert all(back["states"][t] == "Cached" for t in BEFORE_ENSEMBLE if not t.startswith("distill")), back["states"]
     assert back["ensemble_hash"] == first["ensemble_hash"]      # the refreshed students are the first run's
     for f in ("artifacts/tiny/predictions/submission.csv", "reports/tiny/metrics.json"):

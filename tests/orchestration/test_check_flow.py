@@ -128,7 +128,7 @@ def test_unknown_partition_fails_check_and_stops_the_flow(pipeline_api, slurm, c
     assert "fix: set orchestration.slurm.queue to one of them (--set orchestration.slurm.queue=gpu)" in out
     root = tmp_path / "flow"
     with pytest.raises(Exception) as e:            # as a deployment starts it: the check runs before any SLURM job
-        pipeline_api.pipeline(profile="tiny", runner="slurm", overrides=over, root=str(root))
+        pipeline_api.pipeline(profile="tiny", overrides=over, root=str(root))   # SLURM sets the runner
     _assert_stopped_before_any_step(root, "slurm: partition", e.value)
     assert not (root / "artifacts" / "tiny" / "slurm-logs").exists()                   # no worker job was started
 

@@ -1,7 +1,8 @@
 """The slurm runner for real: prefect-dask's DaskTaskRunner over a dask-jobqueue SLURMCluster on the
 single-node SLURM of start_slurm.sh (fake GPU GRES gpu:2), reporting to the test Prefect server.
 
-  slurm_run        the small pipeline on two 1-GPU jobs (undisturbed; also the reference)
+  slurm_run        the small pipeline on two 1-GPU jobs (undisturbed but for fold 1's teacher, held back
+                   SLOW_S seconds by LMSYS_TASK_DELAY; also the reference)
   slurm_fault_run  a copy of that root without the fold-0 teacher: the flow retrains it, and the
                    test scancels the job running it as soon as its first checkpoint exists; Dask
                    reruns the task on another job and the trainer resumes from <out>.partial/checkpoint
@@ -25,16 +26,21 @@ from orch_config import ROUTING, SLURM
 from pinned import unavailable
 
 
+SLOW = "train-teacher-fold1-modelllama"          # held back in slurm_run (tasks.steps.DELAY_ENV)
+SLOW_S = 30
+
+
 def _code_hashes() -> dict[str, str]:
-    from tasks.steps import STEPS, code_hash
+    from lmsys.steps.recipe import STEPS
+    from tasks.steps import code_hash
     return {n: code_hash(s) for n, s in STEPS.items()}
 
 
 def _n_tasks(overrides: dict) -> int:
     """Tasks of the flow for these overrides (the plan the flow runs)."""
     from lmsys.config import load_config
-    from lmsys.plan import plan
-    return sum(len(level) for level in plan(load_config("tiny", overrides)))
+    from lmsys.steps.recipe import plan
+    return len(plan(load_config("tiny", overrides)))
 
 
 def _records(root: Path) -> dict[str, dict]:
@@ -44,12 +50,16 @@ def _records(root: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def slurm_run(slurm, pipeline_api, tmp_path_factory):
+    from tasks.steps import DELAY_ENV
     root = tmp_path_factory.mktemp("slurm-root")
     code = _code_hashes()
     t0 = time.perf_counter()
     # the flow as a deployment starts it (the decorator's thread runner): it reruns itself as a subflow on
-    # the SLURM Dask runner; the fault run below goes through run_pipeline, which picks that runner at once
-    out = pipeline_api.pipeline(profile="tiny", runner="slurm", overrides=SLURM, root=str(root))
+    # the SLURM Dask runner; the fault run below goes through run_pipeline, which picks that runner at once.
+    # The worker jobs inherit this environment (sbatch exports it): fold 1's teacher starts SLOW_S late.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DELAY_ENV, f"{SLOW}={SLOW_S}")
+        out = pipeline_api.pipeline(profile="tiny", overrides=SLURM, root=str(root))
     print(f"\n[slurm run] {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     return root, out, _records(root), code
 
@@ -184,6 +194,18 @@ def test_two_folds_run_at_the_same_time_on_two_jobs(slurm_run):
         assert a["finished"] - a["started"] == pytest.approx(a["seconds"], abs=1.0)
     print(f"\n[slurm run] fold pairs (step, job, job, overlap s): {pairs}", file=sys.stderr)
     assert any(ja != jb and overlap > 0 for _, ja, jb, overlap in pairs), pairs
+
+
+def test_a_slow_fold_does_not_delay_another_folds_next_step(slurm_run):
+    """Fold 1's teacher is held back SLOW_S s; fold 0's teacher logits read only fold 0's teacher, so
+    they start (on the other job) before fold 1's teacher finishes. A flow that ran level by level
+    would start no teacher-logits task before every train-teacher task had finished."""
+    _, _, rec, _ = slurm_run
+    slow, fast = rec[SLOW], rec["teacher-logits-fold0-modelllama"]
+    assert slow["seconds"] >= SLOW_S, slow
+    print(f"\n[slurm run] {fast['task']} started {slow['finished'] - fast['started']:.1f} s before {SLOW} "
+          f"finished (jobs {fast['slurm_job_id']}, {slow['slurm_job_id']})", file=sys.stderr)
+    assert fast["started"] < slow["finished"] - 5, (fast, slow)
 
 
 def test_worker_tasks_report_to_the_test_server(slurm_run, prefect_server):
