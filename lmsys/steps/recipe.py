@@ -54,7 +54,7 @@ RECIPE: tuple[Step, ...] = (
     Step("D3", "tokenizer", T.run_tokenizer,
          inputs=lambda cfg, layout: [layout.prepared],
          outputs=lambda cfg, layout: [layout.tokenizer],
-         params=("models", "text")),
+         params=("models", "text", "seed")),
     Step("1", "post-pretrain", T.run_post_pretrain,
          inputs=lambda cfg, layout, model: [layout.prepared / "ut.parquet", layout.tokenizer],
          outputs=lambda cfg, layout, model: [layout.post_pretrain(model)],
@@ -91,7 +91,7 @@ RECIPE: tuple[Step, ...] = (
     Step("4.5", "calibrate", St.run_calibrate,
          inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in F.active_folds(cfg)],
          outputs=lambda cfg, layout, model: [layout.calibration(model), layout.calibrated_logits(model, 0).parent],
-         params=("calibrate", "folds.n_folds", "folds.use", "seed"), fan_out=("model",)),
+         params=("calibrate", "folds.n_folds", "folds.use"), fan_out=("model",)),
     Step("5", "distill", St.run_distill,
          inputs=lambda cfg, layout, fold: [*_data(layout), layout.folds_csv, layout.tokenizer, layout.filtered(fold),
                                            layout.post_pretrain(_student(cfg)), *_student_logits(cfg, layout, fold)],
@@ -107,7 +107,7 @@ RECIPE: tuple[Step, ...] = (
     Step("7", "quantize", St.run_quantize,
          inputs=lambda cfg, layout: [layout.ensemble, layout.prepared / "train.parquet"],
          outputs=lambda cfg, layout: [layout.quantized],
-         params=("quantize", "predict.batch_size", *_TRAIN), gpu=True),
+         params=("quantize", "predict.batch_size", "text", "seed"), gpu=True),
     Step("8", "predict", S.run_predict, also=("8.5",),
          inputs=S.predict_inputs,
          outputs=lambda cfg, layout: [layout.predictions],
@@ -118,7 +118,7 @@ RECIPE: tuple[Step, ...] = (
                                      *_all_folds(cfg, lambda k: _student_logits(cfg, layout, k)),
                                      *[layout.logits(m, k) for m in T.teachers(cfg) for k in F.active_folds(cfg)]],
          outputs=lambda cfg, layout: [layout.reports],
-         params=("evaluate", "calibrate", "quantize.enabled", "predict", "text", "models", "folds", "data")),
+         params=("evaluate", "calibrate", "quantize.enabled", "models", "folds", "data")),
 )
 
 STEPS: dict[str, Step] = {s.name: s for s in RECIPE}
