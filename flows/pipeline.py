@@ -60,7 +60,7 @@ class Scheduler:
         self.deps = graph(cfg)
         self.waiting = list(self.tasks)             # table order: the order ready tasks are submitted in
         self.running: dict = {}
-        self.futures: dict = {}
+        self.done: dict = {}                        # label -> its finished future (its final state on Dask)
         self.refreshed: set[str] = set()
         self.records: dict[str, dict] = {}
 
@@ -73,11 +73,8 @@ class Scheduler:
             self.running[t] = _submit(n, self.cfg, k, refresh=missing, wait_for=self.upstream(t))
 
     def upstream(self, label: str) -> list:
-        """wait_for of a task: its finished upstream tasks (the graph in Prefect's records). On Dask their
-        final states, not futures: a Dask future would make Dask recompute an upstream task whose worker
-        job has gone (scancel), although its outputs are on disk."""
-        futures = [self.futures[d] for d in self.deps[label]]
-        return [f.state for f in futures] if type(self.task_runner).__name__ == "DaskTaskRunner" else futures
+        """wait_for of a task: its finished upstream tasks (the graph in Prefect's records)."""
+        return [self.done[d] for d in self.deps[label]]
 
     def collect(self, label: str) -> dict | None:
         """The record of a finished task, or None when it was a stale cache hit (resubmitted)."""
@@ -89,7 +86,13 @@ class Scheduler:
             self.refreshed.add(label)
             self.running[label] = _submit(n, self.cfg, k, refresh=True, wait_for=self.upstream(label))
             return None
-        self.futures[label] = fut
+        # On Dask keep the final state, never the future: a held Dask future pins its result on the worker,
+        # and a worker job that goes (scancel) makes Dask recompute it, although its outputs are on disk
+        if type(self.task_runner).__name__ == "DaskTaskRunner":
+            self.done[label] = fut.state
+            fut.wrapped_future.release()              # the result stays on disk and in Prefect, not on a worker
+        else:
+            self.done[label] = fut
         state = "Completed (refreshed)" if label in self.refreshed else state
         return {"task": label, "step": n, "gpu": STEPS[n].gpu, "state": state,
                 **{x: res.get(x) for x in ("host", "slurm_job_id", "pid", "started", "seconds", "finished",
