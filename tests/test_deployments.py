@@ -79,8 +79,9 @@ def test_deployments_are_created(ops):
     props = ui["parameter_openapi_schema"]["properties"]
     profiles = yaml.safe_load((ops["path"] / "params.yaml").read_text())["profiles"]
     assert sorted(props["profile"]["enum"]) == sorted(profiles)             # every profile of params.yaml
-    assert {"type": "array", "items": {"type": "integer"}} in props["folds"]["anyOf"]
-    assert {"train", "test", "external", "ut", "teachers", "calibrate", "quantize", "evaluate"} <= set(props)
+    # the flow's one signature: the folds, teachers, optional steps and runner are dotted overrides
+    assert set(props) == {"profile", "train", "test", "external", "ut", "overrides", "root", "check"}, sorted(props)
+    assert {"type": "array", "items": {"type": "string"}} in props["external"]["anyOf"]
     cron = s.api("GET", "/deployments/name/lmsys-rerun-if-data-changed/scheduled")["schedules"]
     assert cron and cron[0]["schedule"]["cron"] == "0 3 * * *" and cron[0]["active"]
     ing = s.api("GET", "/deployments/name/lmsys-ingest-new-data/on-new-data")
