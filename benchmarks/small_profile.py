@@ -105,8 +105,8 @@ def length_features(df: pd.DataFrame) -> np.ndarray:
     return np.column_stack([a, b, a - b, np.abs(a - b)])
 
 
-def baselines(df: pd.DataFrame, fold: np.ndarray) -> dict:
-    """OOF class prior and length logistic regression of `df` (label column) on the given folds."""
+def baseline_probs(df: pd.DataFrame, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OOF probabilities [n, 3] of the class prior and of the length logistic regression."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -116,6 +116,13 @@ def baselines(df: pd.DataFrame, fold: np.ndarray) -> dict:
         tr, va = fold != k, fold == k
         prior[va] = np.bincount(y[tr], minlength=3) / tr.sum()
         lr[va] = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X[tr], y[tr]).predict_proba(X[va])
+    return prior, lr
+
+
+def baselines(df: pd.DataFrame, fold: np.ndarray) -> dict:
+    """OOF class prior and length logistic regression of `df` (label column) on the given folds."""
+    y = df["label"].to_numpy()
+    prior, lr = baseline_probs(df, fold)
     return {"rows": len(y), "folds": int(len(np.unique(fold))),
             "class_prior": {"log_loss": log_loss(prior, y), "accuracy": accuracy(prior, y)},
             "length_lr": {"log_loss": log_loss(lr, y), "accuracy": accuracy(lr, y)}}
@@ -166,17 +173,35 @@ def same_fold_baselines(layout: Layout) -> dict:
     return baselines(train, train["id"].astype(str).map(folds).to_numpy())
 
 
+def paired_intervals(layout: Layout, folds: list[int]) -> dict:
+    """The student's OOF row losses (with TTA, as the report scores it) against the class prior and
+    the length LR on the same rows and folds: mean of (baseline - student) and its bootstrap 95%
+    interval (lmsys.metrics.paired_bootstrap; above 0 = the student is better)."""
+    from lmsys.metrics import paired_bootstrap, row_losses
+    train = pd.read_parquet(layout.prepared / "train.parquet").assign(id=lambda d: d["id"].astype(str))
+    fmap = pd.read_csv(layout.folds_csv, dtype={"id": str}).set_index("id")["fold"]
+    prior, lr = baseline_probs(train, train["id"].map(fmap).to_numpy())
+    o = pd.concat([pd.read_parquet(layout.student(k) / "oof.parquet") for k in folds])
+    o["id"] = o["id"].astype(str)
+    po, ps = softmax(o[S.LOGIT_COLUMNS].to_numpy()), softmax(o[[f"swapped_{c}" for c in S.LOGIT_COLUMNS]].to_numpy())
+    pos = train.reset_index(drop=True).reset_index().set_index("id").loc[o["id"], "index"].to_numpy()
+    y = o["label"].to_numpy()
+    assert (train["label"].to_numpy()[pos] == y).all(), "OOF labels differ from the prepared table's"
+    student = row_losses(symmetrize(po, ps), y)
+    return {"student_vs_class_prior": paired_bootstrap(row_losses(prior[pos], y), student),
+            "student_vs_length_lr": paired_bootstrap(row_losses(lr[pos], y), student)}
+
+
 # ---------------------------------------------------------------- the run
 
 def plan(cfg: dict) -> list[tuple[str, dict]]:
-    k = range(cfg["folds"]["n_folds"])
-    t = cfg["models"]["teachers"][0]
-    return ([("prepare", {}), ("folds", {}), ("tokenizer", {}), ("post-pretrain", {"model": t})]
-            + [("filter-argmax", {"fold": f}) for f in k]
-            + [("train-teacher", {"model": t, "fold": f}) for f in k]
-            + [("teacher-logits", {"model": t, "fold": f}) for f in k]
-            + [("calibrate", {"model": t})]
-            + [("distill", {"fold": f}) for f in k])
+    """The recipe's tasks of this run (lmsys.steps.recipe.plan) up to distillation: no test data, so
+    no ensemble/predict/evaluate. A student that is also a teacher is post-pretrained once."""
+    from lmsys.steps.recipe import plan as recipe_plan
+    tasks = recipe_plan(cfg)
+    last = max(i for i, (n, _) in enumerate(tasks) if n == "distill")
+    dup = cfg["models"]["student"] in cfg["models"]["teachers"]
+    return [(n, k) for n, k in tasks[:last + 1] if not (dup and n == "post-pretrain-student")]
 
 
 def cache_base_models() -> None:
@@ -223,9 +248,14 @@ def main() -> None:
     ap.add_argument("--no-load-cache", action="store_true", help="load every model from disk in every step")
     ap.add_argument("--out", default=str(HERE / "results" / "small_profile.json"))
     ap.add_argument("--md-only", action="store_true", help="only rewrite RESULTS.md from --out")
+    ap.add_argument("--part", default="small-profile", help="the RESULTS.md block this run writes (<!-- cpu:PART -->)")
+    ap.add_argument("--title", default="Small profile on real data (vicuna80), CPU-sized", help="its heading")
+    ap.add_argument("--reading", default="", help="a paragraph of reading under the tables")
     args = ap.parse_args()
     if args.md_only:
-        update_results_md("small-profile", markdown(json.loads(Path(args.out).read_text())))
+        r = json.loads(Path(args.out).read_text())
+        r["reading"] = args.reading or r.get("reading", "")
+        update_results_md(args.part, markdown(r))
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     for noisy in ("transformers", "lmsys.infer", "lmsys.train", "lmsys.steps.teachers"):
@@ -254,7 +284,9 @@ def main() -> None:
     teacher = cfg["models"]["teachers"][0]
     cal = json.loads(layout.calibration(teacher).read_text())
     results = {
-        "benchmark": "small_profile", "machine": mach, "torch_threads": args.threads,
+        "benchmark": "small_profile", "machine": mach, "torch_threads": args.threads, "args_rows": args.rows,
+        "title": args.title, "out_name": os.path.relpath(args.out, HERE.parent), "cli_set": dict(parse_override(x) for x in args.set),
+        "teacher": teacher, "student": cfg["models"]["student"], "specs": cfg["models"]["specs"], "reading": args.reading,
         "load_avg_at_end": list(os.getloadavg()), "base_model_load_cache": not args.no_load_cache,
         "data": {"train": str(train_file), "ut": str(JUDGES), **data_info},
         "overrides": {k: v for k, v in overrides.items()},
@@ -271,6 +303,7 @@ def main() -> None:
                                             "after": cal["heldout_log_loss_after"], "method": cal["method"]},
             "student": student_oof(layout, folds),
             "baselines_same_folds": same_fold_baselines(layout),
+            "paired": paired_intervals(layout, folds),
         },
         "reference": {"readme": REFERENCE, "recomputed": reference_baselines(cfg["folds"]["seed"])},
     }
@@ -278,8 +311,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
     md = markdown(results)
-    update_results_md("small-profile", md)
+    update_results_md(args.part, md)
     print(md)
+
+
+def _model_words(r: dict, name: str) -> str:
+    spec = r.get("specs", {}).get(name, {})
+    what = spec.get("package") or spec.get("path") or spec.get("kind") or "?"
+    lora = spec.get("lora") or {}
+    return f"{name} ({what}{', LoRA r=' + str(lora['r']) if lora.get('r') else ''})"
 
 
 def markdown(r: dict) -> str:
@@ -288,34 +328,44 @@ def markdown(r: dict) -> str:
     ll = lambda d: f"{d['log_loss']:.3f}"  # noqa: E731
     acc = lambda d: f"{d['accuracy']:.3f}"  # noqa: E731
     c = r["config"]
+    teacher, student = r.get("teacher", "gemma3"), r.get("student", "minilm")
+    sets = " ".join(f"--set '{k}={v}'" for k, v in r.get("cli_set", {}).items())
+    subset = c["train_teacher"]["subset_size"]
     lines = [
-        "### Small profile on real data (vicuna80), CPU-sized",
+        f"### {r.get('title', 'Small profile on real data (vicuna80), CPU-sized')}",
         "",
-        f"`python benchmarks/small_profile.py --rows {r['data']['used_rows']}` -> `benchmarks/results/small_profile.json`. "
-        f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs (load average {r['load_avg_at_end'][0]:.1f} at the end), "
-        f"torch {m['torch']} on {r['torch_threads']} thread(s), run at nice 10.",
+        f"`python benchmarks/small_profile.py --rows {r['args_rows']} --threads {r['torch_threads']} {sets}`".replace("  ", " ")
+        + f" -> `{r.get('out_name', 'benchmarks/results/small_profile.json')}`. "
+        f"Machine: {m['cpu']}, {m['cores']} cores (load average {r['load_avg_at_end'][0]:.1f} at the end), "
+        f"torch {m['torch']} on {r['torch_threads']} thread(s).",
         "",
         f"Data: vicuna80_human.csv ({r['data']['file_rows']} rows; {r['data']['deduped_rows']} after the prepare step's dedup), "
-        f"{r['data']['used_rows']} rows kept over {r['data']['prompts']} prompts, {c['folds']['n_folds']} folds grouped by prompt "
+        f"{r['data']['used_rows']} rows used over {r['data']['prompts']} prompts, {c['folds']['n_folds']} folds grouped by prompt "
         f"(~{r['data']['used_rows'] // c['folds']['n_folds']} validation rows per fold). UT = vicuna80_llm_judges "
-        f"(post-pretrain on {c['post_pretrain']['max_rows']} rows). Teacher gemma3 (Gemma 3 270M, GGUF, LoRA r=8) on "
-        f"{c['train_teacher']['subset_size']} rows per fold (+ A/B swaps), student MiniLM-L6 distilled on the same rows, "
-        f"max length {c['text']['train_max_length']} tokens.",
+        f"(post-pretrain on {c['post_pretrain']['max_rows']} rows). Teacher {_model_words(r, teacher)} trained on "
+        f"{'every training row' if subset is None else f'{subset} rows'} per fold (+ A/B swaps), {c['train_teacher'].get('epochs')} epoch(s); "
+        f"student {_model_words(r, student)} distilled on the same rows, {c['distill'].get('epochs')} epoch(s); "
+        f"max length {c['text']['train_max_length']} tokens; template {c['text']['template']!r}.",
         "",
         "| out-of-fold, same rows and folds | log loss | accuracy |",
         "|---|---|---|",
         f"| uniform | {np.log(3):.3f} | - |",
         f"| class prior (fold-train frequencies) | {ll(b['class_prior'])} | {acc(b['class_prior'])} |",
         f"| length-feature logistic regression | {ll(b['length_lr'])} | {acc(b['length_lr'])} |",
-        f"| teacher gemma3, raw | {ll(o['teacher_raw']['plain'])} | {acc(o['teacher_raw']['plain'])} |",
-        f"| teacher gemma3, raw + TTA | {ll(o['teacher_raw']['tta'])} | {acc(o['teacher_raw']['tta'])} |",
-        f"| teacher gemma3, calibrated (step 4.5, held-out halves: before -> after) | "
+        f"| teacher {teacher}, raw | {ll(o['teacher_raw']['plain'])} | {acc(o['teacher_raw']['plain'])} |",
+        f"| teacher {teacher}, raw + TTA | {ll(o['teacher_raw']['tta'])} | {acc(o['teacher_raw']['tta'])} |",
+        f"| teacher {teacher}, calibrated (step 4.5, held-out halves: before -> after) | "
         f"{o['teacher_calibration_heldout']['before']:.3f} -> {o['teacher_calibration_heldout']['after']:.3f} | - |",
-        f"| teacher gemma3, calibrated (fitted on these same OOF rows: optimistic) | {ll(o['teacher_calibrated_in_sample']['plain'])} | "
-        f"{acc(o['teacher_calibrated_in_sample']['plain'])} |",
-        f"| student MiniLM, distilled | {ll(o['student']['plain'])} | {acc(o['student']['plain'])} |",
-        f"| student MiniLM, distilled + TTA | {ll(o['student']['tta'])} | {acc(o['student']['tta'])} |",
+        f"| student {student}, distilled | {ll(o['student']['plain'])} | {acc(o['student']['plain'])} |",
+        f"| student {student}, distilled + TTA (the report's figure) | {ll(o['student']['tta'])} | {acc(o['student']['tta'])} |",
         "",
+    ]
+    if "paired" in o:
+        pr, pl = o["paired"]["student_vs_class_prior"], o["paired"]["student_vs_length_lr"]
+        iv = lambda d: f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"  # noqa: E731
+        lines += [f"Paired over the {pr['n']} out-of-fold rows (baseline's row loss - student's with TTA; bootstrap 95% "
+                  f"interval; above 0 = the student is better): vs the class prior {iv(pr)}, vs the length LR {iv(pl)}.", ""]
+    lines += [
         f"Baseline check on the full file (the README's setting): class prior {ll(ref['full_file_5fold']['class_prior'])}, "
         f"length LR {ll(ref['full_file_5fold']['length_lr'])} (accuracy {acc(ref['full_file_5fold']['length_lr'])}), 5 folds "
         f"grouped by prompt (README: 0.970, 0.830, 0.67); on the deduped 1171 rows, 3 folds: prior "
@@ -327,31 +377,9 @@ def markdown(r: dict) -> str:
     for k, t in r["steps"].items():
         lines.append(f"| {k} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} |")
     lines.append(f"| **total** | {r['total_step_wall_s']:.0f} | {r['total_step_cpu_s']:.0f} |")
-    lines += ["", reading(r)]
+    if r.get("reading"):
+        lines += ["", r["reading"]]
     return "\n".join(lines)
-
-
-def reading(r: dict) -> str:
-    o, b = r["oof"], r["oof"]["baselines_same_folds"]
-    prior = b["class_prior"]["log_loss"]
-    rows = {"teacher raw": o["teacher_raw"]["plain"]["log_loss"], "teacher raw + TTA": o["teacher_raw"]["tta"]["log_loss"],
-            "teacher calibrated (held-out)": o["teacher_calibration_heldout"]["after"],
-            "student": o["student"]["plain"]["log_loss"], "student + TTA": o["student"]["tta"]["log_loss"],
-            "length LR": b["length_lr"]["log_loss"]}
-    beat = [k for k, v in rows.items() if v < prior]
-    verdict = ("Nothing beats the class prior here: " if not beat else f"Only {', '.join(beat)} beat(s) the class prior: ")
-    return (verdict + ", ".join(f"{k} {v:.3f}" for k, v in rows.items()) + f" vs prior {prior:.3f} "
-            f"({b['rows']} out-of-fold rows, so differences under about 0.05 are noise). With "
-            f"{r['config']['train_teacher']['subset_size']} training rows per fold and answers cut to "
-            f"{r['config']['text']['train_max_length']} tokens (which also hides most of the length signal) the models "
-            f"learn no preference: the student stays near uniform (mean probabilities {o['student']['mean_probs']}), the "
-            f"raw teacher is over-confident and position-biased (mean {o['teacher_raw']['mean_probs']}; TTA and "
-            "calibration only pull it back towards the prior). This run shows that every step runs end to end on real "
-            "data and what each costs on this CPU, not model quality. Step times: the first invocation (up to "
-            "train-teacher) ran while the 2 cores carried a load of 7-9 from other jobs, so its wall times are 2-3x its "
-            "CPU times; the rest ran at load 2-4. The base model is loaded once per process and copied "
-            f"(cache {'on' if r['base_model_load_cache'] else 'off'}); the GGUF load itself is about 30 s unloaded, "
-            "116 s wall under that load.")
 
 
 if __name__ == "__main__":

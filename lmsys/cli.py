@@ -227,6 +227,25 @@ def cmd_run(args) -> int:
     return run_from_cli(args)
 
 
+def cmd_ablate(args) -> int:
+    """`lmsys ablate`: the default and each variant through the pipeline flow, then the table."""
+    from lmsys.ablations import VARIANTS
+    if args.list:
+        for name, (what, over) in VARIANTS.items():
+            print(f"{name:<20} {what}  ({', '.join(f'{k}={v}' for k, v in over.items())})")
+        return EXIT_OK
+    unknown = [v for v in args.only or [] if v not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+    if args.params:
+        raise UsageError("lmsys ablate reads the repo's params.yaml (the flow's workers must see the same file)")
+    if not args.verbose:
+        from flows.console import quiet_console
+        quiet_console()
+    from flows.ablations import run_from_cli as ablate
+    return ablate(args)
+
+
 def cmd_check(args) -> int:
     """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed."""
     from lmsys.check import main_check
@@ -359,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", dest="run_verbose", action="store_true",
                    help="Prefect's INFO lines and the steps' progress bars on the console too")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ablate", help="the recipe's options (calibration, TTA, ensemble method, information-gain "
+                                      "weights, post-pretraining) each against the default: a table of paired log-loss differences")
+    _add_config_args(p)
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="these variants only (default: all; `lmsys ablate --list`)")
+    p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--runner", choices=("local", "slurm"))
+    p.add_argument("--root", help="where the runs go, one root each (default: ablations/<profile>)")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("check", help="preflight: models, data, runner, disk; exit 0 ok, 1 warnings, 2 a check failed")
     _add_config_args(p)

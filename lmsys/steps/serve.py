@@ -200,7 +200,7 @@ def _pooled(per_fold: dict, bins: int) -> dict:
     return {**M.summarize(p, y, bins), "per_fold_log_loss": {k: M.log_loss(*v) for k, v in per_fold.items()}}
 
 
-def _test_labels(cfg: dict, layout: Layout) -> pd.Series | None:
+def known_test_labels(cfg: dict, layout: Layout) -> pd.Series | None:
     from lmsys.data.demo import demo_paths
     from lmsys.steps.prepare import uses_demo
     path = demo_paths(layout.demo_dir)["test_labels"] if uses_demo(cfg) else cfg["data"]["test_labels"]
@@ -221,7 +221,7 @@ def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
     reasons = probs["fallback_reason"] if "fallback_reason" in probs else pd.Series([], dtype=str)
     res["fallback"] = {"test_rows": len(probs), "answered_by_fallback": int((reasons != "").sum()),
                        "reasons": {k: int(n) for k, n in reasons[reasons != ""].value_counts().items()}}
-    labels = _test_labels(cfg, layout)
+    labels = known_test_labels(cfg, layout)
     if labels is not None:
         y = labels.reindex(probs["id"].astype(str)).to_numpy()
         res["test"] = {"final_model": final_model_dir(cfg, layout).name,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmsys.io import atomic_dir, write_table
+from lmsys.io import atomic_dir, write_json, write_table
 from lmsys.metrics import softmax
 from lmsys.paths import Layout
 from lmsys.steps import StepResult
@@ -64,11 +64,24 @@ def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
     tok, net = C.build(cfg, layout, model)
     L = cfg["text"]["train_max_length"]
     out = layout.post_pretrain(model)
+    if not p["enabled"]:                        # the ablation "no post-pretraining": the adapter as built
+        return _save_untrained(net, out, len(train), len(val))
     with C.training_dir(out) as work:
         metrics = train_classifier(net, C.encode(cfg, train, tok, L), C.labels(train), work, {**p, "eval_every": None},
                                    tok.pad_token_id, C.encode(cfg, val, tok, L), C.labels(val),
                                    seed=cfg["seed"], progress_desc=f"post-pretrain {model}")
     return StepResult(outputs=[out], metrics=_summary(metrics))
+
+
+def _save_untrained(net, out: Path, n_train: int, n_val: int) -> StepResult:
+    """post_pretrain.enabled false: publish the freshly built adapter (LoRA B = 0, so the base model,
+    and the new head), where later steps look for step 1's, with metrics saying nothing was trained."""
+    metrics = {"steps": 0, "n_train": 0, "n_val": 0, "skipped": "post_pretrain.enabled is false",
+               "ut_rows_not_used": n_train + n_val}
+    with atomic_dir(out) as tmp:
+        net.save_pretrained(tmp / "adapter")
+        write_json(metrics, tmp / "metrics.json")
+    return StepResult(outputs=[out], metrics=metrics)
 
 
 def post_pretrain_rows(cfg: dict, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:

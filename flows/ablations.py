@@ -1,0 +1,70 @@
+"""`lmsys ablate`: the recipe's options judged in one command (lmsys/ablations.py scores them).
+
+The default configuration runs the whole pipeline in <root>/default; each variant (a few
+params.yaml keys changed, lmsys.ablations.VARIANTS) then runs in <root>/<variant>, a copy of the
+default's root made before its first run, so every task whose inputs, parameters and code the
+variant leaves alone is a cache hit and only what it changes reruns (calibration-off: the students
+onwards; tta-off: predict and evaluate). A variant root kept from an earlier call is reused as it is
+(its own cache decides). The table (ablations.md, ablations.json in <root>, and a Prefect
+markdown artifact) gives each variant's out-of-fold and test log loss with the paired difference
+to the default and its bootstrap interval.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import flow_config, run_pipeline
+from lmsys import ablations as A
+from lmsys.paths import ROOT, Layout
+
+
+def default_root(profile: str) -> Path:
+    return ROOT / "ablations" / profile
+
+
+@flow(name="lmsys-ablations", log_prints=True)
+def ablations(profile: str = "tiny", overrides: dict | None = None, root: str | None = None,
+              variants: list[str] | None = None, train: str | None = None, ut: str | None = None,
+              runner: str | None = None) -> dict:
+    """Run the default and each of `variants` (all of VARIANTS when None) on `profile` with
+    `overrides` (and the data paths `train` / `ut`), under `root`; returns the scores by variant."""
+    names = list(variants or A.VARIANTS)
+    unknown = [v for v in names if v not in A.VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown ablation variant(s) {unknown}: choose from {list(A.VARIANTS)}")
+    base = Path(root) if root else default_root(profile)
+    data = {"train": train, "ut": ut}
+    runs, logger = {}, get_run_logger()
+    for name in [A.DEFAULT, *names]:
+        over = {**(overrides or {}), **({} if name == A.DEFAULT else A.VARIANTS[name][1])}
+        where = base / name
+        if name != A.DEFAULT and not where.exists():
+            shutil.copytree(base / A.DEFAULT, where, symlinks=True)    # the default's outputs: cache hits
+        out = run_pipeline(runner=runner, profile=profile, overrides=over, root=str(where), check=False, **data)
+        logger.info("%s: %d tasks, %d cached, %.0f s", name, out["tasks"], out["cached"], out["seconds"])
+        cfg = flow_config(profile=profile, overrides=over, root=str(where), **data)
+        runs[name] = (cfg, Layout.of(cfg))
+    from lmsys.steps.serve import known_test_labels
+    results = A.score(runs, known_test_labels(*runs[A.DEFAULT]))
+    sets = "".join(f" --set {k}={v if isinstance(v, str) else json.dumps(v)}"
+                   for k, v in (overrides or {}).items())
+    note = f"`lmsys ablate --profile {profile}{sets}`; the runs are under {base}."
+    md = A.write(results, base, f"Ablations, profile {profile}", note)
+    create_markdown_artifact(md.read_text(), key="lmsys-ablations", description=f"ablations of profile {profile}")
+    print(md.read_text())
+    return results
+
+
+def run_from_cli(args) -> int:
+    """`lmsys ablate`: the flow with the CLI's profile, --set overrides, --only variants and --root."""
+    from lmsys.config import load_config, parse_override
+    overrides = dict(parse_override(o) for o in (args.set or []))
+    cfg = load_config(args.profile, overrides)
+    ablations(profile=cfg["profile"], overrides=overrides, root=args.root, variants=args.only,
+              runner=args.runner)
+    return 0
