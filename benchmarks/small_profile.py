@@ -329,7 +329,7 @@ def markdown(r: dict) -> str:
     acc = lambda d: f"{d['accuracy']:.3f}"  # noqa: E731
     c = r["config"]
     teacher, student = r.get("teacher", "gemma3"), r.get("student", "minilm")
-    sets = " ".join(f"--set '{k}={v}'" for k, v in r.get("cli_set", {}).items())
+    sets = " ".join(f"--set '{k}={v if isinstance(v, str) else json.dumps(v)}'" for k, v in r.get("cli_set", {}).items())
     subset = c["train_teacher"]["subset_size"]
     lines = [
         f"### {r.get('title', 'Small profile on real data (vicuna80), CPU-sized')}",

@@ -5,27 +5,16 @@ unknown partition) are in tests/orchestration/test_check_flow.py, with a real Pr
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
 import pandas as pd
 
-from lmsys.cli import main
+from check_support import run_check
 
 
 def _check(capsys, *args) -> tuple[int, str, dict[str, str]]:
-    """Run `lmsys check ARGS`; (exit code, stdout, {check name: status})."""
-    t0 = time.perf_counter()
-    code = main(["check", *args])
-    out = capsys.readouterr().out
-    print(f"\n[lmsys check {' '.join(args)}] exit {code} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    rows = {}
-    for line in out.splitlines():
-        m = re.match(r"^(ok|warn|FAIL|skip)\s+(\S.*?)\s{2,}", line)
-        if m:
-            rows[m.group(2)] = m.group(1)
-    return code, out, rows
+    return run_check(capsys, *args)
 
 
 def test_tiny_profile_passes_and_writes_nothing(capsys, tmp_path):

@@ -11,27 +11,16 @@ its first task (the check), before any step ran, with the check table as the `lm
 from __future__ import annotations
 
 import re
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from check_support import run_check
 from orch_config import SLURM, SMALL
 
 
 def _run_check(capsys, *args) -> tuple[int, str, dict[str, str]]:
-    from lmsys.cli import main
-    t0 = time.perf_counter()
-    code = main(["check", "--profile", "tiny", *args])
-    out = capsys.readouterr().out
-    print(f"\n[lmsys check {' '.join(args)[-120:]}] exit {code} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    rows = {}
-    for line in out.splitlines():
-        m = re.match(r"^(ok|warn|FAIL|skip)\s+(\S.*?)\s{2,}", line)
-        if m:
-            rows[m.group(2)] = m.group(1)
-    return code, out, rows
+    return run_check(capsys, "--profile", "tiny", *args)
 
 
 def _set_args(over: dict) -> list[str]:
