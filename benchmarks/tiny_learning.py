@@ -8,7 +8,8 @@ ROOT is a run root whose demo-data, prepare, folds and tokenizer steps have run 
 --root ROOT` or the steps one by one). Options (JSON): model (llama|qwen|gemma, default gemma),
 full (train every weight, not only LoRA + head), freeze_embeddings, layers, lr, epochs, batch_size,
 max_length (train tokens), prompt_tokens, length_fields (template with {a_words}/{b_words}),
-eval_every, threads. Prints one JSON line: the options, the val curve, best, seconds.
+eval_every, threads, profile (tiny, or small for a root of benchmarks/small_profile.py: model minilm).
+Prints one JSON line: the options, the val curve, best, seconds.
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ LENGTH_TEMPLATE = ('User question:\n"""{prompt}"""\nAnswer A ({a_words} words):\
 
 def main(root: str, opts: dict) -> dict:
     torch.set_num_threads(int(opts.get("threads", 1)))
-    cfg = load_config("tiny", {})
+    profile = opts.get("profile", "tiny")
+    cfg = load_config(profile, {})
     cfg["root"] = root
     if opts.get("length_fields"):
         cfg["text"]["template"] = LENGTH_TEMPLATE
     cfg["text"]["prompt_tokens"] = int(opts.get("prompt_tokens", cfg["text"]["prompt_tokens"]))
-    layout = Layout("tiny", root)
+    layout = Layout(profile, root)
     train, val = common.fold_tables(layout, 0)
     train = with_swaps(train)
     name = opts.get("model", "gemma")
@@ -49,7 +51,7 @@ def main(root: str, opts: dict) -> dict:
             if opts.get("freeze_embeddings") and "embed_tokens" in n:
                 p.requires_grad_(False)
     length = int(opts.get("max_length", cfg["text"]["train_max_length"]))
-    train_cfg = {"epochs": opts.get("epochs", 3), "lr": opts.get("lr", 2e-3), "warmup_steps": 2,
+    train_cfg = {"epochs": opts.get("epochs", 3), "lr": opts.get("lr", 2e-3), "warmup_steps": opts.get("warmup_steps", 2),
                  "batch_size": opts.get("batch_size", 16), "eval_every": opts.get("eval_every", 20)}
     t0 = time.perf_counter()
     m = train_classifier(net, common.encode(cfg, train, tok, length), common.labels(train),

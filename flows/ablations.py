@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -27,7 +28,14 @@ def default_root(profile: str) -> Path:
     return ROOT / "ablations" / profile
 
 
-@flow(name="lmsys-ablations", log_prints=True)
+def say(text: str) -> None:
+    """The console (stdout, which the CLI's quiet console keeps) and the flow run's log in the UI."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    get_run_logger().info(text)
+
+
+@flow(name="lmsys-ablations")
 def ablations(profile: str = "tiny", overrides: dict | None = None, root: str | None = None,
               variants: list[str] | None = None, train: str | None = None, ut: str | None = None,
               runner: str | None = None) -> dict:
@@ -39,14 +47,17 @@ def ablations(profile: str = "tiny", overrides: dict | None = None, root: str | 
         raise ValueError(f"unknown ablation variant(s) {unknown}: choose from {list(A.VARIANTS)}")
     base = Path(root) if root else default_root(profile)
     data = {"train": train, "ut": ut}
-    runs, logger = {}, get_run_logger()
-    for name in [A.DEFAULT, *names]:
-        over = {**(overrides or {}), **({} if name == A.DEFAULT else A.VARIANTS[name][1])}
+    runs = {}
+    for i, name in enumerate([A.DEFAULT, *names]):
+        extra = {} if name == A.DEFAULT else A.VARIANTS[name][1]
+        over = {**(overrides or {}), **extra}
         where = base / name
         if name != A.DEFAULT and not where.exists():
             shutil.copytree(base / A.DEFAULT, where, symlinks=True)    # the default's outputs: cache hits
+        say(f"== ablation {i + 1}/{len(names) + 1}: {name} "
+              f"({', '.join(f'{k}={v}' for k, v in extra.items()) or 'the configuration as given'}) in {where}")
         out = run_pipeline(runner=runner, profile=profile, overrides=over, root=str(where), check=False, **data)
-        logger.info("%s: %d tasks, %d cached, %.0f s", name, out["tasks"], out["cached"], out["seconds"])
+        say(f"== {name}: {out['tasks']} tasks, {out['cached']} cached, {out['seconds']:.0f} s")
         cfg = flow_config(profile=profile, overrides=over, root=str(where), **data)
         runs[name] = (cfg, Layout.of(cfg))
     from lmsys.steps.serve import known_test_labels
@@ -56,7 +67,7 @@ def ablations(profile: str = "tiny", overrides: dict | None = None, root: str | 
     note = f"`lmsys ablate --profile {profile}{sets}`; the runs are under {base}."
     md = A.write(results, base, f"Ablations, profile {profile}", note)
     create_markdown_artifact(md.read_text(), key="lmsys-ablations", description=f"ablations of profile {profile}")
-    print(md.read_text())
+    say(md.read_text())
     return results
 
 

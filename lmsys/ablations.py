@@ -77,7 +77,8 @@ def compare(default: pd.Series, variant: pd.Series, what: str) -> dict:
                          f"{len(set(default.index) ^ set(variant.index))} ids differ")
     v = variant.reindex(default.index)
     d = M.paired_bootstrap(v.to_numpy(), default.to_numpy())
-    return {"log_loss": float(v.mean()), "diff": d["mean"], "lo": d["lo"], "hi": d["hi"], "rows": d["n"]}
+    return {"log_loss": float(v.mean()), "diff": d["mean"], "lo": d["lo"], "hi": d["hi"], "rows": d["n"],
+            "identical": bool((v.to_numpy() == default.to_numpy()).all())}
 
 
 def score(runs: dict[str, tuple[dict, Layout]], labels: pd.Series | None) -> dict:
@@ -100,6 +101,8 @@ def _cell(c: dict | None, is_default: bool) -> tuple[str, str]:
         return "-", "-"
     if is_default:
         return f"{c['log_loss']:.4f}", "(reference)"
+    if c["identical"]:                          # e.g. the ensemble method: the OOF rows are the fold students'
+        return f"{c['log_loss']:.4f}", "same predictions"
     tell = "" if c["lo"] > 0 or c["hi"] < 0 else " ~0"
     return f"{c['log_loss']:.4f}", f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]{tell}"
 
@@ -115,7 +118,8 @@ def markdown(results: dict, title: str, note: str = "") -> str:
         test, test_d = _cell(r["test"], name == DEFAULT)
         lines.append(f"| {name} | {what} | {oof} | {oof_d} | {test} | {test_d} |")
     lines += ["", "diff = variant - default over the same rows (below 0: the variant is better); "
-              "~0 = the 95% bootstrap interval contains 0."]
+              "~0 = the 95% bootstrap interval contains 0; same predictions = every row's probabilities are the "
+              "default's (the variant changes nothing the OOF rows see)."]
     return "\n".join(lines)
 
 

@@ -56,6 +56,7 @@ def test_scores_are_the_reports_own_figures(ablated):
     assert res["tta-off"]["oof"]["log_loss"] == pytest.approx(m["student_oof_log_loss_no_tta"], abs=2e-6)
     assert res["tta-off"]["test"]["log_loss"] == pytest.approx(m["test_log_loss_plain"], abs=2e-6)
     assert res["default"]["oof"]["diff"] == 0.0 and res["default"]["oof"]["lo"] == res["default"]["oof"]["hi"] == 0.0
+    assert res["default"]["oof"]["identical"] and not res["tta-off"]["oof"]["identical"]
     for name in VARIANTS:
         for part in ("oof", "test"):
             c = res[name][part]
