@@ -37,6 +37,21 @@ def quiet_console() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:   # the CLI's own handler: Prefect's INFO records propagate to it
         handler.setLevel(logging.WARNING)
+    quiet_gptqmodel_banner()
+
+
+def quiet_gptqmodel_banner() -> None:
+    """gptqmodel prints a ~20-line start-up banner (logo, versions, the env vars it sets) at INFO, and
+    a free-threading advice at WARN, in every process that imports it (peft imports it when it builds
+    LoRA layers, so every worker). Its logger is LogBar's process-wide `logbar`, which sets itself to
+    INFO when first created: create it now and raise it to WARNING, so gptqmodel's warnings and errors
+    still show; the GIL advice has its own switch (this project runs with the GIL: nothing to act on)."""
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    try:
+        from logbar import LogBar
+    except ImportError:                             # gptqmodel (and its logbar) not installed: no banner
+        return
+    LogBar.shared().setLevel(logging.WARNING)
 
 
 def previous_seconds(flow_run_json: Path) -> dict[str, float]:

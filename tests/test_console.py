@@ -74,3 +74,24 @@ def test_git_rev_is_not_dirtied_by_the_runs_own_outputs(tmp_path):
     assert git_rev(tmp_path) == rev
     (tmp_path / "code.py").write_text("x = 2\n")                      # an edit of the code
     assert git_rev(tmp_path) == rev + "+dirty"
+
+
+def test_quiet_console_drops_gptqmodel_banner_but_keeps_its_warnings():
+    """A worker of the quiet console imports gptqmodel (as peft does when it builds LoRA layers): no
+    banner, no GIL advice on stdout/stderr; a warning through gptqmodel's logger still shows."""
+    import subprocess
+    import sys
+
+    from pinned import pinned_import
+    pinned_import("gptqmodel", "gptqmodel")
+    code = ("from flows.console import quiet_console; quiet_console()\n"
+            "import gptqmodel\n"
+            "from gptqmodel.utils.logger import setup_logger\n"
+            "setup_logger().warning('a gptqmodel warning')\n")
+    loud = subprocess.run([sys.executable, "-c", "import gptqmodel"], capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "GPT-QModel" in loud.stdout + loud.stderr          # the banner this test is about
+    out = quiet.stdout + quiet.stderr
+    assert "GPT-QModel" not in out and "GIL is enabled" not in out, out
+    assert "a gptqmodel warning" in out, out
