@@ -22,10 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from lmsys import metrics as M
-from lmsys.data.schema import LOGIT_COLUMNS
 from lmsys.paths import Layout
-from lmsys.steps.folds import active_folds
-from lmsys.tta import symmetrize
+from lmsys.steps.serve import OOF_PROBS, student_oof
 
 DEFAULT = "default"
 # name -> (what it changes, params.yaml overrides). The recipe's default is each key's params.yaml value.
@@ -39,19 +37,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def oof_rows(cfg: dict, layout: Layout, tta: bool) -> pd.DataFrame:
-    """The students' out-of-fold rows: id, label and probabilities [p_a, p_b, p_tie], in fold order."""
-    frames = []
-    for k in active_folds(cfg):
-        o = pd.read_parquet(layout.student(k) / "oof.parquet")
-        p = M.softmax(o[LOGIT_COLUMNS].to_numpy())
-        if tta:
-            p = symmetrize(p, M.softmax(o[[f"swapped_{c}" for c in LOGIT_COLUMNS]].to_numpy()))
-        frames.append(pd.DataFrame({"id": o["id"].astype(str), "label": o["label"].to_numpy(),
-                                    "p_a": p[:, 0], "p_b": p[:, 1], "p_tie": p[:, 2]}))
-    return pd.concat(frames, ignore_index=True)
-
-
 def test_rows(layout: Layout, labels: pd.Series | None, tta: bool) -> pd.DataFrame | None:
     """The submission's rows with their labels (None without labels or predictions)."""
     path = layout.predictions / "test_probs.parquet"
@@ -59,14 +44,14 @@ def test_rows(layout: Layout, labels: pd.Series | None, tta: bool) -> pd.DataFra
         return None
     t = pd.read_parquet(path)
     cols = ["p_a", "p_b", "p_tie"] if tta or "plain_a" not in t else ["plain_a", "plain_b", "plain_tie"]
-    out = pd.DataFrame({"id": t["id"].astype(str), "p_a": t[cols[0]], "p_b": t[cols[1]], "p_tie": t[cols[2]]})
+    out = pd.DataFrame({"id": t["id"].astype(str), **dict(zip(OOF_PROBS, (t[c] for c in cols)))})
     out["label"] = labels.reindex(out["id"]).to_numpy()
     return out.dropna(subset=["label"]).astype({"label": int})
 
 
 def losses(rows: pd.DataFrame) -> pd.Series:
     """Each row's log loss, indexed by id."""
-    return pd.Series(M.row_losses(rows[["p_a", "p_b", "p_tie"]].to_numpy(), rows["label"].to_numpy()),
+    return pd.Series(M.row_losses(rows[OOF_PROBS].to_numpy(), rows["label"].to_numpy()),
                      index=rows["id"].to_numpy())
 
 
@@ -87,7 +72,7 @@ def score(runs: dict[str, tuple[dict, Layout]], labels: pd.Series | None) -> dic
     for name, (cfg, layout) in runs.items():
         tta = bool(cfg["predict"]["tta"])
         t = test_rows(layout, labels, tta)
-        rows[name] = {"oof": losses(oof_rows(cfg, layout, tta)), "test": None if t is None else losses(t)}
+        rows[name] = {"oof": losses(student_oof(cfg, layout, tta)), "test": None if t is None else losses(t)}
     base = rows[DEFAULT]
     out = {}
     for name, r in rows.items():

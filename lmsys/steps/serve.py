@@ -183,15 +183,26 @@ def _oof_teacher(cfg, layout, model, calibrated: bool) -> dict[int, tuple[np.nda
     return out
 
 
-def _oof_student(cfg, layout, tta: bool) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    out = {}
+OOF_PROBS = ["p_a", "p_b", "p_tie"]
+
+
+def student_oof(cfg, layout, tta: bool) -> pd.DataFrame:
+    """The students' out-of-fold rows pooled over the active folds, in fold order: id, fold, label and
+    probabilities OOF_PROBS (with `tta`: both A/B orders, swapped back and averaged)."""
+    frames = []
     for k in active_folds(cfg):
         o = pd.read_parquet(layout.student(k) / "oof.parquet")
         p = M.softmax(o[LOGIT_COLUMNS].to_numpy())
         if tta:
             p = symmetrize(p, M.softmax(o[[f"swapped_{c}" for c in LOGIT_COLUMNS]].to_numpy()))
-        out[k] = (p, o["label"].to_numpy())
-    return out
+        frames.append(pd.DataFrame({"id": o["id"].astype(str), "fold": k, "label": o["label"].to_numpy(),
+                                    **dict(zip(OOF_PROBS, p.T))}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _oof_student(cfg, layout, tta: bool) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    o = student_oof(cfg, layout, tta)
+    return {k: (g[OOF_PROBS].to_numpy(), g["label"].to_numpy()) for k, g in o.groupby("fold", sort=False)}
 
 
 def _pooled(per_fold: dict, bins: int) -> dict:
