@@ -8,8 +8,7 @@ For the tiny and small profiles' student and teacher, on two realistic length di
              max_length: sort_by_length=False, pad_to=max_length); samples/s and the ratio,
              plus the largest logit difference between the two (padding must not change results)
   training   lmsys.train.train_classifier for a few optimizer steps with its per-batch padding vs
-             the same trainer with every micro-batch padded to max_length (lmsys.train.pad_batch
-             patched with pad_to=max_length for the baseline run)
+             the same trainer with every micro-batch padded to max_length (its pad_to argument)
   padding    exact padded-token counts of both schemes over the whole encoded data set (no model:
              the compute a full pass would do, independent of timing noise)
 
@@ -42,7 +41,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from lmsys import infer, models  # noqa: E402
-from lmsys import train as trainer  # noqa: E402
+from lmsys.train import TrainSet, train_classifier  # noqa: E402
 from lmsys.config import load_config  # noqa: E402
 from lmsys.data import demo  # noqa: E402
 from lmsys.data.validate import validate_file  # noqa: E402
@@ -111,32 +110,22 @@ def time_inference(net, ids, pad_id, bs, L, repeats: int) -> dict:
             "max_abs_logit_diff": float(np.abs(outs["sorted"] - outs["naive"]).max())}
 
 
-@contextlib.contextmanager
-def fixed_padding(L: int):
-    """The naive training baseline: every micro-batch padded to L (train.py imports pad_batch by name)."""
-    orig = trainer.pad_batch
-    trainer.pad_batch = lambda rows, pad_id: infer.pad_batch(rows, pad_id, L)
-    try:
-        yield
-    finally:
-        trainer.pad_batch = orig
-
-
 def time_training(net, ids, labels, pad_id, L, bs, steps: int, repeats: int, tmp: Path) -> dict:
     """The same LoRA model keeps training across runs (throughput does not depend on the weights);
     every run sees the same rows (the trainer's seeded order)."""
-    cfg = {"batch_size": bs, "grad_accum": 1, "lr": 1e-4, "warmup_steps": 0, "max_steps": steps,
-           "eval_every": None, "checkpoint_every": None}
-    trainer.train_classifier(net, ids, labels, tmp / "warmup", {**cfg, "max_steps": 1}, pad_id, seed=0)
+    from lmsys.settings import TrainerSettings
+    settings = TrainerSettings(epochs=1, batch_size=bs, grad_accum=1, lr=1e-4, warmup_steps=0, max_steps=steps,
+                               eval_every=None, checkpoint_every=None)
+    rows = TrainSet(ids, labels, pad_id)
+    train_classifier(net, rows, tmp / "warmup", settings=settings.model_copy(update={"max_steps": 1}), seed=0)
     cpu = {"dynamic": float("inf"), "fixed": float("inf")}
     wall = dict(cpu)
     for r in range(repeats):
         for mode in ("dynamic", "fixed"):
-            ctx = fixed_padding(L) if mode == "fixed" else contextlib.nullcontext()
-            with ctx:
-                c0 = time.process_time()
-                m = trainer.train_classifier(net, ids, labels, tmp / f"train_{mode}_{r}", cfg, pad_id, seed=0)
-                cpu[mode] = min(cpu[mode], time.process_time() - c0)   # includes the small final adapter save
+            c0 = time.process_time()
+            m = train_classifier(net, rows, tmp / f"train_{mode}_{r}", settings=settings, seed=0,
+                                 pad_to=L if mode == "fixed" else None)
+            cpu[mode] = min(cpu[mode], time.process_time() - c0)   # includes the small final adapter save
             wall[mode] = min(wall[mode], m["train_seconds"])
     n = steps * bs
     return {"rows_per_run": n, "batch_size": bs, "steps": steps, "max_length": L,

@@ -427,60 +427,64 @@ def main(argv=None) -> int:
 
 
 def lora_step(model, tiny, device, R, log, batch=2, seq=1024):
-    """The pipeline's LoRA (lmsys.models.lora_config, full profile settings) on the full-shape
-    model; one timed forward+backward+AdamW step after one warm-up step."""
+    """The pipeline's LoRA (lmsys.models.lora_config, full profile settings, trainable weights in fp32 as
+    lmsys.models.build_model keeps them) trained by the pipeline's trainer (lmsys.train.train_classifier)
+    on random rows of `seq` tokens: one warm-up optimizer step, then two timed ones (the trainer's own
+    train_seconds, which leaves out the adapter save)."""
+    import tempfile
+
     from peft import get_peft_model
 
-    from lmsys.models import DECODER_TARGETS, lora_config
+    from lmsys.models import DECODER_TARGETS, lora_config, upcast_trainable
+    from lmsys.settings import TrainerSettings
+    from lmsys.train import TrainSet, train_classifier
 
     if tiny:
         seq = 128
     cfg = lora_config(FULL_LORA, model)
     net = get_peft_model(model, cfg)
-    net.train()
+    upcast_trainable(net)
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
     per_target = {t: sum(1 for n in trainable if f".{t}.lora_A." in n) for t in DECODER_TARGETS}
     head = [n for n in trainable if "score" in n]
-    opt = torch.optim.AdamW(trainable.values(), lr=5e-5)
-    g = torch.Generator().manual_seed(3)
+    g = np.random.default_rng(3)
     vocab = model.config.vocab_size
-    x = torch.randint(3, vocab, (batch, seq), generator=g).to(device)
-    y = torch.randint(0, 3, (batch,), generator=g).to(device)
+    rows = TrainSet(g.integers(3, vocab, size=(3 * batch, seq)).tolist(), g.integers(0, 3, size=3 * batch), pad_id=0)
+    settings = TrainerSettings(epochs=1, lr=5e-5, warmup_steps=0, batch_size=batch, grad_accum=1, max_steps=1,
+                               eval_every=None, checkpoint_every=None)
 
-    def step():
-        out = net(input_ids=x, attention_mask=torch.ones_like(x), labels=y)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+    def train(steps: int, tmp: str) -> dict:
+        return train_classifier(net, rows, Path(tmp) / f"run{steps}", settings=settings.model_copy(update={"max_steps": steps}),
+                                seed=0, desc="lora step")
 
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     checkpointing = False
-    try:
-        loss0, t_warm = timed(step, device)
-    except torch.OutOfMemoryError:  # the pipeline trains without checkpointing; say so if it does not fit
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        log("lora step: out of memory without gradient checkpointing; retrying with it")
-        R["errors"]["lora_oom_without_checkpointing"] = True
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        checkpointing = True
-        torch.cuda.reset_peak_memory_stats()
-        loss0, t_warm = timed(step, device)
-    loss1, t = timed(step, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            warm = train(1, tmp)
+        except torch.OutOfMemoryError:  # the pipeline trains without checkpointing; say so if it does not fit
+            torch.cuda.empty_cache()
+            log("lora step: out of memory without gradient checkpointing; retrying with it")
+            R["errors"]["lora_oom_without_checkpointing"] = True
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing = True
+            torch.cuda.reset_peak_memory_stats()
+            warm = train(1, tmp)
+        timed_run = train(2, tmp)
+    t = timed_run["train_seconds"] / 2
     R["lora"] = {"batch": batch, "seq": seq, "r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                  "target_modules": sorted(cfg.target_modules), "modules_to_save": list(cfg.modules_to_save),
                  "lora_modules_per_target": per_target, "trainable_params": sum(p.numel() for p in trainable.values()),
                  "head_trainable": head, "lora_param_dtype": str(next(p for n, p in trainable.items() if "lora_A" in n).dtype),
-                 "step_s": t, "first_step_s": t_warm, "samples_per_s": batch / t, "losses": [loss0, loss1],
-                 "gradient_checkpointing": checkpointing}
+                 "step_s": t, "first_step_s": warm["train_seconds"], "samples_per_s": batch / t,
+                 "losses": [warm["train_loss_first"], *(loss for _, loss in timed_run["train_loss_curve"])],
+                 "gradient_checkpointing": checkpointing, "trainer": "lmsys.train.train_classifier"}
     if device == "cuda":
         R["lora"]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         R["lora"]["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
     log(f"lora: {R['lora']}")
-    opt.state.clear()
     gc.collect()
 
 

@@ -27,7 +27,7 @@ the "CPU (this machine)" section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import logging
 import os
@@ -46,12 +46,13 @@ import torch  # noqa: E402
 
 from lmsys import models  # noqa: E402
 from lmsys.config import load_config, parse_override  # noqa: E402
-from lmsys.data import schema as S  # noqa: E402
+from lmsys.data import schema  # noqa: E402
 from lmsys.data.folds import make_folds  # noqa: E402
 from lmsys.data.transforms import dedupe  # noqa: E402
 from lmsys.data.validate import validate_file  # noqa: E402
 from lmsys.metrics import accuracy, log_loss, softmax  # noqa: E402
 from lmsys.paths import Layout  # noqa: E402
+from lmsys.steps import serve  # noqa: E402
 from lmsys.steps.recipe import STEPS, run_step  # noqa: E402
 from lmsys.tta import symmetrize  # noqa: E402
 
@@ -84,11 +85,11 @@ def subset_file(root: Path, rows: int | None, seed: int) -> tuple[Path, dict]:
     keeps), cut to `rows` spread evenly over the prompts (seeded); original CSV rows, unchanged."""
     raw = pd.read_csv(HUMAN)
     clean, _ = dedupe(validate_file(HUMAN, source="kaggle").clean)
-    info = {"file_rows": len(raw), "deduped_rows": len(clean), "prompts": int(clean["prompt"].map(S.prompt_key).nunique())}
+    info = {"file_rows": len(raw), "deduped_rows": len(clean), "prompts": int(clean["prompt"].map(schema.prompt_key).nunique())}
     if rows is None or rows >= len(clean):
         return HUMAN, {**info, "used_rows": len(clean)}
     rng = np.random.default_rng(seed)
-    order = clean.assign(g=clean["prompt"].map(S.prompt_key), r=rng.random(len(clean)))
+    order = clean.assign(g=clean["prompt"].map(schema.prompt_key), r=rng.random(len(clean)))
     order["rank"] = order.sort_values("r").groupby("g").cumcount()       # round-robin over prompts
     keep = order.sort_values(["rank", "r"]).head(rows)["id"].astype(str)
     out = root / "inputs" / f"vicuna80_human_{rows}.csv"
@@ -152,19 +153,19 @@ def teacher_oof(layout: Layout, model: str, folds: list[int], calibrated: bool) 
     v = v[v["split"] == "val"]
     o = v[~v["swapped"]].set_index("id")
     s = v[v["swapped"]].set_index("id").loc[o.index]
-    po, ps = softmax(o[S.LOGIT_COLUMNS].to_numpy()), softmax(s[S.LOGIT_COLUMNS].to_numpy())
+    po, ps = softmax(o[schema.LOGIT_COLUMNS].to_numpy()), softmax(s[schema.LOGIT_COLUMNS].to_numpy())
     y = o["label"].to_numpy()
     return {"rows": len(o), "plain": score(po, y), "tta": score(symmetrize(po, ps), y),
             "mean_probs": po.mean(0).round(4).tolist()}
 
 
-def student_oof(layout: Layout, folds: list[int]) -> dict:
-    o = pd.concat([pd.read_parquet(layout.student(k) / "oof.parquet").assign(fold=k) for k in folds])
-    po = softmax(o[S.LOGIT_COLUMNS].to_numpy())
-    ps = softmax(o[[f"swapped_{c}" for c in S.LOGIT_COLUMNS]].to_numpy())
-    y = o["label"].to_numpy()
-    return {"rows": len(o), "plain": score(po, y), "tta": score(symmetrize(po, ps), y),
-            "mean_probs": po.mean(0).round(4).tolist()}
+def student_oof(cfg: dict, layout: Layout) -> dict:
+    """The students' out-of-fold scores, plain and with TTA, from the rows step 9 scores (serve.student_oof)."""
+    plain, tta = (serve.student_oof(cfg, layout, tta=t) for t in (False, True))
+    y = plain["label"].to_numpy()
+    return {"rows": len(plain), "plain": score(plain[serve.OOF_PROBS].to_numpy(), y),
+            "tta": score(tta[serve.OOF_PROBS].to_numpy(), y),
+            "mean_probs": plain[serve.OOF_PROBS].to_numpy().mean(0).round(4).tolist()}
 
 
 def same_fold_baselines(layout: Layout) -> dict:
@@ -173,7 +174,7 @@ def same_fold_baselines(layout: Layout) -> dict:
     return baselines(train, train["id"].astype(str).map(folds).to_numpy())
 
 
-def paired_intervals(layout: Layout, folds: list[int]) -> dict:
+def paired_intervals(cfg: dict, layout: Layout) -> dict:
     """The student's OOF row losses (with TTA, as the report scores it) against the class prior and
     the length LR on the same rows and folds: mean of (baseline - student) and its bootstrap 95%
     interval (lmsys.metrics.paired_bootstrap; above 0 = the student is better)."""
@@ -181,49 +182,31 @@ def paired_intervals(layout: Layout, folds: list[int]) -> dict:
     train = pd.read_parquet(layout.prepared / "train.parquet").assign(id=lambda d: d["id"].astype(str))
     fmap = pd.read_csv(layout.folds_csv, dtype={"id": str}).set_index("id")["fold"]
     prior, lr = baseline_probs(train, train["id"].map(fmap).to_numpy())
-    o = pd.concat([pd.read_parquet(layout.student(k) / "oof.parquet") for k in folds])
-    o["id"] = o["id"].astype(str)
-    po, ps = softmax(o[S.LOGIT_COLUMNS].to_numpy()), softmax(o[[f"swapped_{c}" for c in S.LOGIT_COLUMNS]].to_numpy())
+    o = serve.student_oof(cfg, layout, tta=True)
     pos = train.reset_index(drop=True).reset_index().set_index("id").loc[o["id"], "index"].to_numpy()
     y = o["label"].to_numpy()
     assert (train["label"].to_numpy()[pos] == y).all(), "OOF labels differ from the prepared table's"
-    student = row_losses(symmetrize(po, ps), y)
+    student = row_losses(o[serve.OOF_PROBS].to_numpy(), y)
     return {"student_vs_class_prior": paired_bootstrap(row_losses(prior[pos], y), student),
             "student_vs_length_lr": paired_bootstrap(row_losses(lr[pos], y), student)}
 
 
 # ---------------------------------------------------------------- the run
 
-def plan(cfg: dict) -> list[tuple[str, dict]]:
-    """The recipe's tasks of this run (lmsys.steps.recipe.plan) up to distillation: no test data, so
+def distill_tasks(cfg: dict) -> list[tuple[str, dict]]:
+    """The recipe's tasks of this run (lmsys.steps.recipe.tasks_of) up to distillation: no test data, so
     no ensemble/predict/evaluate. A student that is also a teacher is post-pretrained once."""
-    from lmsys.steps.recipe import plan as recipe_plan
-    tasks = recipe_plan(cfg)
+    from lmsys.steps.recipe import tasks_of
+    tasks = tasks_of(cfg)
     last = max(i for i, (n, _) in enumerate(tasks) if n == "distill")
     dup = cfg["models"]["student"] in cfg["models"]["teachers"]
     return [(n, k) for n, k in tasks[:last + 1] if not (dup and n == "post-pretrain-student")]
 
 
-def cache_base_models() -> None:
-    """Load each base model once per process and hand out copies. build_base_model seeds torch and
-    loads the same weights every call, so a copy is the model it would build (identical head init);
-    it only saves re-reading and dequantising the GGUF file (about 30 s each) in 10 steps."""
-    orig, cache = models.build_base_model, {}
-
-    def cached(spec, tokenizer, device="cpu", dtype=None, token=None):
-        key = json.dumps({k: spec.get(k) for k in ("kind", "path", "package", "quantization", "seed")}, sort_keys=True) + str(dtype)
-        if spec.get("quantization") or spec.get("kind") in models.TINY_KINDS:
-            return orig(spec, tokenizer, device=device, dtype=dtype, token=token)
-        if key not in cache:
-            cache[key] = orig(spec, tokenizer, device="cpu", dtype=dtype, token=token)
-        return copy.deepcopy(cache[key]).to(device)
-    models.build_base_model = cached
-
-
 def run(cfg: dict, layout: Layout, resume: bool) -> dict:
     tfile = layout.root / "timings.json"
     timings = json.loads(tfile.read_text()) if resume and tfile.exists() else {}
-    for name, keys in plan(cfg):
+    for name, keys in distill_tasks(cfg):
         label = name + "".join(f"[{k}={v}]" for k, v in keys.items())
         outs = STEPS[name].outputs(cfg, layout, **keys)
         if resume and label in timings and all(Path(p).exists() for p in outs):
@@ -273,12 +256,12 @@ def main() -> None:
     overrides.update(dict(parse_override(s) for s in args.set))
     cfg = load_config("small", overrides)
     layout = Layout("small", root)
-    if not args.no_load_cache:
-        cache_base_models()
-
     t0 = time.perf_counter()
     mach = machine()                          # load average at the start (machine() reads it now)
-    timings = run(cfg, layout, resume=not args.fresh)
+    # each base model loaded once, deep copies handed out (the GGUF teacher takes ~30 s a load)
+    reuse = models.reuse_base_models() if not args.no_load_cache else contextlib.nullcontext()
+    with reuse:
+        timings = run(cfg, layout, resume=not args.fresh)
     wall = time.perf_counter() - t0
     folds = list(range(cfg["folds"]["n_folds"]))
     teacher = cfg["models"]["teachers"][0]
@@ -301,9 +284,9 @@ def main() -> None:
             "teacher_calibrated_in_sample": teacher_oof(layout, teacher, folds, calibrated=True),
             "teacher_calibration_heldout": {"before": cal["heldout_log_loss_before"],
                                             "after": cal["heldout_log_loss_after"], "method": cal["method"]},
-            "student": student_oof(layout, folds),
+            "student": student_oof(cfg, layout),
             "baselines_same_folds": same_fold_baselines(layout),
-            "paired": paired_intervals(layout, folds),
+            "paired": paired_intervals(cfg, layout),
         },
         "reference": {"readme": REFERENCE, "recomputed": reference_baselines(cfg["folds"]["seed"])},
     }

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import flow_config, run_pipeline
-from lmsys import ablations as A
+import lmsys.ablations
 from lmsys.paths import ROOT, Layout
 
 
@@ -41,19 +41,19 @@ def ablations(profile: str = "tiny", overrides: dict | None = None, root: str | 
               runner: str | None = None) -> dict:
     """Run the default and each of `variants` (all of VARIANTS when None) on `profile` with
     `overrides` (and the data paths `train` / `ut`), under `root`; returns the scores by variant."""
-    names = list(variants or A.VARIANTS)
-    unknown = [v for v in names if v not in A.VARIANTS]
+    names = list(variants or lmsys.ablations.VARIANTS)
+    unknown = [v for v in names if v not in lmsys.ablations.VARIANTS]
     if unknown:
-        raise ValueError(f"unknown ablation variant(s) {unknown}: choose from {list(A.VARIANTS)}")
+        raise ValueError(f"unknown ablation variant(s) {unknown}: choose from {list(lmsys.ablations.VARIANTS)}")
     base = Path(root) if root else default_root(profile)
     data = {"train": train, "ut": ut}
     runs = {}
-    for i, name in enumerate([A.DEFAULT, *names]):
-        extra = {} if name == A.DEFAULT else A.VARIANTS[name][1]
+    for i, name in enumerate([lmsys.ablations.DEFAULT, *names]):
+        extra = {} if name == lmsys.ablations.DEFAULT else lmsys.ablations.VARIANTS[name][1]
         over = {**(overrides or {}), **extra}
         where = base / name
-        if name != A.DEFAULT and not where.exists():
-            shutil.copytree(base / A.DEFAULT, where, symlinks=True)    # the default's outputs: cache hits
+        if name != lmsys.ablations.DEFAULT and not where.exists():
+            shutil.copytree(base / lmsys.ablations.DEFAULT, where, symlinks=True)    # the default's outputs: cache hits
         say(f"== ablation {i + 1}/{len(names) + 1}: {name} "
               f"({', '.join(f'{k}={v}' for k, v in extra.items()) or 'the configuration as given'}) in {where}")
         out = run_pipeline(runner=runner, profile=profile, overrides=over, root=str(where), check=False, **data)
@@ -61,11 +61,11 @@ def ablations(profile: str = "tiny", overrides: dict | None = None, root: str | 
         cfg = flow_config(profile=profile, overrides=over, root=str(where), **data)
         runs[name] = (cfg, Layout.of(cfg))
     from lmsys.steps.serve import known_test_labels
-    results = A.score(runs, known_test_labels(*runs[A.DEFAULT]))
+    results = lmsys.ablations.score(runs, known_test_labels(*runs[lmsys.ablations.DEFAULT]))
     sets = "".join(f" --set {k}={v if isinstance(v, str) else json.dumps(v)}"
                    for k, v in (overrides or {}).items())
     note = f"`lmsys ablate --profile {profile}{sets}`; the runs are under {base}."
-    md = A.write(results, base, f"Ablations, profile {profile}", note)
+    md = lmsys.ablations.write(results, base, f"Ablations, profile {profile}", note)
     create_markdown_artifact(md.read_text(), key="lmsys-ablations", description=f"ablations of profile {profile}")
     say(md.read_text())
     return results

@@ -12,8 +12,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
-from flows.runners import prefect_api_url
-from lmsys import check as K
+from flows.runners import is_dask, prefect_api_url
+from lmsys import check, check_table
 
 
 class PreflightFailed(RuntimeError):
@@ -22,7 +22,7 @@ class PreflightFailed(RuntimeError):
 
 def _key(context: TaskRunContext, parameters: dict) -> str:
     cfg = parameters["cfg"]
-    return "lmsys-check-" + K.fingerprint(cfg, cfg["orchestration"]["runner"], prefect_api_url())
+    return "lmsys-check-" + check.fingerprint(cfg, cfg["orchestration"]["runner"], prefect_api_url())
 
 
 def _on_dask_worker(cfg: dict):
@@ -30,13 +30,13 @@ def _on_dask_worker(cfg: dict):
     jobs hold the nodes): the job part goes to a GPU worker of that cluster instead of a new job."""
     ctx = FlowRunContext.get()
     runner = ctx.task_runner if ctx else None
-    client = getattr(runner, "client", None) if type(runner).__name__ == "DaskTaskRunner" else None
+    client = runner.client if is_dask(runner) else None
     if client is None:
         return None
     s = cfg["orchestration"]["slurm"]
 
     def in_job(names, rows, api_url):
-        fut = client.submit(K.job_checks, cfg, names, rows, api_url, pure=False,
+        fut = client.submit(check.job_checks, cfg, names, rows, api_url, pure=False,
                             resources={"GPU": 1} if int(s["gpus_per_job"]) else None)
         return fut.result(timeout=float(s["worker_wait_s"]) + 600)
     return in_job
@@ -47,12 +47,12 @@ def preflight(cfg: dict) -> dict:
     """Run every check for the flow's profile and runner; raise PreflightFailed when one fails."""
     logger = get_run_logger()
     runner = cfg["orchestration"]["runner"]
-    checks = K.run_checks(cfg, runner, prefect_api_url() if runner == "slurm" else None, progress=logger.info,
+    checks = check.run_checks(cfg, runner, prefect_api_url() if runner == "slurm" else None, progress=logger.info,
                           in_job=_on_dask_worker(cfg))
-    code = K.exit_code(checks)
-    create_table_artifact(K.table_rows(checks), key="lmsys-check",
-                          description=f"lmsys check --profile {cfg['profile']} --runner {runner}: {K.summary(checks)}")
-    logger.info("lmsys check: %s\n%s", K.summary(checks), K.format_table(checks))
+    code = check_table.exit_code(checks)
+    create_table_artifact(check_table.table_rows(checks), key="lmsys-check",
+                          description=f"lmsys check --profile {cfg['profile']} --runner {runner}: {check_table.summary(checks)}")
+    logger.info("lmsys check: %s\n%s", check_table.summary(checks), check_table.format_table(checks))
     if code == 2:
-        raise PreflightFailed("lmsys check failed, nothing was run: " + " | ".join(K.failures(checks)))
-    return {"exit": code, "summary": K.summary(checks)}
+        raise PreflightFailed("lmsys check failed, nothing was run: " + " | ".join(check_table.failures(checks)))
+    return {"exit": code, "summary": check_table.summary(checks)}

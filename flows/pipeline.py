@@ -21,13 +21,13 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from flows.check import preflight
 from flows.console import Progress, previous_seconds
-from flows.runners import check_slurm, make_task_runner, wait_any
-from flows.secrets import use_prefect_secret
+from flows.runners import check_slurm, is_dask, make_task_runner, wait_any
+from tasks.secrets import use_prefect_secret
 from lmsys.config import load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
 from lmsys.plan import step_timeout
-from lmsys.steps.recipe import STEPS, graph, plan, task_label
+from lmsys.steps.recipe import STEPS, graph, tasks_of, task_label
 from tasks.steps import outputs_match, run_step
 
 # Seconds between updates of the progress artifact (one API call each); the last task always updates it.
@@ -56,7 +56,7 @@ class Scheduler:
 
     def __init__(self, cfg: dict, task_runner, console: Progress | None = None):
         self.cfg, self.task_runner, self.console = cfg, task_runner, console
-        self.tasks = {task_label(n, k): (n, k) for n, k in plan(cfg)}
+        self.tasks = {task_label(n, k): (n, k) for n, k in tasks_of(cfg)}
         self.deps = graph(cfg)
         self.waiting = list(self.tasks)             # table order: the order ready tasks are submitted in
         self.running: dict = {}
@@ -88,7 +88,7 @@ class Scheduler:
             return None
         # On Dask keep the final state, never the future: a held Dask future pins its result on the worker,
         # and a worker job that goes (scancel) makes Dask recompute it, although its outputs are on disk
-        if type(self.task_runner).__name__ == "DaskTaskRunner":
+        if is_dask(self.task_runner):
             self.done[label] = fut.state
             fut.wrapped_future.release()              # the result stays on disk and in Prefect, not on a worker
         else:
@@ -132,15 +132,15 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
     use_prefect_secret()
     task_runner = FlowRunContext.get().task_runner
     if cfg["orchestration"]["runner"] == "slurm":      # settings no worker could run: before any job, the check's too
-        check_slurm(cfg, [task_label(n, k) for n, k in plan(cfg) if STEPS[n].gpu])
+        check_slurm(cfg, [task_label(n, k) for n, k in tasks_of(cfg) if STEPS[n].gpu])
     if check:
         preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
-    if cfg["orchestration"]["runner"] == "slurm" and type(task_runner).__name__ != "DaskTaskRunner":
+    if cfg["orchestration"]["runner"] == "slurm" and not is_dask(task_runner):
         logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
         return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(**{**params, "check": False})
     from lmsys.revision import git_rev
     code_rev = git_rev()                        # the code this run runs: read before it writes anything
-    labels = [task_label(n, k) for n, k in plan(cfg)]
+    labels = [task_label(n, k) for n, k in tasks_of(cfg)]
     console = Progress(labels, previous_seconds(Layout.of(cfg).art / "flow_run.json"), logger)
     progress = create_progress_artifact(0.0, key="lmsys-progress", description="pipeline tasks done (%)")
     sched, t0, last = Scheduler(cfg, task_runner, console), time.perf_counter(), [time.perf_counter()]
@@ -150,7 +150,7 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
             update_progress_artifact(progress, 100.0 * len(sched.records) / len(labels))
             last[0] = time.perf_counter()
     records = sched.run(report_progress)
-    return _finish(cfg, plan(cfg), records, time.perf_counter() - t0, code_rev)
+    return _finish(cfg, tasks_of(cfg), records, time.perf_counter() - t0, code_rev)
 
 
 def flow_config(profile: str = "tiny", overrides: dict | None = None, root: str | None = None, **params) -> dict:

@@ -22,6 +22,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from lmsys.paths import Layout
 
 
+def is_dask(task_runner) -> bool:
+    """Is `task_runner` prefect-dask's DaskTaskRunner? (prefect_dask is imported by whoever made one, so a
+    runner cannot be one while the module is not loaded: the local runner pays no Dask import for this.)"""
+    module = sys.modules.get("prefect_dask")
+    return module is not None and isinstance(task_runner, module.DaskTaskRunner)
+
+
 def make_task_runner(cfg: dict, runner: str | None = None):
     """`local`: one task at a time in this process (local_workers 1), or local_workers processes, each
     with one torch thread (the steps seed torch's global RNG, which threads would share; one thread per
@@ -44,7 +51,7 @@ def local_worker_setup(quiet: bool) -> None:
     filters of `lmsys run` when it runs without --verbose."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     if quiet:
-        from flows.console import quiet_console
+        from lmsys.console import quiet_console
         quiet_console()
 
 
@@ -124,7 +131,7 @@ def wait_any(running: dict, cfg: dict, task_runner) -> list[str]:
     those done. On the Dask runner, raise when no worker has been connected for
     orchestration.slurm.worker_wait_s while tasks wait (a task needing a worker that no job can
     provide would otherwise wait forever)."""
-    client = getattr(task_runner, "client", None) if type(task_runner).__name__ == "DaskTaskRunner" else None
+    client = task_runner.client if is_dask(task_runner) else None
     wait_s = float(cfg["orchestration"]["slurm"]["worker_wait_s"])
     last_worker = time.monotonic()
     woke = threading.Event()
@@ -153,7 +160,7 @@ def _done(future) -> bool:
 
 def no_worker_message(cfg: dict, task_runner, waiting: list[str], wait_s: float) -> str:
     s = cfg["orchestration"]["slurm"]
-    cluster = getattr(task_runner, "_cluster", None)
+    cluster = task_runner.client.cluster if is_dask(task_runner) else None
     ids = [str(j.job_id) for j in getattr(cluster, "workers", {}).values() if getattr(j, "job_id", None)]
     if ids:
         q = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True, text=True, check=False)
@@ -173,10 +180,10 @@ def _stop_scaling(task_runner) -> None:
     """Stop adaptive scaling, and forget the jobs that never started (sbatch refused them), so the
     cluster closes cleanly: distributed asserts at close that every job it created was started."""
     from distributed.core import Status
-    cluster = getattr(task_runner, "_cluster", None)
-    adaptive = getattr(cluster, "_adaptive", None)
+    cluster = task_runner.client.cluster if is_dask(task_runner) else None
+    adaptive = getattr(cluster, "_adaptive", None)   # private: distributed has no public way to stop adapting
     if adaptive is not None:
         adaptive.stop()
-    for job in list(getattr(cluster, "_created", ())):
+    for job in list(getattr(cluster, "_created", ())):   # private: no public way to drop a job sbatch refused
         if job.status == Status.created:
             cluster._created.discard(job)

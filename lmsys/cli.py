@@ -221,7 +221,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_run(args) -> int:
     if not (args.verbose or args.run_verbose):
-        from flows.console import quiet_console
+        from lmsys.console import quiet_console
         quiet_console()                         # before Prefect is imported: one line per task on the console
     from flows.pipeline import run_from_cli
     return run_from_cli(args)
@@ -240,10 +240,32 @@ def cmd_ablate(args) -> int:
     if args.params:
         raise UsageError("lmsys ablate reads the repo's params.yaml (the flow's workers must see the same file)")
     if not args.verbose:
-        from flows.console import quiet_console
+        from lmsys.console import quiet_console
         quiet_console()
     from flows.ablations import run_from_cli as ablate
     return ablate(args)
+
+
+def cmd_data_add(args) -> int:
+    """`lmsys data add FILE`: validate, copy into data/added/, `dvc add` (stages/lineage.py), then emit the
+    Prefect event `lmsys.data.added` (flows/events.py) that the event-triggered deployment listens for."""
+    from stages.lineage import add_data
+    bad = [c for c in str(args.path) if ord(c) < 32 or ord(c) == 127]
+    if bad:   # a newline would break the .gitignore entry DVC writes, leaving the data one `git add .` from git
+        raise UsageError(f"{args.path!r}: file name has control characters {bad!r}: rename the file first")
+    code, info = add_data(args.path, args.kind, args.allow_quarantine, dvc=not args.no_dvc)
+    if code:
+        print(f"error: {info['error']}", file=sys.stderr)
+        return code
+    print(f"added {info['path']} as {info['kind']} ({info['rows']} rows, format {info['format']})")
+    if info["dvc_file"]:
+        print(f"versioned by DVC: {info['dvc_file']} (commit it with git; `dvc push` stores the data)")
+    from flows.events import EVENT_DATA_ADDED, emit_data_event
+    event = None if args.no_event else emit_data_event(Path(info["path"]), info["kind"], info["sha256"], info["rows"],
+                                                       Path(info["root"]))
+    print(f"event {EVENT_DATA_ADDED}: " + (event or ("not emitted (--no-event)" if args.no_event else
+                                                       "not emitted (no Prefect server: set PREFECT_API_URL)")))
+    return EXIT_OK
 
 
 def cmd_check(args) -> int:
@@ -264,6 +286,25 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, help="default: params.yaml's profile")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train_teacher.lr=1e-4")
     p.add_argument("--params", help="params file (default: the repo's params.yaml)")
+
+
+def cmd_config(args) -> int:
+    """`lmsys config [--profile P] [--set K=V ...] [KEY ...]`: the resolved configuration as YAML, or for
+    each KEY its value and every layer that sets it (params.yaml, profiles.<P>, --set), the last winning."""
+    import yaml
+
+    from lmsys.config import explain
+    overrides = dict(parse_override(o) for o in (args.set or []))
+    if not args.keys:
+        cfg = load_config(args.profile, overrides, args.params)
+        print(f"# resolved configuration of profile {cfg['profile']} (params.yaml, profiles.{cfg['profile']}"
+              + (", --set" if overrides else "") + "); `lmsys config KEY` says where a value comes from")
+        print(yaml.safe_dump(cfg, sort_keys=False, width=120).rstrip())
+        return EXIT_OK
+    load_config(args.profile, overrides, args.params)          # the whole config must be valid first
+    for key in args.keys:
+        print("\n".join(explain(key, args.profile, overrides, args.params)))
+    return EXIT_OK
 
 
 def cmd_steps(args) -> int:
@@ -346,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_step, step=name)
 
     from stages import lineage                  # dvc.yaml, dvc.lock, data add (stages/lineage.py)
+    p = sub.add_parser("config", help="the resolved configuration, or where each KEY's value comes from")
+    _add_config_args(p)
+    p.add_argument("keys", nargs="*", metavar="KEY", help="dotted keys (e.g. distill.lr) or sections (distill)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("steps", help="the recipe: every step with its number, in order")
     p.set_defaults(func=cmd_steps)
     p = sub.add_parser("step", help="run any recipe step by name (e.g. `step demo-data`, as dvc.yaml does)")
@@ -369,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-quarantine", action="store_true", help="add it even when some rows are quarantined")
     p.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
     p.add_argument("--no-dvc", action="store_true", help="do not `dvc add` it")
-    p.set_defaults(func=lineage.cmd_data_add)
+    p.set_defaults(func=cmd_data_add)
 
     p = sub.add_parser("run", help="the whole pipeline as a Prefect flow")
     _add_config_args(p)
@@ -416,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("LMSYS_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    from flows.secrets import use_prefect_secret
+    if not args.verbose and args.func not in (cmd_run, cmd_ablate):   # those two quiet their own console
+        from lmsys.console import quiet_console
+        quiet_console(progress_bars=sys.stderr.isatty())   # before torch is imported; bars only on a terminal
+    from tasks.secrets import use_prefect_secret
     use_prefect_secret()                        # hf_token() may fall back on the Prefect Secret block
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

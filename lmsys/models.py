@@ -19,6 +19,8 @@ from_pretrained(token=...); it is never logged.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -218,12 +220,41 @@ def _nf4_config():
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+_reused: dict | None = None     # the base models reuse_base_models() keeps, by what builds them
+
+
+@contextlib.contextmanager
+def reuse_base_models():
+    """Within it, build_base_model loads each pretrained, gguf or random-init base model (not nf4) once
+    per process and hands out deep copies: the model it would build (the same seeded head), without
+    reading the weights again (a GGUF model takes ~30 s to load and dequantise). For many steps in one
+    process (benchmarks/small_profile.py); the pipeline's tasks load what they use once anyway."""
+    global _reused
+    outer = _reused
+    _reused = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _reused = outer
+
+
 def build_base_model(spec: dict, tokenizer, device: str | torch.device = "cpu",
                      dtype: torch.dtype | None = None, token: str | None = None) -> PreTrainedModel:
     """A 3-label AutoModelForSequenceClassification for `spec` on `device` (dtype default fp32).
 
     Supported: the kinds in KINDS; quantization 'nf4' (QLoRA-ready via prepare_model_for_kbit_training)
-    for pretrained/gguf. Raises ValueError for an unknown kind or quantization."""
+    for pretrained/gguf. Inside reuse_base_models(), a copy of the model loaded the first time. Raises
+    ValueError for an unknown kind or quantization."""
+    if _reused is None or spec.get("quantization") or spec.get("kind") in TINY_KINDS:
+        return _load_base_model(spec, tokenizer, device, dtype, token)
+    key = json.dumps({"spec": spec, "dtype": str(dtype), "pad": tokenizer.pad_token_id}, sort_keys=True, default=str)
+    if key not in _reused:
+        _reused[key] = _load_base_model(spec, tokenizer, "cpu", dtype, token)
+    torch.manual_seed(spec_seed(spec))      # the RNG as a fresh build leaves it seeded
+    return copy.deepcopy(_reused[key]).to(device)
+
+
+def _load_base_model(spec: dict, tokenizer, device, dtype, token) -> PreTrainedModel:
     kind, quant = spec.get("kind"), spec.get("quantization")
     dtype = dtype or torch.float32
     pad_id = tokenizer.pad_token_id

@@ -1,5 +1,5 @@
 """The Hugging Face token: explicit, else the environment (HF_TOKEN), else a source the outer layer
-added (the orchestration side adds the Prefect Secret block `hf-token`: flows/secrets.py). It is
+added (the orchestration side adds the Prefect Secret block `hf-token`: tasks/secrets.py). It is
 only ever handed to `from_pretrained(token=...)`: never printed, logged, put in an exception message
 or written to an artifact (tests/orchestration/test_secrets.py greps for it).
 

@@ -11,7 +11,10 @@ out_dir layout:
   final/        best when val is given, else the last weights
   metrics.json  written last; the checkpoint is deleted after it
 
-Resume: when checkpoint/ exists and was written by the same run (every setting in cfg but
+Entry: `train_classifier(model, rows, out_dir, settings=..., val=..., loss_fn=..., seed=..., desc=...)`;
+the pipeline's steps call it through lmsys.steps.common.fit (build, encode, resumable work dir).
+
+Resume: when checkpoint/ exists and was written by the same run (every setting but
 checkpoint_every, the seed, the token ids, labels, soft targets, sample weights and the trainable
 parameters' names and shapes), training continues exactly where it stopped (same data order: each
 epoch's permutation comes from (seed, epoch)); a checkpoint of another run is discarded with a warning.
@@ -41,6 +44,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lmsys.infer import model_device, pad_batch, predict_logits
 from lmsys.io import atomic_dir, write_json
+from lmsys.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class DynamicWeights(Protocol):
     def fingerprint(self) -> str: ...
 
 
-# cfg keys that do not change what a run computes: a checkpoint stays valid when they change
+# settings that do not change what a run computes: a checkpoint stays valid when they change
 RESUME_NEUTRAL_KEYS = ("checkpoint_every",)
 
 
@@ -80,18 +84,55 @@ def val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     return {"log_loss": float(F.cross_entropy(t, y)), "accuracy": float((t.argmax(1) == y).float().mean())}
 
 
-# ---------------------------------------------------------------- plan and data order
+# ---------------------------------------------------------------- the rows, the step count, the data order
 
-def _plan(n: int, cfg: dict) -> dict:
-    bs, accum = int(cfg["batch_size"]), int(cfg.get("grad_accum", 1))
-    if n == 0 or bs < 1 or accum < 1:
+@dataclass
+class TrainSet:
+    """What one run trains on: token ids and labels of N rows, and optionally per-row soft targets
+    [N, n_teachers, 3] and sample weights ([N] or DynamicWeights), sliced per micro-batch for the loss."""
+    ids: list[list[int]]
+    labels: np.ndarray
+    pad_id: int
+    soft_targets: np.ndarray | None = None
+    sample_weight: np.ndarray | DynamicWeights | None = None
+
+    def __post_init__(self):
+        n = len(self.ids)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.soft_targets is not None:
+            self.soft_targets = np.asarray(self.soft_targets, dtype=np.float32)
+        if self.sample_weight is not None and not is_dynamic(self.sample_weight):
+            self.sample_weight = np.asarray(self.sample_weight, dtype=np.float32)
+        for name in ("labels", "soft_targets", "sample_weight"):
+            a = getattr(self, name)
+            if a is not None and len(a) != n:
+                raise ValueError(f"{name} has {len(a)} rows, ids {n}")
+
+
+@dataclass
+class ValSet:
+    """The held-out rows a run is evaluated on (best checkpoint by their log loss)."""
+    ids: list[list[int]]
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps a run takes, and of what."""
+    batch_size: int         # rows per micro-batch
+    grad_accum: int         # micro-batches per optimizer step
+    steps_per_epoch: int
+    total_steps: int        # settings.max_steps, else epochs x steps_per_epoch
+    epochs: int             # epochs begun
+
+
+def schedule(n: int, settings: TrainerSettings) -> Schedule:
+    bs, accum = settings.batch_size, settings.grad_accum
+    if n == 0:
         raise ValueError(f"nothing to train: n={n}, batch_size={bs}, grad_accum={accum}")
     groups = math.ceil(math.ceil(n / bs) / accum)  # optimizer steps per epoch
-    total = int(cfg["max_steps"]) if cfg.get("max_steps") else int(cfg.get("epochs", 1)) * groups
-    if total < 1:
-        raise ValueError(f"nothing to train: epochs={cfg.get('epochs')}, max_steps={cfg.get('max_steps')}")
-    return {"batch_size": bs, "grad_accum": accum, "steps_per_epoch": groups, "total_steps": total,
-            "epochs": math.ceil(total / groups)}
+    total = settings.max_steps or settings.epochs * groups
+    return Schedule(bs, accum, groups, total, math.ceil(total / groups))
 
 
 def epoch_groups(n: int, epoch: int, seed: int, bs: int, accum: int) -> list[list[np.ndarray]]:
@@ -101,19 +142,20 @@ def epoch_groups(n: int, epoch: int, seed: int, bs: int, accum: int) -> list[lis
     return [batches[i:i + accum] for i in range(0, len(batches), accum)]
 
 
-def _fingerprint(model, data: dict, cfg: dict, seed: int) -> str:
-    """Identity of a run: a checkpoint resumes only the run that wrote it (settings incl. the loss's,
-    which the steps keep in cfg; data; soft targets; weights; the trainable parameters)."""
+def _fingerprint(model, rows: TrainSet, settings: TrainerSettings, seed: int) -> str:
+    """Identity of a run: a checkpoint resumes only the run that wrote it (its settings, including a
+    section's loss settings; the rows, soft targets and weights; the trainable parameters)."""
     h = hashlib.sha256()
-    settings = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL_KEYS} | {"seed": seed}
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for row in data["ids"]:
+    kept = {k: v for k, v in settings.model_dump().items() if k not in RESUME_NEUTRAL_KEYS} | {"seed": seed}
+    h.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    for row in rows.ids:
         h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
-    h.update(data["labels"].tobytes())
-    for a in (data["soft"], None if is_dynamic(data["weight"]) else data["weight"]):
+    h.update(rows.labels.tobytes())
+    weight = rows.sample_weight
+    for a in (rows.soft_targets, None if is_dynamic(weight) else weight):
         h.update(b"-" if a is None else a.tobytes())
-    if is_dynamic(data["weight"]):
-        h.update(f"{type(data['weight']).__name__}:{data['weight'].fingerprint()}".encode())
+    if is_dynamic(weight):
+        h.update(f"{type(weight).__name__}:{weight.fingerprint()}".encode())
     h.update(json.dumps([(k, list(p.shape)) for k, p in model.named_parameters() if p.requires_grad]).encode())
     return h.hexdigest()[:16]
 
@@ -135,14 +177,14 @@ def _set_rng_states(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, sched, state: dict, weights: DynamicWeights | None = None) -> None:
+def save_checkpoint(path: Path, model, opt, lr_schedule, state: dict, weights: DynamicWeights | None = None) -> None:
     """Trainable weights, optimizer, scheduler, RNG, dynamic-weight and loop state, swapped in atomically.
     Only tensors and plain containers go into the .pt files (numpy arrays as tagged tensors), so
     load_checkpoint reads them with weights_only=True: no pickled object is ever executed."""
     with atomic_dir(path) as tmp:
         trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
-        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_states(),
+        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(), "rng": _rng_states(),
                               "weights": weights.state_dict() if weights is not None else None}), tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state))
 
@@ -172,7 +214,7 @@ def _from_plain(obj):
     return obj
 
 
-def load_checkpoint(path: Path, model, opt, sched, weights: DynamicWeights | None = None) -> dict:
+def load_checkpoint(path: Path, model, opt, lr_schedule, weights: DynamicWeights | None = None) -> dict:
     """Restore what save_checkpoint wrote; returns the loop state. Both .pt files are read with
     weights_only=True (a checkpoint folder may be writable by others): a file holding anything but
     tensors and plain containers raises pickle.UnpicklingError instead of running code."""
@@ -182,7 +224,7 @@ def load_checkpoint(path: Path, model, opt, sched, weights: DynamicWeights | Non
             params[k].copy_(t)
     rest = _from_plain(torch.load(path / "optim.pt", map_location="cpu", weights_only=True))
     opt.load_state_dict(rest["optimizer"])
-    sched.load_state_dict(rest["scheduler"])
+    lr_schedule.load_state_dict(rest["scheduler"])
     _set_rng_states(rest["rng"])
     if weights is not None:
         weights.load_state_dict(rest["weights"])
@@ -196,36 +238,38 @@ def _save_model(model, path: Path) -> None:
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def _train_step(model, group, data: dict, loss_fn, opt, sched, device) -> tuple[float, dict]:
+def _train_step(model, group, rows: TrainSet, loss_fn, opt, lr_schedule, device,
+                pad_to: int | None = None) -> tuple[float, dict]:
     """Forward/backward every micro-batch of one optimizer step, clip, step. Returns the loss."""
-    rows = sum(len(b) for b in group)
+    n_rows = sum(len(b) for b in group)
     total, parts = 0.0, {}
-    w, dynamic = data["weight"], is_dynamic(data["weight"])
+    w, dynamic = rows.sample_weight, is_dynamic(rows.sample_weight)
+    as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     for idx in group:
-        ids, mask = pad_batch([data["ids"][i] for i in idx], data["pad_id"])  # [b, T] each
+        ids, mask = pad_batch([rows.ids[i] for i in idx], rows.pad_id, pad_to)  # [b, T] each
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, 3]
-        as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)
-        labels = torch.as_tensor(data["labels"][idx], dtype=torch.long, device=device)
+        labels = torch.as_tensor(rows.labels[idx], dtype=torch.long, device=device)
         weight = as_t(w.batch(idx) if dynamic else None if w is None else w[idx])     # [b] or None
-        loss, step_parts = loss_fn(logits, labels, as_t(None if data["soft"] is None else data["soft"][idx]), weight)
+        soft = as_t(None if rows.soft_targets is None else rows.soft_targets[idx])
+        loss, step_parts = loss_fn(logits, labels, soft, weight)
         if dynamic:                           # after the weights of this batch were taken
             w.observe(idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy())
-        share = len(idx) / rows  # micro-batch's share of the step's rows
+        share = len(idx) / n_rows  # micro-batch's share of the step's rows
         (loss * share).backward()
         total += loss.item() * share
         for k, v in step_parts.items():
             parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
-    sched.step()
+    lr_schedule.step()
     opt.zero_grad(set_to_none=True)
     return total, parts
 
 
-def _evaluate(model, val_ids, val_labels, pad_id, batch_size, step: int) -> dict:
-    logits = predict_logits(model, val_ids, pad_id, batch_size, desc=f"val@{step}")
+def _evaluate(model, val: ValSet, pad_id: int, batch_size: int, step: int) -> dict:
+    logits = predict_logits(model, val.ids, pad_id, batch_size, desc=f"val@{step}")
     model.train()
-    return {"step": step, **val_metrics(logits, val_labels)}
+    return {"step": step, **val_metrics(logits, val.labels)}
 
 
 # ---------------------------------------------------------------- the trainer
@@ -235,20 +279,23 @@ class Run:
     """One training run's state, in one object: what it trains on, its optimizer and schedule, where
     it writes, and `state` (step, epoch, position, best, history: what a checkpoint saves)."""
     model: object
-    cfg: dict                                  # batch_size, lr, epochs, ... (train_classifier's docstring)
-    plan: dict                                 # _plan: batch size, accumulation, steps per epoch, total steps
-    data: dict                                 # ids, labels, pad_id, soft, weight
-    val_ids: list | None
-    val_labels: np.ndarray | None
+    settings: TrainerSettings
+    schedule: Schedule
+    rows: TrainSet
+    val: ValSet | None
     out_dir: Path
     opt: object
-    sched: object
+    lr_schedule: object
     state: dict
-    weights: DynamicWeights | None = None      # the dynamic sample weights (saved in checkpoints), if any
 
     @property
     def has_val(self) -> bool:
-        return self.val_ids is not None and len(self.val_ids) > 0
+        return self.val is not None and len(self.val.ids) > 0
+
+    @property
+    def weights(self) -> DynamicWeights | None:
+        """The dynamic sample weights (saved in checkpoints), if any."""
+        return self.rows.sample_weight if is_dynamic(self.rows.sample_weight) else None
 
     def resume(self) -> int | None:
         """Load checkpoint/ into the run when it belongs to it; returns its step (None: a fresh start)."""
@@ -260,23 +307,21 @@ class Run:
             log.warning("ignoring %s: written by another run (other settings, data, targets, weights or model)", ckpt)
             shutil.rmtree(ckpt, ignore_errors=True)
             return None
-        self.state.update(load_checkpoint(ckpt, self.model, self.opt, self.sched, self.weights))
+        self.state.update(load_checkpoint(ckpt, self.model, self.opt, self.lr_schedule, self.weights))
         log.info("resuming from %s at step %d (epoch %d)", ckpt, self.state["global_step"], self.state["epoch"])
         return self.state["global_step"]
 
     def after_step(self) -> None:
         """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
-        step = self.state["global_step"]
-        every = self.cfg.get("eval_every")
-        if self.has_val and every and step % int(every) == 0:
+        step, every = self.state["global_step"], self.settings.eval_every
+        if self.has_val and every and step % every == 0:
             self.record_eval()
-        every = self.cfg.get("checkpoint_every")
-        if every and step % int(every) == 0 and step < self.plan["total_steps"]:
-            save_checkpoint(self.out_dir / "checkpoint", self.model, self.opt, self.sched, self.state, self.weights)
+        every = self.settings.checkpoint_every
+        if every and step % every == 0 and step < self.schedule.total_steps:
+            save_checkpoint(self.out_dir / "checkpoint", self.model, self.opt, self.lr_schedule, self.state, self.weights)
 
     def record_eval(self) -> None:
-        ev = _evaluate(self.model, self.val_ids, self.val_labels, self.data["pad_id"], self.plan["batch_size"],
-                       self.state["global_step"])
+        ev = _evaluate(self.model, self.val, self.rows.pad_id, self.schedule.batch_size, self.state["global_step"])
         self.state["evals"].append(ev)
         log.info("step %d: val log loss %.4f, accuracy %.3f", ev["step"], ev["log_loss"], ev["accuracy"])
         if self.state["best"] is None or ev["log_loss"] < self.state["best"]["log_loss"]:
@@ -294,37 +339,35 @@ class Run:
             _load_best_into(self.model, out_dir / "best")
         else:
             _save_model(self.model, out_dir / "final")
-        metrics = _metrics(state, self.plan, resumed_from, rows_per_s, train_s, len(self.data["ids"]),
-                           len(self.val_ids) if self.has_val else 0)
+        metrics = _metrics(state, self.schedule, resumed_from, rows_per_s, train_s, len(self.rows.ids),
+                           len(self.val.ids) if self.has_val else 0)
         write_json(metrics, out_dir / "metrics.json")
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
         return metrics
 
 
-def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray, out_dir: str | Path,
-                     cfg: dict, pad_id: int, val_ids: list[list[int]] | None = None,
-                     val_labels: np.ndarray | None = None, soft_targets: np.ndarray | None = None,
-                     loss_fn: LossFn | None = None, sample_weight: np.ndarray | DynamicWeights | None = None,
-                     seed: int = 0, progress_desc: str = "train") -> dict:
-    """Train `model` (a 3-label classifier, usually a PeftModel) and return its metrics dict.
+def train_classifier(model, rows: TrainSet, out_dir: str | Path, *, settings: TrainerSettings,
+                     val: ValSet | None = None, loss_fn: LossFn | None = None, seed: int = 0,
+                     desc: str = "train", pad_to: int | None = None) -> dict:
+    """Train `model` (a 3-label classifier, usually a PeftModel) on `rows` and return its metrics dict.
 
-    cfg: batch_size, lr, and optionally epochs (1), grad_accum (1), warmup_steps (0), max_steps
-    (overrides epochs), eval_every, checkpoint_every, weight_decay (0). soft_targets [N, n_teachers, 3]
-    and sample_weight [N] (or DynamicWeights) are sliced per batch for loss_fn(logits, labels, soft,
-    weight) -> (loss, parts); default loss is cross-entropy. On return the model holds the final weights.
-    Raises ValueError on mismatched lengths or an empty training set."""
-    run = _start(model, train_ids, train_labels, Path(out_dir), cfg, pad_id, val_ids, val_labels, soft_targets,
-                 sample_weight, seed)
+    settings: the section's TrainerSettings (lmsys.settings); with `val`, the best checkpoint by its
+    log loss is kept (evaluated every settings.eval_every steps and at the end). loss_fn(logits,
+    labels, soft, weight) -> (loss, parts), default cross-entropy. pad_to: pad every micro-batch to
+    this many tokens (the recipe's fixed padding, a baseline for benchmarks; default: each micro-batch
+    to its longest row). On return the model holds the final weights. Raises ValueError on an empty
+    training set."""
+    run = _start(model, rows, Path(out_dir), settings, val, seed)
     resumed_from = run.resume()
-    loss_fn, device, state, plan, n = loss_fn or cross_entropy_loss, model_device(model), run.state, run.plan, len(train_ids)
+    loss_fn, device, state, steps = loss_fn or cross_entropy_loss, model_device(model), run.state, run.schedule
     model.train()
     t0, done_rows = time.perf_counter(), 0
-    bar = tqdm(total=plan["total_steps"], initial=state["global_step"], desc=progress_desc, unit="step")
-    while state["global_step"] < plan["total_steps"]:
-        groups = epoch_groups(n, state["epoch"], seed, plan["batch_size"], plan["grad_accum"])
+    bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step")
+    while state["global_step"] < steps.total_steps:
+        groups = epoch_groups(len(rows.ids), state["epoch"], seed, steps.batch_size, steps.grad_accum)
         # on resume, skip the steps this epoch already consumed (same seeded order)
         for group in groups[state["step_in_epoch"]:]:
-            loss, parts = _train_step(model, group, run.data, loss_fn, run.opt, run.sched, device)
+            loss, parts = _train_step(model, group, rows, loss_fn, run.opt, run.lr_schedule, device, pad_to)
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             state["losses"].append(loss)
@@ -333,7 +376,7 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
             run.after_step()
-            if state["global_step"] >= plan["total_steps"]:
+            if state["global_step"] >= steps.total_steps:
                 break
         else:
             state["epoch"] += 1
@@ -343,29 +386,18 @@ def train_classifier(model, train_ids: list[list[int]], train_labels: np.ndarray
     return run.finish(resumed_from, done_rows / max(train_s, 1e-9), train_s)
 
 
-def _start(model, train_ids, train_labels, out_dir: Path, cfg: dict, pad_id: int, val_ids, val_labels,
-           soft_targets, sample_weight, seed: int) -> Run:
-    """Check the inputs, seed, and build the Run: optimizer, schedule, fresh state (fingerprinted)."""
-    n = len(train_ids)
-    labels = np.asarray(train_labels, dtype=np.int64)
-    as_f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)
-    soft_targets = as_f32(soft_targets)
-    sample_weight = sample_weight if is_dynamic(sample_weight) else as_f32(sample_weight)
-    for name, a in (("train_labels", labels), ("soft_targets", soft_targets), ("sample_weight", sample_weight)):
-        if a is not None and len(a) != n:
-            raise ValueError(f"{name} has {len(a)} rows, train_ids {n}")
-    plan = _plan(n, cfg)
-    data = {"ids": train_ids, "labels": labels, "pad_id": pad_id, "soft": soft_targets, "weight": sample_weight}
+def _start(model, rows: TrainSet, out_dir: Path, settings: TrainerSettings, val: ValSet | None, seed: int) -> Run:
+    """Seed, and build the Run: optimizer, schedule, fresh state (fingerprinted)."""
+    steps = schedule(len(rows.ids), settings)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.get("warmup_steps", 0)), plan["total_steps"])
-    state = {"fingerprint": _fingerprint(model, data, cfg, seed), "global_step": 0, "epoch": 0,
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    lr_schedule = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, steps.total_steps)
+    state = {"fingerprint": _fingerprint(model, rows, settings, seed), "global_step": 0, "epoch": 0,
              "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": []}
-    return Run(model, cfg, plan, data, val_ids, val_labels, out_dir, opt, sched, state,
-               sample_weight if is_dynamic(sample_weight) else None)
+    return Run(model, settings, steps, rows, val, out_dir, opt, lr_schedule, state)
 
 
 def _load_best_into(model, best_dir: Path) -> None:
@@ -376,14 +408,14 @@ def _load_best_into(model, best_dir: Path) -> None:
         set_peft_model_state_dict(model, load_peft_weights(str(best_dir), device=str(model_device(model))))
 
 
-def _metrics(state, plan, resumed_from, rows_per_s, train_s, n_train, n_val) -> dict:
+def _metrics(state, steps: Schedule, resumed_from, rows_per_s, train_s, n_train, n_val) -> dict:
     losses = state["losses"]
     tail = max(1, len(losses) // 10)  # the last 10% of steps
     stride = max(1, len(losses) // 50)  # at most ~50 curve points
     parts_tail = state["parts"][-tail:]
     best = state["best"] or {}
     return {
-        "steps": state["global_step"], "epochs": plan["epochs"], "n_train": n_train, "n_val": n_val,
+        "steps": state["global_step"], "epochs": steps.epochs, "n_train": n_train, "n_val": n_val,
         "train_loss_first": losses[0], "train_loss_last": float(np.mean(losses[-tail:])),
         "train_loss_curve": [[i + 1, losses[i]] for i in range(0, len(losses), stride)],
         "train_loss_parts_last": {k: float(np.mean([p[k] for p in parts_tail if k in p]))

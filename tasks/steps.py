@@ -30,17 +30,10 @@ from lmsys.steps import Step
 from lmsys.steps import code
 from lmsys.steps.recipe import STEPS, run_step as run, task_label
 
-# Where the project's source is read from for the code hashes (a test points it at a copy to edit).
-CODE_ROOT: Path | None = None
-# LMSYS_TASK_DELAY="<task label>=<seconds>[,...]": sleep before running those tasks (a deliberately
-# slow task, for the scheduling tests; it changes no output and no cache key).
-DELAY_ENV = "LMSYS_TASK_DELAY"
-
-
 def code_hash(step: Step) -> str:
     """Hash of the step's code: every project module its module can import (lmsys.steps.code).
     Read from the files, not imported: a cached rerun must not pay the torch imports (~9 s)."""
-    return code.code_hash(step.module, CODE_ROOT)
+    return code.code_hash(step.module)
 
 
 def _key_path(p: Path, layout: Layout) -> str:
@@ -92,7 +85,7 @@ def _key_fn(context: TaskRunContext, parameters: dict) -> str:
 @task(cache_key_fn=_key_fn, persist_result=True, log_prints=True)
 def run_step(name: str, cfg: dict, keys: dict) -> dict:
     """Run one lmsys step (lmsys.steps.recipe) and return paths + metrics + where it ran."""
-    from flows.secrets import use_prefect_secret
+    from tasks.secrets import use_prefect_secret
     use_prefect_secret()                      # in this worker process too: the token may be a Secret block
     tx = get_transaction()                    # Prefect's key for this run: _key_fn's, inputs before the step
     key = tx.key if tx is not None and tx.key else cache_key(name, cfg, keys)   # (called outside a flow: compute it)
@@ -102,7 +95,6 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
     write_json({"task": task_label(name, keys), **where}, marker)
     t0 = time.perf_counter()
     try:
-        time.sleep(_delay(task_label(name, keys)))
         result = run(name, cfg, Layout.of(cfg), **keys)
     finally:
         marker.unlink(missing_ok=True)         # stays only where the process died mid-task
@@ -110,12 +102,3 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
             "metrics": result.metrics, **where, "seconds": time.perf_counter() - t0, "finished": time.time()}
     write_json({"key": key, "outputs": info["outputs"]}, stamp_path(cfg, name, keys))
     return json.loads(json.dumps(info, default=str))
-
-
-def _delay(label: str) -> float:
-    """Seconds LMSYS_TASK_DELAY asks task `label` to wait before it runs (0 when it names none)."""
-    for item in filter(None, os.environ.get(DELAY_ENV, "").split(",")):
-        task, _, seconds = item.partition("=")
-        if task.strip() == label:
-            return float(seconds)
-    return 0.0

@@ -122,9 +122,9 @@ def test_read_predictions_without_labels(tmp_path):
     pd.DataFrame({"id": ["a", "b"], "logit_a": [1, 2], "logit_b": [0, 0], "logit_tie": [0, 1]}).to_csv(tmp_path / "p.csv", index=False)
     ids, logits, labels = read_predictions(tmp_path / "p.csv")
     assert logits.dtype == np.float64                                   # integer logits are read as float64
-    from lmsys.calibration import _identity
-    assert _identity("temperature") == {"method": "temperature", "temperature": 1.0}
-    assert _identity("vector") == {"method": "vector", "scale": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
+    from lmsys.calibration import identity_params
+    assert identity_params("temperature") == {"method": "temperature", "temperature": 1.0}
+    assert identity_params("vector") == {"method": "vector", "scale": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
     assert labels is None and logits.shape == (2, 3) and list(ids) == ["a", "b"]
     with pytest.raises(ValueError, match="label"):
         calibrate_fit_file(tmp_path / "p.csv", tmp_path / "c.json")

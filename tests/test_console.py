@@ -84,7 +84,7 @@ def test_quiet_console_drops_gptqmodel_banner_but_keeps_its_warnings():
 
     from pinned import pinned_import
     pinned_import("gptqmodel", "gptqmodel")
-    code = ("from flows.console import quiet_console; quiet_console()\n"
+    code = ("from lmsys.console import quiet_console; quiet_console()\n"
             "import gptqmodel\n"
             "from gptqmodel.utils.logger import setup_logger\n"
             "setup_logger().warning('a gptqmodel warning')\n")

@@ -18,7 +18,7 @@ FOLDS = 3
 @pytest.fixture(scope="module")
 def filtered_run(tmp_path_factory):
     import lmsys.models
-    from lmsys.steps.recipe import plan, run_step
+    from lmsys.steps.recipe import tasks_of, run_step
     root = tmp_path_factory.mktemp("filter-root")
     cfg = load_config("tiny", {"models.teachers": ["llama"], "folds.n_folds": FOLDS,
                                "demo.rows": 240, "demo.external_rows": 60, "demo.ut_rows": 80, "demo.test_rows": 20,
@@ -30,7 +30,7 @@ def filtered_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:   # count model builds, the real function still runs
         mp.setattr(lmsys.models, "build_model", lambda spec, *a, **k: builds.append(spec["name"]) or real_build(spec, *a, **k))
         ran = []
-        for name, keys in plan(cfg):
+        for name, keys in tasks_of(cfg):
             if name in ("demo-data", "prepare", "folds", "tokenizer", "post-pretrain", "filter-score", "filter-argmax"):
                 before = len(builds)
                 run_step(name, cfg, layout, **keys)
@@ -39,10 +39,10 @@ def filtered_run(tmp_path_factory):
 
 
 def test_plan_has_one_filter_score_per_filtering_model():
-    from lmsys.steps.recipe import STEPS, plan
+    from lmsys.steps.recipe import STEPS, tasks_of
     for n_folds in (3, 5):
         cfg = load_config("tiny", {"folds.n_folds": n_folds})
-        tasks = plan(cfg)
+        tasks = tasks_of(cfg)
         assert [k for n, k in tasks if n == "filter-score"] == [{"model": cfg["models"]["teachers"][0]}]
         assert [k["fold"] for n, k in tasks if n == "filter-argmax"] == list(range(n_folds))
     assert STEPS["filter-score"].gpu and not STEPS["filter-argmax"].gpu
@@ -73,10 +73,10 @@ def test_filter_model_runs_once_and_folds_read_its_scores(filtered_run):
     # the scores of one fold's rows equal what the old per-fold pass computed on those rows alone
     from lmsys.infer import predict_logits
     from lmsys.metrics import softmax
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     train, _ = fold_tables(layout, 0)
-    tok, net = C.build(cfg, layout, "llama", init_adapter=C.adapter(layout.post_pretrain("llama")), trainable=False)
-    alone = softmax(predict_logits(net, C.encode(cfg, train, tok, cfg["text"]["train_max_length"]), tok.pad_token_id,
+    tok, net = common.build(cfg, layout, "llama", init_adapter=common.adapter(layout.post_pretrain("llama")), trainable=False)
+    alone = softmax(predict_logits(net, common.encode(cfg, train, tok, cfg["text"]["train_max_length"]), tok.pad_token_id,
                                    cfg["teacher_logits"]["batch_size"]))
     np.testing.assert_allclose(s.loc[train["id"], ["p_a", "p_b", "p_tie"]].to_numpy(), alone, atol=1e-5)
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from lmsys.config import load_config
-from lmsys.data import schema as S
+from lmsys.data import schema
 from lmsys.paths import Layout
 
 GOOD = {"prompt": '["what is two plus two"]', "response_a": '["four"]', "response_b": '["it is 4"]'}
@@ -23,7 +23,7 @@ GOOD = {"prompt": '["what is two plus two"]', "response_a": '["four"]', "respons
 
 def write_test_csv(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=S.KAGGLE_TEST_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=schema.KAGGLE_TEST_COLUMNS)
         w.writeheader()
         w.writerows(rows)
     return path
@@ -63,7 +63,7 @@ def test_lmsys_predict_answers_every_id_and_names_the_fallback_rows(tmp_path, fi
         assert f"row {2 + i} (id {rid}): {reason}" in r.stderr
     sub = pd.read_csv(tmp_path / "sub.csv", dtype={"id": str})
     assert sorted(sub["id"]) == [r["id"] for r in rows] and not sub["id"].duplicated().any()
-    p = sub.set_index("id")[S.WINNER_COLUMNS]
+    p = sub.set_index("id")[schema.WINNER_COLUMNS]
     np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-6)
     np.testing.assert_allclose(p.loc[list(bad)].to_numpy(), [[0.5, 0.3, 0.2]] * 3)   # the model dir's prior
 
@@ -191,7 +191,7 @@ def test_student_targets_do_not_depend_on_their_folds_validation_labels(tmp_path
 
     np.testing.assert_array_equal(_student_targets(cfg, layout, 1), before[1])
     val_after = pd.read_parquet(layout.calibrated_logits("llama", 1)).query("split == 'val'")
-    np.testing.assert_array_equal(val_after[S.LOGIT_COLUMNS].to_numpy(), val_before[S.LOGIT_COLUMNS].to_numpy())
+    np.testing.assert_array_equal(val_after[schema.LOGIT_COLUMNS].to_numpy(), val_before[schema.LOGIT_COLUMNS].to_numpy())
     assert not np.allclose(_student_targets(cfg, layout, 0), before[0])
     params = json.loads(layout.calibration("llama").read_text())
     assert params["cross_fitted"] and params["folds"]["1"]["fitted_on_folds"] == [0, 2]
@@ -254,7 +254,7 @@ def test_fold_gains_score_every_fold_student_on_the_same_held_out_rows(tmp_path,
     from lmsys.data.demo import demo_paths
     from lmsys.data.validate import validate_file
     from lmsys.models import build_model
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     from lmsys.steps.student import fold_gains
     from lmsys.steps.teachers import post_pretrain_rows
     cfg = load_config("tiny", {"models.specs.gemma": {"kind": "tiny-gemma2", "hidden": 32, "layers": 1, "heads": 2,
@@ -264,9 +264,9 @@ def test_fold_gains_score_every_fold_student_on_the_same_held_out_rows(tmp_path,
     layout.prepared.mkdir(parents=True)
     validate_file(demo_paths(demo_dir)["ut"], source="ultrafeedback").clean.to_parquet(layout.prepared / "ut.parquet")
     for k, seed in ((0, 1), (1, 2)):
-        tok = C.tokenizer(cfg, layout, "gemma")
-        net = build_model({**C.spec(cfg, "gemma"), "seed": seed}, tok)
-        net.save_pretrained(C.adapter(layout.student(k)))
+        tok = common.tokenizer(cfg, layout, "gemma")
+        net = build_model({**common.spec(cfg, "gemma"), "seed": seed}, tok)
+        net.save_pretrained(common.adapter(layout.student(k)))
     g = fold_gains(cfg, layout, [0, 1])
     assert g["rows"] == len(post_pretrain_rows(cfg, layout)[1]) == 10 and "held out" in g["row_set"]
     assert len(g["gains"]) == 2 and g["gains"][0] != g["gains"][1]
@@ -277,7 +277,7 @@ def test_fold_gains_score_every_fold_student_on_the_same_held_out_rows(tmp_path,
 def test_teacher_targets_are_computed_on_the_students_text(tok):
     """Step 4's training rows are tokenised as the student trains on them (train_max_length); the
     validation rows as at inference (infer_max_length)."""
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     from lmsys.steps.teachers import logit_inputs
     cfg = load_config("tiny", {"text.train_max_length": 64, "text.infer_max_length": 200})
     long = " ".join(["alpha beta gamma delta"] * 80)
@@ -285,14 +285,14 @@ def test_teacher_targets_are_computed_on_the_students_text(tok):
                          "split": ["train", "val"]})
     ids = logit_inputs(cfg, rows, tok)
     assert len(ids[0]) <= 64 < len(ids[1]) <= 200
-    assert ids[0] == C.encode(cfg, rows.iloc[:1], tok, 64)[0]
+    assert ids[0] == common.encode(cfg, rows.iloc[:1], tok, 64)[0]
 
 
 def test_student_post_pretraining_is_a_step_before_distillation():
-    from lmsys.steps.recipe import STEPS, plan
+    from lmsys.steps.recipe import STEPS, tasks_of
     cfg = load_config("tiny")
     layout = Layout("tiny")
-    order = [n for n, _ in plan(cfg)]
+    order = [n for n, _ in tasks_of(cfg)]
     assert STEPS["post-pretrain-student"].number == "1"
     assert order.index("post-pretrain-student") < order.index("distill")
     assert layout.post_pretrain("gemma") in STEPS["distill"].inputs(cfg, layout, fold=0)
@@ -339,7 +339,7 @@ def test_convert_ut_openbmb_and_binarized(tmp_path):
         {"source": "x", "instruction": "", "models": [], "completions": []}])
     out, info = convert_ultrafeedback(raw)
     assert info == {"schema": "openbmb", "rows_in": 3, "battles": 3, "skipped": {"no_instruction": 1}}
-    assert out[S.WINNER_COLUMNS].to_numpy().tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert out[schema.WINNER_COLUMNS].to_numpy().tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
     assert out["model_a"].tolist() == ["m1", "m3", "m1"]
     out.to_csv(tmp_path / "ut.csv", index=False)
     v = validate_file(tmp_path / "ut.csv", source="ultrafeedback")
@@ -351,7 +351,7 @@ def test_convert_ut_openbmb_and_binarized(tmp_path):
                           for q, sc, sr in (("a?", 9.0, 4.0), ("b?", 8.0, 3.0), ("c?", 5.0, 5.0))])
     out, info = convert_ultrafeedback(binar)
     assert info["schema"] == "binarized" and info["battles"] == 3
-    assert out[S.WINNER_COLUMNS].to_numpy().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert out[schema.WINNER_COLUMNS].to_numpy().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     assert json.loads(out["response_b"].iloc[1]) == ["good"]
     binar.to_json(tmp_path / "b.jsonl", orient="records", lines=True)
     r = subprocess.run([sys.executable, "-m", "lmsys.cli", "convert-ut", str(tmp_path / "b.jsonl"), "--out",

@@ -188,13 +188,13 @@ def test_read_labels_messages_and_index(tmp_path):
 @pytest.fixture
 def figures(monkeypatch):
     """Figures passed to lmsys.metrics._save (still written), in call order."""
-    import lmsys.metrics as M
-    seen, save = [], M._save
+    import lmsys.metrics
+    seen, save = [], lmsys.metrics._save
 
     def capture(fig, path):
         seen.append(fig)
         return save(fig, path)
-    monkeypatch.setattr(M, "_save", capture)
+    monkeypatch.setattr(lmsys.metrics, "_save", capture)
     return seen
 
 

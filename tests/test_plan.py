@@ -9,7 +9,7 @@ import pytest
 from lmsys.cli import main
 from lmsys.config import load_config
 from lmsys.plan import estimate, job_template, step_timeout, walltime_s
-from lmsys.steps.recipe import STEPS, plan, task_label
+from lmsys.steps.recipe import STEPS, tasks_of, task_label
 
 
 def test_plan_full_on_8_gpus_prints_every_task_with_resources_and_estimates(capsys):
@@ -17,9 +17,9 @@ def test_plan_full_on_8_gpus_prints_every_task_with_resources_and_estimates(caps
     out = capsys.readouterr().out
     cfg = load_config("full")
     lines = {line.split()[1]: line for line in out.splitlines() if re.match(r"\s+\d+\s", line)}
-    tasks = [task_label(n, k) for n, k in plan(cfg)]
+    tasks = [task_label(n, k) for n, k in tasks_of(cfg)]
     assert sorted(lines) == sorted(tasks) and len(tasks) >= 40
-    for n, k in plan(cfg):
+    for n, k in tasks_of(cfg):
         line = lines[task_label(n, k)]
         if STEPS[n].gpu:
             assert "gpu gres=gpu:1 mem=128GB cores=16 wall=7-00:00:00" in line, line
@@ -116,7 +116,7 @@ def test_the_flow_the_dvc_stages_and_the_cli_read_one_table():
     from lmsys.cli import build_parser
     from stages.lineage import dvc_stages
     cfg = load_config()
-    assert list(dvc_stages()) == list(dict.fromkeys(n for n, _ in plan(cfg)))       # the table's order
+    assert list(dvc_stages()) == list(dict.fromkeys(n for n, _ in tasks_of(cfg)))       # the table's order
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(STEPS) <= set(sub.choices)
 
@@ -125,7 +125,7 @@ def test_each_task_waits_only_for_the_tasks_that_write_its_inputs():
     from lmsys.steps.recipe import graph, levels
     cfg = load_config("tiny")
     deps = graph(cfg)
-    assert set(deps) == {task_label(n, k) for n, k in plan(cfg)}
+    assert set(deps) == {task_label(n, k) for n, k in tasks_of(cfg)}
     # a fold's teacher logits wait for that fold's teacher only, not the other folds' or teachers'
     assert [d for d in deps["teacher-logits-fold0-modelllama"] if d.startswith("train-teacher")] == \
         ["train-teacher-fold0-modelllama"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from pinned import pinned_import
 
-from lmsys import text as T
+import lmsys.text
 
 TEMPLATE = 'User question:\n"""{prompt}"""\nAnswer A:\n"""{a}"""\nAnswer B:\n"""{b}"""'
 CFG = {"template": TEMPLATE, "prompt_words": 256, "response_words": 700, "prompt_tokens": 64}
@@ -53,7 +53,7 @@ def norm(tokenizer, s):
 
 def manual_ids(tokenizer, parts, a, b):
     """Assemble from the segments independently of EncodedParts.ids (template order p, a, b)."""
-    lay = T.template_layout(tokenizer, TEMPLATE)
+    lay = lmsys.text.template_layout(tokenizer, TEMPLATE)
     lit = lay.literals
     return lay.prefix + lit[0] + parts.prompt + lit[1] + a + lit[2] + b + lit[3] + lay.suffix
 
@@ -68,22 +68,22 @@ rows = st.integers(1, 3).flatmap(lambda n: st.tuples(*[st.lists(any_text, min_si
 # ---- words and turns
 
 def test_join_turns():
-    assert T.join_turns(["a", "b c", ""]) == "a\nb c\n"
-    assert T.join_turns([]) == "" and T.join_turns([None, "x"]) == "\nx"
+    assert lmsys.text.join_turns(["a", "b c", ""]) == "a\nb c\n"
+    assert lmsys.text.join_turns([]) == "" and lmsys.text.join_turns([None, "x"]) == "\nx"
 
 
 def test_truncate_words_keeps_spacing():
-    assert T.truncate_words("  a\n\nb  c d ", 2) == "  a\n\nb"
-    assert T.truncate_words("a b ", 2) == "a b "          # <= n words: unchanged, trailing space too
-    assert T.truncate_words("a b", 5) == "a b"
-    assert T.truncate_words("a b", 0) == ""
-    assert T.truncate_words(" \n", 0) == " \n"              # no words: nothing to cut
+    assert lmsys.text.truncate_words("  a\n\nb  c d ", 2) == "  a\n\nb"
+    assert lmsys.text.truncate_words("a b ", 2) == "a b "          # <= n words: unchanged, trailing space too
+    assert lmsys.text.truncate_words("a b", 5) == "a b"
+    assert lmsys.text.truncate_words("a b", 0) == ""
+    assert lmsys.text.truncate_words(" \n", 0) == " \n"              # no words: nothing to cut
 
 
 @SETTINGS
 @given(st.text(), st.integers(0, 20))
 def test_truncate_words_property(s, n):
-    out = T.truncate_words(s, n)
+    out = lmsys.text.truncate_words(s, n)
     assert s.startswith(out)
     assert out.split() == s.split()[:n]
     if len(s.split()) <= n:
@@ -92,14 +92,14 @@ def test_truncate_words_property(s, n):
 
 def test_format_text_word_budgets():
     cfg = dict(CFG, prompt_words=3, response_words=2)
-    out = T.format_text(["p1 p2", "p3 p4"], ["a1 a2 a3"], ["b1"], cfg)
+    out = lmsys.text.format_text(["p1 p2", "p3 p4"], ["a1 a2 a3"], ["b1"], cfg)
     assert out == TEMPLATE.format(prompt="p1 p2\np3", a="a1 a2", b="b1")
 
 
 # ---- layout and specials
 
 def test_special_tokens(tok):
-    pre, suf = T.special_tokens(tok)
+    pre, suf = lmsys.text.special_tokens(tok)
     if tok.cls_token_id is not None:                   # WordPiece: [CLS] ... [SEP]
         assert (pre, suf) == ([tok.cls_token_id], [tok.sep_token_id])
     elif tok("a")["input_ids"][0] == tok.bos_token_id:  # BOS only
@@ -110,9 +110,9 @@ def test_special_tokens(tok):
 
 def test_bad_template_and_too_small_max_length(tok):
     with pytest.raises(ValueError, match="template"):
-        T.template_layout(tok, "{prompt} {a}")
+        lmsys.text.template_layout(tok, "{prompt} {a}")
     with pytest.raises(ValueError, match="max_length=5"):
-        T.encode_pair(["p"], ["a"], ["b"], tok, 5, CFG)
+        lmsys.text.encode_pair(["p"], ["a"], ["b"], tok, 5, CFG)
 
 
 # ---- lengths and budgets
@@ -122,16 +122,16 @@ def test_bad_template_and_too_small_max_length(tok):
 def test_never_over_max_length(tok, row, max_length, prompt_tokens):
     cfg = dict(CFG, prompt_tokens=prompt_tokens)
     p, a, b = row
-    parts = T.encode_pair_parts(p, a, b, tok, max_length, cfg)
-    ids = T.encode_pair(p, a, b, tok, max_length, cfg)
+    parts = lmsys.text.encode_pair_parts(p, a, b, tok, max_length, cfg)
+    ids = lmsys.text.encode_pair(p, a, b, tok, max_length, cfg)
     assert ids == parts.ids == manual_ids(tok, parts, parts.a, parts.b)
     assert len(ids) <= max_length
-    full = [toks(tok, x) for x in T._word_parts(p, a, b, CFG)]
+    full = [toks(tok, x) for x in lmsys.text._word_parts(p, a, b, CFG)]
     for seg, whole in zip((parts.prompt, parts.a, parts.b), full):
         assert seg == whole[:len(seg)]                   # every cut keeps the start
     if (parts.a, parts.b) != (full[1], full[2]):       # answers cut: the budget is used (odd token aside)
         assert len(ids) >= max_length - 1
-        room = max_length - T.template_layout(tok, TEMPLATE).fixed_length
+        room = max_length - lmsys.text.template_layout(tok, TEMPLATE).fixed_length
         assert len(parts.prompt) == min(len(full[0]), prompt_tokens, room)
 
 
@@ -139,8 +139,8 @@ def test_never_over_max_length(tok, row, max_length, prompt_tokens):
 @given(row=rows, max_length=st.integers(64, 512))
 def test_swap_gives_swapped_ids(tok, row, max_length):
     p, a, b = row
-    parts = T.encode_pair_parts(p, a, b, tok, max_length, CFG)
-    swapped = T.encode_pair(p, b, a, tok, max_length, CFG)
+    parts = lmsys.text.encode_pair_parts(p, a, b, tok, max_length, CFG)
+    swapped = lmsys.text.encode_pair(p, b, a, tok, max_length, CFG)
     assert swapped == manual_ids(tok, parts, parts.b, parts.a)
     assert swapped == parts.swapped().ids
 
@@ -148,7 +148,7 @@ def test_swap_gives_swapped_ids(tok, row, max_length):
 @pytest.mark.parametrize("la,lb", [(300, 20), (20, 300)])
 def test_longer_answer_cut_first(tok, la, lb):
     a, b = " ".join(["cat"] * la), " ".join(["dog"] * lb)
-    parts = T.encode_pair_parts(["hi"], [a], [b], tok, 256, CFG)
+    parts = lmsys.text.encode_pair_parts(["hi"], [a], [b], tok, 256, CFG)
     full_a, full_b = toks(tok, a), toks(tok, b)
     long_seg, short_full = (parts.a, full_b) if la > lb else (parts.b, full_a)
     assert (parts.b if la > lb else parts.a) == short_full       # the short answer is whole
@@ -157,7 +157,7 @@ def test_longer_answer_cut_first(tok, la, lb):
 
 @pytest.mark.parametrize("la,lb", [(400, 300), (300, 400), (350, 350)])
 def test_both_cut_equally(tok, la, lb):
-    parts = T.encode_pair_parts(["hi"], [" ".join(["cat"] * la)], [" ".join(["cat"] * lb)], tok, 200, CFG)
+    parts = lmsys.text.encode_pair_parts(["hi"], [" ".join(["cat"] * la)], [" ".join(["cat"] * lb)], tok, 200, CFG)
     assert abs(len(parts.a) - len(parts.b)) <= 1
     if la == lb:
         assert len(parts.a) == len(parts.b)
@@ -170,8 +170,8 @@ def test_answer_budget_rule():
     for la in range(25):
         for lb in range(25):
             for budget in range(55):
-                ka, kb = T.answer_budget(la, lb, budget)
-                assert (kb, ka) == T.answer_budget(lb, la, budget)      # symmetric
+                ka, kb = lmsys.text.answer_budget(la, lb, budget)
+                assert (kb, ka) == lmsys.text.answer_budget(lb, la, budget)      # symmetric
                 assert 0 <= ka <= la and 0 <= kb <= lb and ka + kb <= budget
                 if la + lb <= budget:
                     assert (ka, kb) == (la, lb)
@@ -186,16 +186,16 @@ def test_answer_budget_rule():
 
 def test_prompt_token_budget_and_prompt_gives_way(tok):
     p = " ".join(f"w{i}" for i in range(200))
-    parts = T.encode_pair_parts([p], ["cat " * 500], ["dog " * 500], tok, 256, CFG)
+    parts = lmsys.text.encode_pair_parts([p], ["cat " * 500], ["dog " * 500], tok, 256, CFG)
     assert parts.prompt == toks(tok, p)[:64]
-    tiny = T.encode_pair_parts([p], ["cat"], ["dog"], tok, 64, dict(CFG, prompt_tokens=256))
+    tiny = lmsys.text.encode_pair_parts([p], ["cat"], ["dog"], tok, 64, dict(CFG, prompt_tokens=256))
     assert (tiny.a, tiny.b) == ([], []) and len(tiny.ids) == 64
 
 
 def test_word_budget_applies_when_tokens_fit(tok):
     p = " ".join(["cat"] * 300)
     a = " ".join(["dog"] * 800)
-    parts = T.encode_pair_parts([p], [a], ["b"], tok, 100_000, CFG)
+    parts = lmsys.text.encode_pair_parts([p], [a], ["b"], tok, 100_000, CFG)
     assert parts.prompt == toks(tok, " ".join(["cat"] * 256))
     assert parts.a == toks(tok, " ".join(["dog"] * 700))
 
@@ -206,19 +206,19 @@ ROW = (["What is a cat?", "And a dog?"], ["the cat sat on the mat"], ["dogs run 
 
 
 def test_short_row_is_whole(tok):
-    ids = T.encode_pair(*ROW, tok, 512, CFG)
+    ids = lmsys.text.encode_pair(*ROW, tok, 512, CFG)
     text = tok.decode(ids, skip_special_tokens=True)
-    assert text == norm(tok, T.format_text(*ROW, CFG))
+    assert text == norm(tok, lmsys.text.format_text(*ROW, CFG))
     for part in ("What is a cat?\nAnd a dog?", "the cat sat on the mat", "dogs run fast\nvery fast"):
         assert norm(tok, part) in text
     if tok.cls_token_id is None:                         # byte-level BPE round-trips exactly
-        assert text == T.format_text(*ROW, CFG)
+        assert text == lmsys.text.format_text(*ROW, CFG)
 
 
 def test_answer_a_under_answer_a(tok):
     low = lambda ids: tok.decode(ids, skip_special_tokens=True).lower()
-    for (a, b), ids in [((ROW[1], ROW[2]), T.encode_pair(*ROW, tok, 512, CFG)),
-                        ((ROW[2], ROW[1]), T.encode_pair(ROW[0], ROW[2], ROW[1], tok, 512, CFG))]:
+    for (a, b), ids in [((ROW[1], ROW[2]), lmsys.text.encode_pair(*ROW, tok, 512, CFG)),
+                        ((ROW[2], ROW[1]), lmsys.text.encode_pair(ROW[0], ROW[2], ROW[1], tok, 512, CFG))]:
         s = low(ids)
         ia, ib = s.index("answer a"), s.index("answer b")
         assert ia < s.index(norm(tok, a[0]).lower()) < ib < s.index(norm(tok, b[0]).lower())
@@ -227,10 +227,10 @@ def test_answer_a_under_answer_a(tok):
 def test_encode_rows_and_swap(tok):
     df = pd.DataFrame({"prompt": [ROW[0], ["q"]], "response_a": [ROW[1], ["x " * 400]],
                        "response_b": [ROW[2], ["y"]]})
-    got = T.encode_rows(df, tok, 128, CFG)
-    assert got == [T.encode_pair(p, a, b, tok, 128, CFG) for p, a, b in zip(df.prompt, df.response_a, df.response_b)]
-    got_sw = T.encode_rows(df, tok, 128, CFG, swap=True)
-    assert got_sw == [T.encode_pair(p, b, a, tok, 128, CFG) for p, a, b in zip(df.prompt, df.response_a, df.response_b)]
+    got = lmsys.text.encode_rows(df, tok, 128, CFG)
+    assert got == [lmsys.text.encode_pair(p, a, b, tok, 128, CFG) for p, a, b in zip(df.prompt, df.response_a, df.response_b)]
+    got_sw = lmsys.text.encode_rows(df, tok, 128, CFG, swap=True)
+    assert got_sw == [lmsys.text.encode_pair(p, b, a, tok, 128, CFG) for p, a, b in zip(df.prompt, df.response_a, df.response_b)]
     assert got_sw != got
 
 
@@ -244,14 +244,14 @@ LEN_TEMPLATE = 'Q: {prompt}\nA ({a_words} words): {a}\nB ({b_words} words): {b}'
 def test_length_fields_state_the_uncut_lengths_and_swap_with_the_answers(tok, row, max_length):
     p, a, b = row
     cfg = dict(CFG, template=LEN_TEMPLATE)
-    parts = T.encode_pair_parts(p, a, b, tok, max_length, cfg)
-    assert parts.a_words == toks(tok, str(T.word_count(a))) and parts.b_words == toks(tok, str(T.word_count(b)))
+    parts = lmsys.text.encode_pair_parts(p, a, b, tok, max_length, cfg)
+    assert parts.a_words == toks(tok, str(lmsys.text.word_count(a))) and parts.b_words == toks(tok, str(lmsys.text.word_count(b)))
     assert len(parts.ids) <= max_length                  # the fields count against the budget
-    assert T.encode_pair(p, b, a, tok, max_length, cfg) == parts.swapped().ids
+    assert lmsys.text.encode_pair(p, b, a, tok, max_length, cfg) == parts.swapped().ids
 
 
 def test_length_fields_come_in_pairs_and_format_text_fills_them(tok):
     with pytest.raises(ValueError, match="a_words"):
-        T.template_layout(tok, "{prompt} {a} {b} {a_words}")
-    text = T.format_text(["q"], ["one two three"], [None, "x y"], dict(CFG, template=LEN_TEMPLATE))
+        lmsys.text.template_layout(tok, "{prompt} {a} {b} {a_words}")
+    text = lmsys.text.format_text(["q"], ["one two three"], [None, "x y"], dict(CFG, template=LEN_TEMPLATE))
     assert text == "Q: q\nA (3 words): one two three\nB (2 words): \nx y"

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from lmsys.infer import predict_logits
 from lmsys.models import build_model, load_for_inference
-from lmsys.train import cross_entropy_loss, train_classifier, val_metrics
-from train_worker import SPEC, make_task
+from lmsys.train import TrainSet, ValSet, cross_entropy_loss, train_classifier, val_metrics
+from train_worker import SPEC, make_task, settings
 
 TESTS = Path(__file__).resolve().parent
 
@@ -39,7 +39,8 @@ def test_learns_marker_task_and_keeps_best(tmp_path, tok):
     vids, vy = make_task(96, len(tok), seed=1)
     cfg = {"epochs": 1, "lr": 3e-3, "warmup_steps": 2, "batch_size": 16, "grad_accum": 1,
            "eval_every": 10, "checkpoint_every": 5}
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, cfg, tok.pad_token_id, vids, vy)
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), tmp_path, settings=settings(**cfg),
+                         val=ValSet(vids, vy))
 
     prior = np.bincount(y, minlength=3) / len(y)
     prior_ll = float(-np.log(prior[vy]).mean())  # log loss of always predicting the class prior
@@ -68,23 +69,23 @@ def test_custom_loss_gets_soft_targets_and_weights(tmp_path, tok):
         return loss, {**parts, "kl": torch.tensor(0.5)}
 
     cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "grad_accum": 2}  # 3 batches -> steps of 2 + 1
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, cfg, tok.pad_token_id,
-                         soft_targets=soft, sample_weight=weight, loss_fn=loss_fn)
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, soft, weight), tmp_path,
+                         settings=settings(**cfg), loss_fn=loss_fn)
     assert m["steps"] == 2 and len(seen) == 3
     assert all(s[1:] == (torch.Size([8]), torch.Size([8, 2, 3]), torch.Size([8])) for s in seen)
     assert m["train_loss_parts_last"]["kl"] == pytest.approx(0.5)
     assert m["best_val_log_loss"] is None and (tmp_path / "final" / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="soft_targets"):
-        train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "x", cfg, 0, soft_targets=soft[:3])
+        TrainSet(ids, y, 0, soft_targets=soft[:3])
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path, tok):
     ids, y = make_task(44, len(tok), seed=4)  # steps of 24 + 20 rows; micro-batches 8, 8, 8 | 8, 8, 4
     base = {"epochs": 1, "lr": 1e-2, "warmup_steps": 0}
-    train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "big", {**base, "batch_size": 24},
-                     tok.pad_token_id, seed=1)
-    train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "acc", {**base, "batch_size": 8, "grad_accum": 3},
-                     tok.pad_token_id, seed=1)
+    rows = TrainSet(ids, y, tok.pad_token_id)
+    train_classifier(build_model(SPEC, tok), rows, tmp_path / "big", settings=settings(**base, batch_size=24), seed=1)
+    train_classifier(build_model(SPEC, tok), rows, tmp_path / "acc", settings=settings(**base, batch_size=8, grad_accum=3),
+                     seed=1)
     assert_same_adapter(tmp_path / "big" / "final", tmp_path / "acc" / "final")
 
 
@@ -93,6 +94,7 @@ def test_resume_after_crash_in_process_with_dropout(tmp_path, tok):
     spec = {**SPEC, "lora": {**SPEC["lora"], "dropout": 0.2}}
     ids, y = make_task(40, len(tok), seed=3)
     cfg = {"epochs": 2, "lr": 3e-3, "warmup_steps": 1, "batch_size": 8, "checkpoint_every": 3}  # 5 steps/epoch
+    rows = TrainSet(ids, y, tok.pad_token_id)
     calls = {"n": 0}
 
     def crashing(*args):
@@ -102,11 +104,11 @@ def test_resume_after_crash_in_process_with_dropout(tmp_path, tok):
         return cross_entropy_loss(*args)
 
     with pytest.raises(RuntimeError, match="simulated"):
-        train_classifier(build_model(spec, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id, loss_fn=crashing)
+        train_classifier(build_model(spec, tok), rows, tmp_path / "r", settings=settings(**cfg), loss_fn=crashing)
     assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["global_step"] == 6
-    m = train_classifier(build_model(spec, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id)
+    m = train_classifier(build_model(spec, tok), rows, tmp_path / "r", settings=settings(**cfg))
     assert m["resumed_from_step"] == 6 and m["steps"] == 10 and not (tmp_path / "r" / "checkpoint").exists()
-    train_classifier(build_model(spec, tok), ids, y, tmp_path / "u", cfg, tok.pad_token_id)
+    train_classifier(build_model(spec, tok), rows, tmp_path / "u", settings=settings(**cfg))
     assert_same_adapter(tmp_path / "r" / "final", tmp_path / "u" / "final")
 
 
@@ -128,26 +130,33 @@ def test_dynamic_weights_are_used_observed_and_resumed_exactly(tmp_path, tok):
         return cross_entropy_loss(logits, labels, None, weight)
 
     w = make()
-    train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "u", cfg, tok.pad_token_id, sample_weight=w, loss_fn=loss)
+    train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=w), tmp_path / "u",
+                     settings=settings(**cfg), loss_fn=loss)
     assert len(seen) == 10 and all(s.shape == (8,) for s in seen)
     assert not torch.allclose(seen[0], seen[-1])                                   # the weights moved
     assert np.isclose(w.batch(np.arange(40)).mean(), 1.0) and not np.allclose(w.ema.probs[0], w.ema.probs[-1])
     crash_at = calls["n"] + 8                                                      # dies in step 8, after step 6's checkpoint
     with pytest.raises(RuntimeError, match="simulated"):
-        train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id, sample_weight=make(),
-                         loss_fn=lambda *a: loss(*a, crash_at=crash_at))
+        train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=make()), tmp_path / "r",
+                         settings=settings(**cfg), loss_fn=lambda *a: loss(*a, crash_at=crash_at))
     r = make()
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "r", cfg, tok.pad_token_id, sample_weight=r)
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=r), tmp_path / "r",
+                         settings=settings(**cfg))
     assert m["resumed_from_step"] == 6
     assert np.array_equal(r.ema.probs, w.ema.probs)                                # EMA restored, then the same updates
     assert_same_adapter(tmp_path / "r" / "final", tmp_path / "u" / "final")
 
 
 def test_checkpoint_of_another_loss_or_weighting_is_not_resumed(tmp_path, tok):
-    """Settings outside the optimizer (a loss weight in cfg, the sample weights) are part of a run's
-    identity: a checkpoint left by a run with other ones is discarded, not continued."""
+    """Settings outside the optimizer (a loss setting of the section, the sample weights) are part of a
+    run's identity: a checkpoint left by a run with other ones is discarded, not continued."""
+    from lmsys.config import load_config
+    from lmsys.settings import Distill
     ids, y = make_task(40, len(tok), seed=6)
-    cfg = {"epochs": 1, "lr": 3e-3, "batch_size": 8, "checkpoint_every": 2, "temperature": 1.0}
+    rows = TrainSet(ids, y, tok.pad_token_id)
+    section = {**load_config("tiny")["distill"], "epochs": 1, "lr": 3e-3, "batch_size": 8, "checkpoint_every": 2,
+               "eval_every": None, "warmup_steps": 0, "temperature": 1.0}
+    cfg = Distill(**section)
     calls = {"n": 0}
 
     def crash_at_4(*args):
@@ -159,18 +168,18 @@ def test_checkpoint_of_another_loss_or_weighting_is_not_resumed(tmp_path, tok):
     def left_checkpoint(out):
         calls["n"] = 0
         with pytest.raises(RuntimeError):
-            train_classifier(build_model(SPEC, tok), ids, y, out, cfg, tok.pad_token_id, loss_fn=crash_at_4)
+            train_classifier(build_model(SPEC, tok), rows, out, settings=cfg, loss_fn=crash_at_4)
         assert (out / "checkpoint").exists()
 
     left_checkpoint(tmp_path / "a")
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "a", {**cfg, "temperature": 2.0}, tok.pad_token_id)
+    m = train_classifier(build_model(SPEC, tok), rows, tmp_path / "a", settings=Distill(**{**section, "temperature": 2.0}))
     assert m["resumed_from_step"] is None and m["steps"] == 5
     left_checkpoint(tmp_path / "b")
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "b", cfg, tok.pad_token_id,
-                         sample_weight=np.linspace(0.5, 1.5, 40))
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=np.linspace(0.5, 1.5, 40)),
+                         tmp_path / "b", settings=cfg)
     assert m["resumed_from_step"] is None
     left_checkpoint(tmp_path / "c")                                                # control: the same run resumes
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path / "c", {**cfg, "checkpoint_every": 3}, tok.pad_token_id)
+    m = train_classifier(build_model(SPEC, tok), rows, tmp_path / "c", settings=Distill(**{**section, "checkpoint_every": 3}))
     assert m["resumed_from_step"] == 2
 
 
@@ -179,7 +188,7 @@ def test_stale_checkpoint_from_other_settings_is_ignored(tmp_path, tok):
     cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8}
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"fingerprint": "other"}))
-    m = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, cfg, tok.pad_token_id)
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), tmp_path, settings=settings(**cfg))
     assert m["resumed_from_step"] is None and m["steps"] == 3
 
 

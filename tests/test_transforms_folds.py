@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmsys.data import schema as S
+from lmsys.data import schema
 from lmsys.data.folds import EXTERNAL_FOLD, fold_split, make_folds
 from lmsys.data.transforms import dedupe, remove_leaks, swap_ab, with_swaps
 from lmsys.data.validate import validate_file
@@ -54,7 +54,7 @@ def test_folds_grouped_stratified_deterministic():
     comp, ext = table(600, 60), table(50, 70, seed=1, source="arena33k", id0=10_000)
     f = make_folds(comp, 5, 7, ext)
     assert (f["fold"] == EXTERNAL_FOLD).sum() == 50 and set(f["fold"]) == {-1, 0, 1, 2, 3, 4}
-    m = comp.assign(fold=f["fold"][:600].values, pk=comp["prompt"].map(S.prompt_key))
+    m = comp.assign(fold=f["fold"][:600].values, pk=comp["prompt"].map(schema.prompt_key))
     assert m.groupby("pk")["fold"].nunique().max() == 1
     whole = m["label"].value_counts(normalize=True)
     for _, g in m.groupby("fold"):
@@ -65,7 +65,7 @@ def test_folds_grouped_stratified_deterministic():
     for k in range(5):
         tr, va = fold_split(both, f, k)
         assert set(va["source"]) == {"kaggle"}
-        assert not set(tr["prompt"].map(S.prompt_key)) & set(va["prompt"].map(S.prompt_key))
+        assert not set(tr["prompt"].map(schema.prompt_key)) & set(va["prompt"].map(schema.prompt_key))
         assert len(tr) + len(va) <= len(both) and (tr["source"] == "arena33k").any()
 
 
@@ -77,7 +77,7 @@ def test_folds_cli_on_shared(shared_data, tmp_path):
     f = pd.read_csv(tmp_path / "folds.csv", dtype={"id": str})
     t = validate_file(path).clean.merge(f, on="id")
     assert len(t) == 1760 and list(f.columns) == ["id", "fold"]
-    assert t.assign(pk=t["prompt"].map(S.prompt_key)).groupby("pk")["fold"].nunique().max() == 1
+    assert t.assign(pk=t["prompt"].map(schema.prompt_key)).groupby("pk")["fold"].nunique().max() == 1
     whole = t["label"].value_counts(normalize=True)
     for _, g in t.groupby("fold"):
         assert (g["label"].value_counts(normalize=True) - whole).abs().max() <= 0.05
@@ -100,7 +100,7 @@ def test_make_folds_arguments_and_shape():
     with pytest.raises(ValueError, match=r"^3 distinct prompts cannot fill 4 folds$"):
         make_folds(t, 4, seed=0)
     with pytest.raises(ValueError, match=r"^folds need labelled competition rows; got unlabelled \(test\) rows$"):
-        make_folds(t.assign(label=S.UNLABELLED), 2, seed=0)
+        make_folds(t.assign(label=schema.UNLABELLED), 2, seed=0)
 
 
 def test_fold_split_frames_and_missing_rows():

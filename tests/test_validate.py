@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from lmsys.data import schema as S
+from lmsys.data import schema
 from lmsys.data.validate import UnusableFile, validate_file
 
 GOOD = {"model_a": "m1", "model_b": "m2", "prompt": '["hi there"]', "response_a": '["hello"]',
@@ -18,7 +18,7 @@ GOOD = {"model_a": "m1", "model_b": "m2", "prompt": '["hi there"]', "response_a"
 
 def write_csv(path, rows):
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=S.KAGGLE_TRAIN_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=schema.KAGGLE_TRAIN_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow(r)
@@ -125,7 +125,7 @@ def test_ultrafeedback_parquet_and_test_csv(tmp_path):
     assert v.clean.iloc[0]["source"] == "ultrafeedback" and v.clean.iloc[0]["label"] == 0
     pd.DataFrame([{"id": 9, "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'}]).to_csv(tmp_path / "test.csv", index=False)
     v = validate_file(tmp_path / "test.csv")
-    assert v.clean.iloc[0]["label"] == S.UNLABELLED and len(v.quarantine) == 0
+    assert v.clean.iloc[0]["label"] == schema.UNLABELLED and len(v.quarantine) == 0
 
 
 def test_unusable_files(tmp_path):
@@ -185,7 +185,7 @@ def test_each_kaggle_row_problem_reason_and_detail(tmp_path):
     write_csv(tmp_path / "k.csv", rows)
     v = validate_file(tmp_path / "k.csv")
     q = v.quarantine
-    assert list(q.columns) == [*S.KAGGLE_TRAIN_COLUMNS, "row", "reason", "detail"]
+    assert list(q.columns) == [*schema.KAGGLE_TRAIN_COLUMNS, "row", "reason", "detail"]
     got = list(zip(q["row"], q["reason"], q["detail"]))
     assert got == [(i + 1, reason, detail) for i, (_, reason, detail) in enumerate(KAGGLE_CASES)]
     assert v.clean["id"].tolist() == ["1"] and v.fmt == "kaggle"
@@ -209,8 +209,8 @@ def test_kaggle_rows_normalised(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lmsys.data.validate"):
         v = validate_file(tmp_path / "k.csv", source="mine")
     c = v.clean
-    assert list(c.columns) == S.CANONICAL_COLUMNS and len(v.quarantine) == 0
-    assert list(v.quarantine.columns) == [*S.KAGGLE_TRAIN_COLUMNS, "row", "reason", "detail"]   # even when empty
+    assert list(c.columns) == schema.CANONICAL_COLUMNS and len(v.quarantine) == 0
+    assert list(v.quarantine.columns) == [*schema.KAGGLE_TRAIN_COLUMNS, "row", "reason", "detail"]   # even when empty
     assert c["id"].tolist() == ["7", "8", "9", "10"] and c["label"].tolist() == [0, 1, 2, 0]
     assert c["label"].dtype == "int64" and set(c["source"]) == {"mine"}
     assert c.iloc[0][["model_a", "model_b"]].tolist() == ["NA", ""]                       # "NA" is text, not missing
@@ -225,7 +225,7 @@ def test_kaggle_rows_normalised(tmp_path, caplog):
 def test_unlabelled_and_ultrafeedback_sources(tmp_path):
     pd.DataFrame([{"id": 1, "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]', "model_a": None}]).to_parquet(tmp_path / "t.parquet")
     v = validate_file(tmp_path / "t.parquet")
-    assert v.clean["label"].tolist() == [S.UNLABELLED] and v.clean.iloc[0]["model_a"] == "" and v.clean.iloc[0]["model_b"] == ""
+    assert v.clean["label"].tolist() == [schema.UNLABELLED] and v.clean.iloc[0]["model_a"] == "" and v.clean.iloc[0]["model_b"] == ""
     assert v.report()["warnings"] == {} and v.report()["reasons"] == {}
     pd.DataFrame([{"id": 5, **GOOD}]).to_parquet(tmp_path / "ut.parquet")
     assert validate_file(tmp_path / "ut.parquet", fmt="ultrafeedback").clean.iloc[0]["source"] == "ultrafeedback"
@@ -238,7 +238,7 @@ def test_unlabelled_and_ultrafeedback_sources(tmp_path):
 def test_all_rows_quarantined_gives_an_empty_typed_table(tmp_path):
     write_csv(tmp_path / "k.csv", [{"id": "", **GOOD}])
     v = validate_file(tmp_path / "k.csv")
-    assert len(v.clean) == 0 and list(v.clean.columns) == S.CANONICAL_COLUMNS and v.clean["label"].dtype == "int64"
+    assert len(v.clean) == 0 and list(v.clean.columns) == schema.CANONICAL_COLUMNS and v.clean["label"].dtype == "int64"
     assert v.report()["rows_in"] == 1 and v.report()["reasons"] == {"missing_id": 1}
 
 

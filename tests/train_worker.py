@@ -22,6 +22,15 @@ WORDS = "alpha beta gamma delta river stone cloud green quick slow answer questi
 SPEC = {"kind": "tiny-llama", "hidden": 64, "layers": 2, "heads": 4, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
 RESUME_CFG = {"epochs": 2, "lr": 3e-3, "warmup_steps": 2, "batch_size": 8, "grad_accum": 2,
               "checkpoint_every": 2, "eval_every": None}
+# what a test leaves out of its trainer settings (params.yaml always states every one)
+TRAINER_DEFAULTS = {"epochs": 1, "lr": 1e-3, "warmup_steps": 0, "batch_size": 8, "grad_accum": 1, "max_steps": None,
+                    "eval_every": None, "checkpoint_every": None}
+
+
+def settings(**over):
+    """lmsys.settings.TrainerSettings with TRAINER_DEFAULTS under `over`."""
+    from lmsys.settings import TrainerSettings
+    return TrainerSettings(**{**TRAINER_DEFAULTS, **over})
 
 
 def corpus(n: int = 200, seed: int = 0) -> list[str]:
@@ -44,7 +53,7 @@ def make_task(n: int, vocab: int, seed: int, probs=(0.5, 0.3, 0.2), min_len: int
 def run(tokenizer_dir: str, out_dir: str, sleep_s: float = 0.0) -> dict:
     import torch
     from lmsys.models import build_model, load_tokenizer
-    from lmsys.train import cross_entropy_loss, train_classifier
+    from lmsys.train import TrainSet, cross_entropy_loss, train_classifier
 
     torch.set_num_threads(1)  # same thread count in every run: same float reductions
     tok = load_tokenizer(SPEC, tokenizer_dir)
@@ -55,8 +64,8 @@ def run(tokenizer_dir: str, out_dir: str, sleep_s: float = 0.0) -> dict:
         time.sleep(sleep_s)  # gives the test time to kill the run between checkpoints
         return cross_entropy_loss(*args)
 
-    return train_classifier(model, ids, labels, out_dir, RESUME_CFG, tok.pad_token_id,
-                            loss_fn=slow_loss, seed=3, progress_desc="worker")
+    return train_classifier(model, TrainSet(ids, labels, tok.pad_token_id), out_dir, settings=settings(**RESUME_CFG),
+                            loss_fn=slow_loss, seed=3, desc="worker")
 
 
 if __name__ == "__main__":

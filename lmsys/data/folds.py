@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lmsys.data import schema as S
+from lmsys.data import schema
 
 EXTERNAL_FOLD = -1
 
@@ -22,9 +22,9 @@ def make_folds(competition: pd.DataFrame, n_folds: int, seed: int,
     Raises ValueError when n_folds < 2, there are fewer distinct prompts than folds, or unlabelled rows."""
     if not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an integer >= 2 (one fold leaves nothing to validate on), got {n_folds!r}")
-    if (competition["label"] == S.UNLABELLED).any():
+    if (competition["label"] == schema.UNLABELLED).any():
         raise ValueError("folds need labelled competition rows; got unlabelled (test) rows")
-    groups = competition["prompt"].map(S.prompt_key)
+    groups = competition["prompt"].map(schema.prompt_key)
     if groups.nunique() < n_folds:
         raise ValueError(f"{groups.nunique()} distinct prompts cannot fill {n_folds} folds")
     fold = np.full(len(competition), -2, dtype=int)
@@ -48,6 +48,6 @@ def fold_split(table: pd.DataFrame, folds: pd.DataFrame, k: int) -> tuple[pd.Dat
         missing = table.loc[f.isna(), "id"].head(5).tolist()
         raise ValueError(f"rows without a fold (first: {missing}); rerun the folds step")
     val = table[f == k]
-    val_prompts = set(val["prompt"].map(S.prompt_key))
-    train = table[(f != k) & ((f != EXTERNAL_FOLD) | ~table["prompt"].map(S.prompt_key).isin(val_prompts))]
+    val_prompts = set(val["prompt"].map(schema.prompt_key))
+    train = table[(f != k) & ((f != EXTERNAL_FOLD) | ~table["prompt"].map(schema.prompt_key).isin(val_prompts))]
     return train.reset_index(drop=True), val.reset_index(drop=True)

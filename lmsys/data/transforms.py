@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lmsys.data import schema as S
+from lmsys.data import schema
 
 
 def _keys(df: pd.DataFrame, swapped: bool = False) -> pd.Series:
     a, b = ("response_b", "response_a") if swapped else ("response_a", "response_b")
-    return pd.Series([S.text_key(p, x, y) for p, x, y in zip(df["prompt"], df[a], df[b])], index=df.index)
+    return pd.Series([schema.text_key(p, x, y) for p, x, y in zip(df["prompt"], df[a], df[b])], index=df.index)
 
 
 def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -40,7 +40,7 @@ def swap_ab(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     out["response_a"], out["response_b"] = df["response_b"], df["response_a"]
     out["model_a"], out["model_b"] = df["model_b"], df["model_a"]
-    out["label"] = df["label"].map({0: 1, 1: 0, 2: 2, S.UNLABELLED: S.UNLABELLED}).astype("int64")
+    out["label"] = df["label"].map({0: 1, 1: 0, 2: 2, schema.UNLABELLED: schema.UNLABELLED}).astype("int64")
     out["swapped"] = ~df["swapped"] if "swapped" in df else True
     return out
 
@@ -49,14 +49,3 @@ def with_swaps(df: pd.DataFrame) -> pd.DataFrame:
     """Original rows (swapped=False) followed by their swapped copies (swapped=True)."""
     orig = df.assign(swapped=False)
     return pd.concat([orig, swap_ab(orig)], ignore_index=True)
-
-
-def to_kaggle(df: pd.DataFrame) -> pd.DataFrame:
-    """Canonical -> Kaggle train.csv columns (JSON lists; one-hot winners)."""
-    import json
-    out = pd.DataFrame({"id": df["id"], "model_a": df["model_a"], "model_b": df["model_b"]})
-    for c in ("prompt", "response_a", "response_b"):
-        out[c] = [json.dumps(list(v), ensure_ascii=False) for v in df[c]]
-    for k, c in enumerate(S.WINNER_COLUMNS):
-        out[c] = (df["label"] == k).astype(int)
-    return out

@@ -32,7 +32,7 @@ import math
 
 import pandas as pd
 
-from lmsys.data import schema as S
+from lmsys.data import schema
 
 SCHEMAS = {"openbmb": ("instruction", "completions"), "binarized": ("prompt", "chosen", "rejected")}
 
@@ -69,7 +69,7 @@ def _label(score_a: float, score_b: float, tie_margin: float) -> int:
 def _row(rid, model_a, model_b, prompt: list[str], a: list[str], b: list[str], label: int) -> dict:
     return {"id": rid, "model_a": model_a, "model_b": model_b, "prompt": json.dumps(prompt, ensure_ascii=False),
             "response_a": json.dumps(a, ensure_ascii=False), "response_b": json.dumps(b, ensure_ascii=False),
-            **dict(zip(S.WINNER_COLUMNS, S.one_hot(label)))}
+            **dict(zip(schema.WINNER_COLUMNS, schema.one_hot(label)))}
 
 
 def _score(c: dict, key: str) -> float | None:
@@ -137,10 +137,10 @@ def convert_ultrafeedback(raw: pd.DataFrame, tie_margin: float = 0.0) -> tuple[p
     the table is in neither schema or tie_margin < 0."""
     if tie_margin < 0:
         raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
-    schema = detect_schema(raw)
+    release = detect_schema(raw)              # "openbmb" | "binarized"
     skipped: dict[str, int] = {}
     rows = []
     for i, r in enumerate(raw.to_dict("records")):
-        rows += _openbmb(r, tie_margin, skipped) if schema == "openbmb" else _binarized(r, i, tie_margin, skipped)
-    out = pd.DataFrame(rows, columns=S.KAGGLE_TRAIN_COLUMNS).drop_duplicates("id")
-    return out, {"schema": schema, "rows_in": len(raw), "battles": len(out), "skipped": dict(sorted(skipped.items()))}
+        rows += _openbmb(r, tie_margin, skipped) if release == "openbmb" else _binarized(r, i, tie_margin, skipped)
+    out = pd.DataFrame(rows, columns=schema.KAGGLE_TRAIN_COLUMNS).drop_duplicates("id")
+    return out, {"schema": release, "rows_in": len(raw), "battles": len(out), "skipped": dict(sorted(skipped.items()))}

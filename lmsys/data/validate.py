@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmsys.data import schema as S
+from lmsys.data import schema
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,20 @@ def detect_format(df: pd.DataFrame, path: Path) -> str:
         raise UnusableFile(f"{path}: the raw UltraFeedback release (columns {sorted(cols)[:6]}...): convert it "
                            f"to the competition format with `lmsys convert-ut {path} --out FILE` first")
     raise UnusableFile(f"{path}: unknown format: columns {sorted(cols)} match neither the Kaggle "
-                       f"schema ({S.KAGGLE_TEST_COLUMNS}) nor the 33k schema ({S.ARENA_REQUIRED})")
+                       f"schema ({schema.KAGGLE_TEST_COLUMNS}) nor the 33k schema ({schema.ARENA_REQUIRED})")
 
 
 def check_columns(df: pd.DataFrame, fmt: str, path: Path) -> bool:
     """Raise UnusableFile on missing columns; return whether the file carries labels."""
-    need = S.ARENA_REQUIRED if fmt == "arena33k" else S.KAGGLE_TEST_COLUMNS
+    need = schema.ARENA_REQUIRED if fmt == "arena33k" else schema.KAGGLE_TEST_COLUMNS
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise UnusableFile(f"{path}: missing columns {missing} for format {fmt}")
     if fmt == "arena33k":
         return True
-    winners = [c for c in S.WINNER_COLUMNS if c in df.columns]
+    winners = [c for c in schema.WINNER_COLUMNS if c in df.columns]
     if winners and len(winners) != 3:
-        raise UnusableFile(f"{path}: has {winners} but not all of {S.WINNER_COLUMNS}")
+        raise UnusableFile(f"{path}: has {winners} but not all of {schema.WINNER_COLUMNS}")
     return bool(winners)
 
 
@@ -150,10 +150,10 @@ def _kaggle_row(r: dict, labelled: bool, warn: dict) -> dict:
     prompt = _turns(r["prompt"], "prompt", warn)
     a = _turns(r["response_a"], "response_a", warn)
     b = _turns(r["response_b"], "response_b", warn)
-    label = S.UNLABELLED
+    label = schema.UNLABELLED
     if labelled:
         flags = []
-        for c in S.WINNER_COLUMNS:
+        for c in schema.WINNER_COLUMNS:
             v = str(r[c]).strip()
             if v not in ("0", "1", "0.0", "1.0", "True", "False"):
                 raise RowError("bad_label", f"{c}={r[c]!r} is not 0/1")
@@ -201,10 +201,10 @@ def _arena_row(r: dict, warn: dict) -> dict:
     if pa != pb:
         raise RowError("prompt_mismatch", "conversation_a and conversation_b have different user turns")
     winner = r.get("winner")
-    if winner not in S.ARENA_WINNER_TO_LABEL:
-        raise RowError("bad_label", f"winner={winner!r} not in {sorted(S.ARENA_WINNER_TO_LABEL)}")
+    if winner not in schema.ARENA_WINNER_TO_LABEL:
+        raise RowError("bad_label", f"winner={winner!r} not in {sorted(schema.ARENA_WINNER_TO_LABEL)}")
     return {"model_a": _name(r.get("model_a")), "model_b": _name(r.get("model_b")),
-            "prompt": pa, "response_a": a, "response_b": b, "label": S.ARENA_WINNER_TO_LABEL[winner]}
+            "prompt": pa, "response_a": a, "response_b": b, "label": schema.ARENA_WINNER_TO_LABEL[winner]}
 
 
 def _check_shape(row: dict) -> None:
@@ -276,7 +276,7 @@ def validate_file(path: str | Path, fmt: str = "auto", source: str | None = None
             bad.append({**{k: _printable(v) for k, v in r.items()}, "row": i, "reason": e.reason, "detail": e.detail})
     if warn.get("null_turn"):
         log.warning("%s: %d null turns kept as empty strings", path, warn["null_turn"])
-    table = pd.DataFrame(clean, columns=S.CANONICAL_COLUMNS) if clean else S.empty_table()
+    table = pd.DataFrame(clean, columns=schema.CANONICAL_COLUMNS) if clean else schema.empty_table()
     table["label"] = table["label"].astype("int64")
     quarantine = pd.DataFrame(bad, columns=[*raw.columns, "row", "reason", "detail"])
     return Validated(table, quarantine, warn, fmt)

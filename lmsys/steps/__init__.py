@@ -32,6 +32,12 @@ class Step:
     fan_out: tuple[str, ...] = ()              # () | ("fold",) | ("model",) | ("model", "fold")
     gpu: bool = False                          # needs a GPU worker on the slurm runner
     also: tuple[str, ...] = ()                 # further recipe numbers this step carries out (predict: 8.5)
+    cli: str | None = None                     # its command line (dvc.yaml's cmd); default `lmsys <name>`
+
+    @property
+    def command(self) -> str:
+        """The command that runs the step alone (`lmsys train-teacher`; DVC stages run it)."""
+        return self.cli or f"lmsys {self.name}"
 
     @property
     def module(self) -> str:

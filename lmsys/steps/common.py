@@ -1,5 +1,6 @@
-"""What the model steps share: model specs, tokenizers, device, fold tables, encoding, and the
-work-dir pattern that keeps training outputs atomic while staying resumable."""
+"""What the model steps share: model specs, tokenizers, device, fold tables, encoding, the one
+training entry (`fit`), and the work-dir pattern that keeps training outputs atomic while staying
+resumable."""
 from __future__ import annotations
 
 import shutil
@@ -14,6 +15,7 @@ from lmsys.data.transforms import with_swaps
 from lmsys.io import atomic_dir
 from lmsys.paths import Layout
 from lmsys.text import encode_rows
+
 
 def spec(cfg: dict, name: str) -> dict:
     specs = cfg["models"]["specs"]
@@ -80,6 +82,29 @@ def encode(cfg: dict, df: pd.DataFrame, tok, max_length: int, swap: bool = False
 
 def labels(df: pd.DataFrame) -> np.ndarray:
     return df["label"].to_numpy(dtype=np.int64)
+
+
+def fit(cfg: dict, layout: Layout, model: str, out: Path, *, section: str, train: pd.DataFrame,
+        val: pd.DataFrame, init_adapter: Path | None, seed: int, desc: str, soft_targets: np.ndarray | None = None,
+        sample_weight=None, loss_fn=None, before_publish=None) -> dict:
+    """Train `model` (a name in models.specs) from `init_adapter` on the `train` rows with the settings of
+    params.yaml's training `section` (post_pretrain | train_teacher | distill), keeping the best
+    checkpoint by its log loss on `val`, and publish it as `out` (training_dir). Both row sets are
+    encoded at text.train_max_length. soft_targets [N, n_teachers, 3], sample_weight and loss_fn go
+    to the trainer (lmsys.train.train_classifier); before_publish(net, tok, work_dir), when given,
+    writes more files into the run before it is published. Returns the trainer's metrics."""
+    from lmsys.settings import training_settings
+    from lmsys.train import TrainSet, ValSet, train_classifier
+    tok, net = build(cfg, layout, model, init_adapter=init_adapter)
+    length = cfg["text"]["train_max_length"]
+    rows = TrainSet(encode(cfg, train, tok, length), labels(train), tok.pad_token_id, soft_targets, sample_weight)
+    held_out = ValSet(encode(cfg, val, tok, length), labels(val))
+    with training_dir(out) as work:
+        metrics = train_classifier(net, rows, work, settings=training_settings(cfg, section), val=held_out,
+                                   loss_fn=loss_fn, seed=seed, desc=desc)
+        if before_publish is not None:
+            before_publish(net, tok, work)
+    return metrics
 
 
 @contextmanager

@@ -6,7 +6,7 @@ reads and writes, the params.yaml keys it reads, its fan-out and whether it need
 Prefect flow (flows/), the Prefect tasks (tasks/), dvc.yaml (stages/), the CLI and `lmsys plan`
 read this table; `lmsys steps` prints it.
 
-`plan(cfg)` is the tasks of a run, in table order; `graph(cfg)` is which tasks each task waits
+`tasks_of(cfg)` is the tasks of a run, in table order; `graph(cfg)` is which tasks each task waits
 for: those that write a file or directory it reads (derived from inputs/outputs, never listed).
 `levels(cfg)` groups the tasks by their depth in that graph (for estimates and display).
 """
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from lmsys.config import for_step
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult
-from lmsys.steps import folds as F
-from lmsys.steps import prepare as P
-from lmsys.steps import serve as S
-from lmsys.steps import student as St
-from lmsys.steps import teachers as T
+from lmsys.steps import folds, prepare, serve, student, teachers
 
 
 def _data(layout: Layout) -> list:
@@ -33,90 +30,90 @@ def _student(cfg: dict) -> str:
 
 def _student_logits(cfg, layout, fold):
     """The teacher logits fold `fold`'s student reads (calibrated when step 4.5 runs)."""
-    return [St.student_logits_path(cfg, layout, m, fold) for m in T.teachers(cfg)]
+    return [student.student_logits_path(cfg, layout, m, fold) for m in teachers.teacher_names(cfg)]
 
 
 def _all_folds(cfg, fn):
-    return [p for k in F.active_folds(cfg) for p in fn(k)]
+    return [p for k in folds.active_folds(cfg) for p in fn(k)]
 
 
 _TRAIN = ("models", "text", "seed")            # what every model step reads besides its own section
 
 RECIPE: tuple[Step, ...] = (
-    Step("D1", "demo-data", P.run_demo_data,
+    Step("D1", "demo-data", prepare.run_demo_data,
          inputs=lambda cfg, layout: [],
          outputs=lambda cfg, layout: [layout.demo_dir],
-         params=("demo",)),
-    Step("D2", "prepare", P.run_prepare,
-         inputs=lambda cfg, layout: [p for fs in P.data_files(cfg, layout).values() for p in fs],
+         params=("demo",), cli="lmsys step demo-data"),   # `lmsys demo-data --out DIR` writes a copy anywhere
+    Step("D2", "prepare", prepare.run_prepare,
+         inputs=lambda cfg, layout: [p for fs in prepare.data_files(cfg, layout).values() for p in fs],
          outputs=lambda cfg, layout: [layout.prepared],
          params=("data",)),
-    Step("D3", "tokenizer", T.run_tokenizer,
+    Step("D3", "tokenizer", teachers.run_tokenizer,
          inputs=lambda cfg, layout: [layout.prepared],
          outputs=lambda cfg, layout: [layout.tokenizer],
          params=("models", "text", "seed")),
-    Step("1", "post-pretrain", T.run_post_pretrain,
+    Step("1", "post-pretrain", teachers.run_post_pretrain,
          inputs=lambda cfg, layout, model: [layout.prepared / "ut.parquet", layout.tokenizer],
          outputs=lambda cfg, layout, model: [layout.post_pretrain(model)],
          params=("post_pretrain", *_TRAIN), fan_out=("model",), gpu=True),
-    Step("1", "post-pretrain-student", St.run_post_pretrain_student,
+    Step("1", "post-pretrain-student", student.run_post_pretrain_student,
          inputs=lambda cfg, layout: [layout.prepared / "ut.parquet", layout.tokenizer],
          outputs=lambda cfg, layout: [layout.post_pretrain(_student(cfg))],
          params=("post_pretrain", *_TRAIN), gpu=True),
-    Step("2", "folds", F.run_folds,
+    Step("2", "folds", folds.run_folds,
          inputs=lambda cfg, layout: _data(layout),
          outputs=lambda cfg, layout: [layout.folds_csv.parent],
          params=("folds.n_folds", "folds.seed")),
-    Step("2.5", "filter-score", T.run_filter_score,
+    Step("2.5", "filter-score", teachers.run_filter_score,
          inputs=lambda cfg, layout, model: [*_data(layout), layout.tokenizer, layout.post_pretrain(model)],
          outputs=lambda cfg, layout, model: [layout.filter_scores(model)],
          params=("models", "text", "teacher_logits.batch_size", "teacher_logits.progress_every",
                  "orchestration.shard_rows", "seed"), fan_out=("model",), gpu=True),
-    Step("2.5", "filter-argmax", T.run_filter_argmax,
+    Step("2.5", "filter-argmax", teachers.run_filter_argmax,
          inputs=lambda cfg, layout, fold: [*_data(layout), layout.folds_csv,
-                                           layout.filter_scores(T.filter_model(cfg))],
+                                           layout.filter_scores(teachers.filter_model(cfg))],
          outputs=lambda cfg, layout, fold: [layout.filtered(fold)],
          params=("filter_argmax", "models.teachers"), fan_out=("fold",)),
-    Step("3", "train-teacher", T.run_train_teacher,
+    Step("3", "train-teacher", teachers.run_train_teacher,
          inputs=lambda cfg, layout, model, fold: [*_data(layout), layout.folds_csv, layout.tokenizer,
                                                   layout.filtered(fold), layout.post_pretrain(model)],
          outputs=lambda cfg, layout, model, fold: [layout.teacher(model, fold)],
          params=("train_teacher", *_TRAIN), fan_out=("model", "fold"), gpu=True),
-    Step("4", "teacher-logits", T.run_teacher_logits,
+    Step("4", "teacher-logits", teachers.run_teacher_logits,
          inputs=lambda cfg, layout, model, fold: [*_data(layout), layout.folds_csv, layout.tokenizer,
                                                   layout.filtered(fold), layout.teacher(model, fold)],
          outputs=lambda cfg, layout, model, fold: [layout.logits(model, fold)],
          params=("teacher_logits", "train_teacher.subset_size", "orchestration.shard_rows", *_TRAIN),
          fan_out=("model", "fold"), gpu=True),
-    Step("4.5", "calibrate", St.run_calibrate,
-         inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in F.active_folds(cfg)],
+    Step("4.5", "calibrate", student.run_calibrate,
+         inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in folds.active_folds(cfg)],
          outputs=lambda cfg, layout, model: [layout.calibration(model), layout.calibrated_logits(model, 0).parent],
          params=("calibrate", "folds.n_folds", "folds.use"), fan_out=("model",)),
-    Step("5", "distill", St.run_distill,
+    Step("5", "distill", student.run_distill,
          inputs=lambda cfg, layout, fold: [*_data(layout), layout.folds_csv, layout.tokenizer, layout.filtered(fold),
                                            layout.post_pretrain(_student(cfg)), *_student_logits(cfg, layout, fold)],
          outputs=lambda cfg, layout, fold: [layout.student(fold)],
          params=("distill", "train_teacher.subset_size", "calibrate.enabled", "predict.batch_size", *_TRAIN),
          fan_out=("fold",), gpu=True),
-    Step("6", "ensemble", St.run_ensemble,
+    Step("6", "ensemble", student.run_ensemble,
          inputs=lambda cfg, layout: [layout.tokenizer, layout.prepared / "train.parquet", layout.prepared / "ut.parquet",
                                      *_all_folds(cfg, lambda k: [layout.student(k)])],
          outputs=lambda cfg, layout: [layout.ensemble],
          params=("ensemble", "post_pretrain.max_rows", "predict.batch_size", "folds.n_folds", "folds.use", *_TRAIN),
          gpu=True),
-    Step("7", "quantize", St.run_quantize,
+    Step("7", "quantize", student.run_quantize,
          inputs=lambda cfg, layout: [layout.ensemble, layout.prepared / "train.parquet"],
          outputs=lambda cfg, layout: [layout.quantized],
          params=("quantize", "predict.batch_size", "text", "seed"), gpu=True),
-    Step("8", "predict", S.run_predict, also=("8.5",),
-         inputs=S.predict_inputs,
+    Step("8", "predict", serve.run_predict, also=("8.5",),
+         inputs=serve.predict_inputs,
          outputs=lambda cfg, layout: [layout.predictions],
          params=("predict", "text", "quantize.enabled", "data"), gpu=True),
-    Step("9", "evaluate", S.run_evaluate,
-         inputs=lambda cfg, layout: [layout.predictions, layout.prepared, *S.label_files(cfg, layout),
+    Step("9", "evaluate", serve.run_evaluate,
+         inputs=lambda cfg, layout: [layout.predictions, layout.prepared, *serve.label_files(cfg, layout),
                                      *_all_folds(cfg, lambda k: [layout.student(k)]),
                                      *_all_folds(cfg, lambda k: _student_logits(cfg, layout, k)),
-                                     *[layout.logits(m, k) for m in T.teachers(cfg) for k in F.active_folds(cfg)]],
+                                     *[layout.logits(m, k) for m in teachers.teacher_names(cfg) for k in folds.active_folds(cfg)]],
          outputs=lambda cfg, layout: [layout.reports],
          params=("evaluate", "calibrate", "quantize.enabled", "models", "folds", "data")),
 )
@@ -157,19 +154,19 @@ def format_recipe() -> str:
 
 # ---------------------------------------------------------------- the graph of one run
 
-def plan(cfg: dict) -> list[tuple[str, dict]]:
+def tasks_of(cfg: dict) -> list[tuple[str, dict]]:
     """The tasks of a run of `cfg` as (step, keys), in table order: optional steps follow
     params.yaml (demo data when data.train is null, calibrate / quantize / evaluate .enabled)."""
-    folds, teachers = F.active_folds(cfg), T.teachers(cfg)
-    skip = {"demo-data": not P.uses_demo(cfg), "calibrate": not cfg["calibrate"]["enabled"],
+    fold_ids, teacher_names = folds.active_folds(cfg), teachers.teacher_names(cfg)
+    skip = {"demo-data": not prepare.uses_demo(cfg), "calibrate": not cfg["calibrate"]["enabled"],
             "quantize": not cfg["quantize"]["enabled"], "evaluate": not cfg["evaluate"]["enabled"]}
-    fan = {(): [{}], ("fold",): [{"fold": k} for k in folds], ("model",): [{"model": m} for m in teachers],
-           ("model", "fold"): [{"model": m, "fold": k} for m in teachers for k in folds]}
+    fan = {(): [{}], ("fold",): [{"fold": k} for k in fold_ids], ("model",): [{"model": m} for m in teacher_names],
+           ("model", "fold"): [{"model": m, "fold": k} for m in teacher_names for k in fold_ids]}
     out = []
     for s in RECIPE:
         if skip.get(s.name):
             continue
-        keys = [{"model": T.filter_model(cfg)}] if s.name == "filter-score" else fan[s.fan_out]   # once, not per teacher
+        keys = [{"model": teachers.filter_model(cfg)}] if s.name == "filter-score" else fan[s.fan_out]   # once, not per teacher
         out += [(s.name, k) for k in keys]
     return out
 
@@ -186,7 +183,7 @@ def _writes(out, path) -> bool:
 def graph(cfg: dict) -> dict[str, list[str]]:
     """task label -> labels of the tasks it waits for: those whose outputs hold a path it reads."""
     layout = Layout.of(cfg)
-    tasks = plan(cfg)
+    tasks = tasks_of(cfg)
     outs = {task_label(n, k): [p.resolve() for p in STEPS[n].outputs(cfg, layout, **k)] for n, k in tasks}
     deps = {}
     for n, k in tasks:
@@ -200,7 +197,7 @@ def levels(cfg: dict) -> list[list[tuple[str, dict]]]:
     """The tasks grouped by depth in graph(cfg) (a task's level is one more than its deepest
     upstream task's), in table order within a level."""
     deps, depth = graph(cfg), {}
-    tasks = plan(cfg)
+    tasks = tasks_of(cfg)
     for n, k in tasks:                          # table order is a topological order (checked)
         me = task_label(n, k)
         if any(d not in depth for d in deps[me]):
@@ -212,14 +209,15 @@ def levels(cfg: dict) -> list[list[tuple[str, dict]]]:
 # ---------------------------------------------------------------- running one step
 
 def run_step(name: str, cfg: dict, layout: Layout, **keys) -> StepResult:
-    """Run step `name`; on a GPU its metrics also get gpu_peak_gib (peak memory allocated by torch
-    during the step; nothing is added on a CPU). Raises KeyError for an unknown step."""
+    """Run step `name` on the part of `cfg` it declares (lmsys.config.for_step: reading any other key
+    raises); on a GPU its metrics also get gpu_peak_gib (peak memory allocated by torch during the
+    step; nothing is added on a CPU). Raises KeyError for an unknown step."""
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; known: {list(STEPS)}")
     cuda = _cuda()
     if cuda is not None:
         cuda.reset_peak_memory_stats()
-    result = STEPS[name].run(cfg, layout, **keys)
+    result = STEPS[name].run(for_step(cfg, STEPS[name].params), layout, **keys)
     cuda = cuda or _cuda()                     # torch may have been imported (and CUDA started) by the step
     if cuda is not None:
         result.metrics = {**result.metrics, "gpu_peak_gib": cuda.max_memory_allocated() / 2**30}

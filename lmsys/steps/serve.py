@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmsys import metrics as M
-from lmsys.metrics import class_prior
+from lmsys import metrics
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
 from lmsys.steps import StepResult
-from lmsys.steps import common as C
+from lmsys.steps import common
 from lmsys.steps.folds import active_folds
 from lmsys.steps.student import student_logits_path
-from lmsys.steps.teachers import teachers
+from lmsys.steps.teachers import teacher_names
 from lmsys.text import encode_rows
 from lmsys.tta import symmetrize
 
@@ -43,8 +42,8 @@ def load_final(model_dir: Path):
         tok.pad_token = tok.eos_token
     if (Path(model_dir) / "quantize.json").exists():
         from lmsys.quantize import load_quantized
-        return tok, load_quantized(model_dir, C.device())
-    return tok, load_for_inference(model_dir, {}, tok, device=C.device(), dtype=C.dtype())
+        return tok, load_quantized(model_dir, common.device())
+    return tok, load_for_inference(model_dir, {}, tok, device=common.device(), dtype=common.dtype())
 
 
 def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: int, batch_size: int,
@@ -54,12 +53,12 @@ def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: in
     With TTA the output is exactly symmetric: swapping A/B in `rows` exchanges p_A and p_B."""
     from lmsys.infer import predict_logits
     z = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg), tok.pad_token_id, batch_size, desc="predict")
-    p = M.softmax(z)
+    p = metrics.softmax(z)
     if not tta:
         return p, None
     zs = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg, swap=True), tok.pad_token_id,
                         batch_size, desc="predict swapped")
-    return symmetrize(p, M.softmax(zs)), p
+    return symmetrize(p, metrics.softmax(zs)), p
 
 
 def submission(ids, probs: np.ndarray) -> pd.DataFrame:
@@ -104,11 +103,11 @@ def run_predict(cfg: dict, layout: Layout) -> StepResult:
     from lmsys.steps.prepare import data_files
     model_dir = final_model_dir(cfg, layout)
     tok, model = load_final(model_dir)
-    test = C.table(layout, "test")
+    test = common.table(layout, "test")
     fallback = pd.read_csv(layout.prepared / "test_fallback.csv", dtype={"id": str})
     p, plain = predict_probs(model, tok, test, cfg["text"], cfg["text"]["infer_max_length"],
                              cfg["predict"]["batch_size"], cfg["predict"]["tta"])
-    prior = class_prior(C.table(layout, "train")["label"])
+    prior = metrics.class_prior(common.table(layout, "train")["label"])
     sub, reason = with_fallback(test["id"], p, fallback, prior)
     expected = [i for f in data_files(cfg, layout)["test"] for i in raw_ids(f)]
     check_submission(sub, expected, "predict")
@@ -179,7 +178,7 @@ def _oof_teacher(cfg, layout, model, calibrated: bool) -> dict[int, tuple[np.nda
     for k in active_folds(cfg):
         f = pd.read_parquet(student_logits_path(cfg, layout, model, k) if calibrated else layout.logits(model, k))
         v = f[(f["split"] == "val") & ~f["swapped"]]
-        out[k] = (M.softmax(v[LOGIT_COLUMNS].to_numpy()), v["label"].to_numpy())
+        out[k] = (metrics.softmax(v[LOGIT_COLUMNS].to_numpy()), v["label"].to_numpy())
     return out
 
 
@@ -192,9 +191,9 @@ def student_oof(cfg, layout, tta: bool) -> pd.DataFrame:
     frames = []
     for k in active_folds(cfg):
         o = pd.read_parquet(layout.student(k) / "oof.parquet")
-        p = M.softmax(o[LOGIT_COLUMNS].to_numpy())
+        p = metrics.softmax(o[LOGIT_COLUMNS].to_numpy())
         if tta:
-            p = symmetrize(p, M.softmax(o[[f"swapped_{c}" for c in LOGIT_COLUMNS]].to_numpy()))
+            p = symmetrize(p, metrics.softmax(o[[f"swapped_{c}" for c in LOGIT_COLUMNS]].to_numpy()))
         frames.append(pd.DataFrame({"id": o["id"].astype(str), "fold": k, "label": o["label"].to_numpy(),
                                     **dict(zip(OOF_PROBS, p.T))}))
     return pd.concat(frames, ignore_index=True)
@@ -208,21 +207,21 @@ def _oof_student(cfg, layout, tta: bool) -> dict[int, tuple[np.ndarray, np.ndarr
 def _pooled(per_fold: dict, bins: int) -> dict:
     p = np.concatenate([v[0] for v in per_fold.values()])
     y = np.concatenate([v[1] for v in per_fold.values()])
-    return {**M.summarize(p, y, bins), "per_fold_log_loss": {k: M.log_loss(*v) for k, v in per_fold.items()}}
+    return {**metrics.summarize(p, y, bins), "per_fold_log_loss": {k: metrics.log_loss(*v) for k, v in per_fold.items()}}
 
 
 def known_test_labels(cfg: dict, layout: Layout) -> pd.Series | None:
     from lmsys.data.demo import demo_paths
     from lmsys.steps.prepare import uses_demo
     path = demo_paths(layout.demo_dir)["test_labels"] if uses_demo(cfg) else cfg["data"]["test_labels"]
-    return M.read_labels(path) if path and Path(path).exists() else None
+    return metrics.read_labels(path) if path and Path(path).exists() else None
 
 
 def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
     """Step 9: metrics.json, plots (PNG + CSV for `dvc plots`), report.md under reports/<profile>/."""
     bins, out = cfg["evaluate"]["ece_bins"], layout.reports
     res: dict = {"teachers": {}, "student": {}}
-    for m in teachers(cfg):
+    for m in teacher_names(cfg):
         res["teachers"][m] = {"raw": _pooled(_oof_teacher(cfg, layout, m, False), bins)}
         if cfg["calibrate"]["enabled"]:
             res["teachers"][m]["calibrated"] = _pooled(_oof_teacher(cfg, layout, m, True), bins)
@@ -236,30 +235,33 @@ def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
     if labels is not None:
         y = labels.reindex(probs["id"].astype(str)).to_numpy()
         res["test"] = {"final_model": final_model_dir(cfg, layout).name,
-                       "tta": M.summarize(probs[["p_a", "p_b", "p_tie"]].to_numpy(), y, bins)}
+                       "tta": metrics.summarize(probs[["p_a", "p_b", "p_tie"]].to_numpy(), y, bins)}
         if "plain_a" in probs:
-            res["test"]["plain"] = M.summarize(probs[["plain_a", "plain_b", "plain_tie"]].to_numpy(), y, bins)
+            res["test"]["plain"] = metrics.summarize(probs[["plain_a", "plain_b", "plain_tie"]].to_numpy(), y, bins)
     q = layout.quantized / "quantize.json"
     if cfg["quantize"]["enabled"] and q.exists():
         res["quantize"] = json.loads(q.read_text())
     res["reference"] = _reference(cfg, layout, student["tta"])
     p_oof = np.concatenate([v[0] for v in student["tta"].values()])
     y_oof = np.concatenate([v[1] for v in student["tta"].values()])
-    plots = {"reliability": M.plot_reliability(p_oof, y_oof, out / "reliability.png", bins),
-             "fold_losses": M.plot_fold_losses(res["student"]["tta"]["per_fold_log_loss"], out / "fold_losses.png"),
-             "confusion": M.plot_confusion(p_oof, y_oof, out / "confusion.png")}
+    prior = metrics.class_prior(y_oof)
+    res["gain_over_prior"] = metrics.paired_bootstrap(metrics.row_losses(np.tile(prior, (len(y_oof), 1)), y_oof),
+                                                      metrics.row_losses(p_oof, y_oof))
+    plots = {"reliability": metrics.plot_reliability(p_oof, y_oof, out / "reliability.png", bins),
+             "fold_losses": metrics.plot_fold_losses(res["student"]["tta"]["per_fold_log_loss"], out / "fold_losses.png"),
+             "confusion": metrics.plot_confusion(p_oof, y_oof, out / "confusion.png")}
     _dvc_plot_data(out, res, p_oof, y_oof, bins)
-    write_json(M.rounded(_flat_metrics(res)), out / "metrics.json")
-    write_json(M.rounded(res), out / "details.json")
-    M.write_report(out, _report_sections(cfg, res, plots), title=f"lmsys-pipeline report: profile {cfg['profile']}")
-    return StepResult(outputs=[out], metrics=M.rounded(_flat_metrics(res)))
+    write_json(metrics.rounded(_flat_metrics(res)), out / "metrics.json")
+    write_json(metrics.rounded(res), out / "details.json")
+    metrics.write_report(out, _report_sections(cfg, res, plots), title=f"lmsys-pipeline report: profile {cfg['profile']}")
+    return StepResult(outputs=[out], metrics=metrics.rounded(_flat_metrics(res)))
 
 
 def _reference(cfg: dict, layout: Layout, oof: dict) -> dict:
     """Class-prior log loss on the OOF rows, and the demo's Bayes-optimal figure when known."""
     from lmsys.data.demo import demo_paths
     y = np.concatenate([v[1] for v in oof.values()])
-    ref = {"class_prior_log_loss": M.log_loss(np.tile(np.bincount(y, minlength=3) / len(y), (len(y), 1)), y),
+    ref = {"class_prior_log_loss": metrics.log_loss(np.tile(np.bincount(y, minlength=3) / len(y), (len(y), 1)), y),
            "uniform_log_loss": float(np.log(3))}
     truth = demo_paths(layout.demo_dir)["truth"]
     if cfg["data"]["train"] is None and truth.exists():
@@ -290,7 +292,7 @@ def _dvc_plot_data(out: Path, res: dict, p: np.ndarray, y: np.ndarray, bins: int
     """fold_losses.csv and reliability.csv (the bins of the reliability PNG and the ECE; empty ones left out)."""
     folds = res["student"]["tta"]["per_fold_log_loss"]
     write_table(pd.DataFrame({"fold": list(folds), "log_loss": list(folds.values())}), out / "fold_losses.csv")
-    count, conf, acc = M.reliability_bins(p, y, bins)
+    count, conf, acc = metrics.reliability_bins(p, y, bins)
     used = count > 0
     write_table(pd.DataFrame({"bin": np.flatnonzero(used), "confidence": conf[used], "accuracy": acc[used],
                               "count": count[used].astype(int)}), out / "reliability.csv")
@@ -303,7 +305,8 @@ def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
                     for m, t in res["teachers"].items() for kind, r in t.items()}
     student_rows = {f"student ({kind})": {k: v for k, v in r.items() if k != "per_fold_log_loss"}
                     for kind, r in res["student"].items()}
-    sections = {"Run": f"profile `{cfg['profile']}`, folds {active_folds(cfg)}, git `{rev or 'unknown'}`",
+    sections = {"What this run shows": what_it_shows(cfg["profile"], res),
+                "Run": f"profile `{cfg['profile']}`, folds {active_folds(cfg)}, git `{rev or 'unknown'}`",
                 "Reference": res["reference"],
                 "Teachers, out of fold (before/after calibration; calibrated = held out: fold k's rows scaled by "
                 "parameters fitted without fold k's labels)": teacher_rows,
@@ -317,6 +320,27 @@ def _report_sections(cfg: dict, res: dict, plots: dict) -> dict:
     sections["Per-fold log loss (student, TTA)"] = plots["fold_losses"]
     sections["Confusion matrix (student OOF, TTA)"] = plots["confusion"]
     return sections
+
+
+def what_it_shows(profile: str, res: dict) -> str:
+    """The report's opening paragraph: what the profile is for, the student's out-of-fold gain over
+    always answering the class prior (with its bootstrap interval), and, on the demo, how much of the
+    data's best possible gain (its Bayes-optimal log loss) that is."""
+    from lmsys.config import PROFILES
+    ref, gain = res["reference"], res["gain_over_prior"]
+    student, prior = res["student"]["tta"]["log_loss"], ref["class_prior_log_loss"]
+    interval = f"bootstrap {100 * gain['level']:.0f}% interval [{gain['lo']:+.4f}, {gain['hi']:+.4f}] over {gain['n']} rows"
+    verdict = ("better than the prior by more than the rows' noise" if gain["lo"] > 0 else
+               "worse than the prior by more than the rows' noise" if gain["hi"] < 0 else
+               "no better than the prior within the rows' noise")
+    text = (f"Profile `{profile}`: {PROFILES.get(profile, 'a profile of params.yaml')}.\n\n"
+            f"Out of fold, the student's log loss is {student:.4f} against {prior:.4f} for always answering the class "
+            f"prior: a gain of {gain['mean']:+.4f} ({interval}), {verdict}.")
+    if "demo_bayes_train" in ref:
+        possible = prior - ref["demo_bayes_train"]
+        text += (f" The demo data's Bayes-optimal log loss is {ref['demo_bayes_train']:.4f}: the student has "
+                 f"{100 * gain['mean'] / possible:.0f}% of the {possible:.4f} a perfect model would gain over the prior.")
+    return text
 
 
 def label_files(cfg: dict, layout: Layout) -> list[Path]:

@@ -20,9 +20,9 @@ from lmsys.io import write_json, write_table
 from lmsys.metrics import class_prior, log_loss, softmax
 from lmsys.paths import Layout
 from lmsys.steps import StepResult
-from lmsys.steps import common as C
+from lmsys.steps import common
 from lmsys.steps.folds import active_folds
-from lmsys.steps.teachers import teachers
+from lmsys.steps.teachers import teacher_names
 
 # torch-backed modules (calibration, distill, ensemble, infer, train, models) are imported inside
 # the step functions: listing and hashing steps must not cost the torch/peft imports.
@@ -77,11 +77,11 @@ def run_calibrate(cfg: dict, layout: Layout, model: str) -> StepResult:
 def _fit_without(oof: dict[int, pd.DataFrame], k: int, method: str) -> dict:
     """Calibration params for fold k, fitted on the validation logits of every other fold (never
     fold k's labels); the identity (fallback, with the reason) when there is no other fold."""
-    from lmsys.calibration import _identity, fit_calibration
+    from lmsys.calibration import fit_calibration, identity_params
     others = [j for j in oof if j != k]
     rows = pd.concat([oof[j] for j in others], ignore_index=True) if others else None
     if rows is None or not len(rows):
-        return {**_identity(method), "fallback": True, "fitted_on_folds": [],
+        return {**identity_params(method), "fallback": True, "fitted_on_folds": [],
                 "reason": f"no out-of-fold rows without fold {k} (one active fold): identity"}
     params = fit_calibration(rows[LOGIT_COLUMNS].to_numpy(), rows["label"].to_numpy(), method)
     return {**params, "fitted_on_folds": others}
@@ -92,7 +92,7 @@ def _fit_without(oof: dict[int, pd.DataFrame], k: int, method: str) -> dict:
 def soft_targets(cfg: dict, layout: Layout, fold: int, rows: pd.DataFrame) -> np.ndarray:
     """[N, n_teachers, 3] teacher logits joined to `rows` by (id, swapped)."""
     out = []
-    for m in teachers(cfg):
+    for m in teacher_names(cfg):
         t = pd.read_parquet(student_logits_path(cfg, layout, m, fold))
         t = t[t["split"] == "train"].set_index(["id", "swapped"])[LOGIT_COLUMNS]
         key = pd.MultiIndex.from_arrays([rows["id"], rows["swapped"]])
@@ -123,27 +123,22 @@ def sample_weights(cfg: dict, soft: np.ndarray, labels: np.ndarray):
 
 def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
     """Step 5: distil the teachers into the student on fold `fold`, starting from the student's
-    post-pretrained adapter; best checkpoint by validation log loss; also writes the student's out-of-fold probabilities (oof.parquet, both orders)."""
-    from lmsys.train import train_classifier
+    post-pretrained adapter; best checkpoint by validation log loss; also writes the student's
+    out-of-fold probabilities (oof.parquet, both orders)."""
     d = cfg["distill"]
-    train = C.filtered_train(cfg, layout, fold)
-    _, val = C.fold_tables(layout, fold)
+    train = common.filtered_train(cfg, layout, fold)
+    _, val = common.fold_tables(layout, fold)
     soft = soft_targets(cfg, layout, fold, train)
-    y = C.labels(train)
+    weights = sample_weights(cfg, soft, common.labels(train))
     name = cfg["models"]["student"]
-    tok, net = C.build(cfg, layout, name, init_adapter=C.adapter(layout.post_pretrain(name)))   # step 1's adapter
-    L = cfg["text"]["train_max_length"]
     loss = partial(_loss, T=d["temperature"], ce=d["ce_weight"], kl=d["kl_weight"], cos=d["cos_weight"])
-    out = layout.student(fold)
-    weights = sample_weights(cfg, soft, y)
-    with C.training_dir(out) as work:
-        metrics = train_classifier(net, C.encode(cfg, train, tok, L), y, work, d, tok.pad_token_id,
-                                   C.encode(cfg, val, tok, L), C.labels(val), soft_targets=soft, loss_fn=loss,
-                                   sample_weight=weights, seed=cfg["seed"] + fold, progress_desc=f"student fold{fold}")
-        _write_oof(cfg, net, tok, val, work / "oof.parquet")
-    return StepResult(outputs=[out], metrics={"fold": fold, "best_val_log_loss": metrics["best_val_log_loss"],
-                                              "val_accuracy": metrics["val_accuracy"], "steps": metrics["steps"],
-                                              "sample_weights": _weight_summary(cfg, weights)})
+    metrics = common.fit(cfg, layout, name, layout.student(fold), section="distill", train=train, val=val,
+                         init_adapter=common.adapter(layout.post_pretrain(name)), seed=cfg["seed"] + fold,
+                         desc=f"student fold{fold}", soft_targets=soft, sample_weight=weights, loss_fn=loss,
+                         before_publish=lambda net, tok, work: _write_oof(cfg, net, tok, val, work / "oof.parquet"))
+    return StepResult(outputs=[layout.student(fold)], metrics={
+        "fold": fold, "best_val_log_loss": metrics["best_val_log_loss"], "val_accuracy": metrics["val_accuracy"],
+        "steps": metrics["steps"], "sample_weights": _weight_summary(cfg, weights)})
 
 
 def _weight_summary(cfg: dict, weights) -> dict | None:
@@ -165,9 +160,9 @@ def _loss(logits, labels, soft, weight, T, ce, kl, cos):
 def _write_oof(cfg: dict, net, tok, val: pd.DataFrame, path: Path) -> None:
     from lmsys.infer import predict_logits
     L, bs = cfg["text"]["infer_max_length"], cfg["predict"]["batch_size"]
-    z = predict_logits(net, C.encode(cfg, val, tok, L), tok.pad_token_id, bs, desc="oof")
-    zs = predict_logits(net, C.encode(cfg, val, tok, L, swap=True), tok.pad_token_id, bs, desc="oof swapped")
-    out = pd.DataFrame({"id": val["id"], "label": C.labels(val)})
+    z = predict_logits(net, common.encode(cfg, val, tok, L), tok.pad_token_id, bs, desc="oof")
+    zs = predict_logits(net, common.encode(cfg, val, tok, L, swap=True), tok.pad_token_id, bs, desc="oof swapped")
+    out = pd.DataFrame({"id": val["id"], "label": common.labels(val)})
     out[LOGIT_COLUMNS] = z
     out[[f"swapped_{c}" for c in LOGIT_COLUMNS]] = zs
     write_table(out, path)
@@ -187,10 +182,10 @@ def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
         gains = fold_gains(cfg, layout, folds)
         weights = fold_weights(gains["gains"], cfg["ensemble"]["tau"])
     name = cfg["models"]["student"]
-    spec, tok = C.spec(cfg, name), C.tokenizer(cfg, layout, name)
-    factory = lambda: models.build_base_model(spec, tok, device=C.device(), dtype=C.dtype())  # noqa: E731
-    prior = class_prior(C.table(layout, "train")["label"]).tolist()     # answers unreadable test rows
-    ensemble_adapters(factory, [C.adapter(layout.student(k)) for k in folds], layout.ensemble, method, weights,
+    spec, tok = common.spec(cfg, name), common.tokenizer(cfg, layout, name)
+    factory = lambda: models.build_base_model(spec, tok, device=common.device(), dtype=common.dtype())  # noqa: E731
+    prior = class_prior(common.table(layout, "train")["label"]).tolist()     # answers unreadable test rows
+    ensemble_adapters(factory, [common.adapter(layout.student(k)) for k in folds], layout.ensemble, method, weights,
                       extra={"student": name, "gains": gains, "fold_ids": folds, "class_prior": prior}, tokenizer=tok)
     return StepResult(outputs=[layout.ensemble], metrics={"method": method, "folds": folds,
                                                           "weights": None if weights is None else list(map(float, weights))})
@@ -216,12 +211,12 @@ def fold_gains(cfg: dict, layout: Layout, folds: list[int]) -> dict:
     if not len(rows):
         raise ValueError("ensemble.method weighted scores the fold students on the UT rows step 1 holds out, "
                          "and the UT table is empty: set data.ut, or use ensemble.method mean|exact")
-    y = C.labels(rows)
+    y = common.labels(rows)
     gains = []
     for k in folds:
-        tok, net = C.build(cfg, layout, cfg["models"]["student"], init_adapter=C.adapter(layout.student(k)),
+        tok, net = common.build(cfg, layout, cfg["models"]["student"], init_adapter=common.adapter(layout.student(k)),
                            trainable=False)
-        z = predict_logits(net, C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
+        z = predict_logits(net, common.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
                            cfg["predict"]["batch_size"], desc=f"fold gain {k}")
         gains.append(fold_gain(softmax(z), y, prior_probs(y)))
     return {"gains": gains, "rows": len(rows), "row_set": "ut rows held out by step 1 (post_pretrain_rows)"}
@@ -231,7 +226,7 @@ def fold_gains(cfg: dict, layout: Layout, folds: list[int]) -> dict:
 
 def calibration_texts(cfg: dict, layout: Layout, n: int) -> list[str]:
     from lmsys.text import format_text
-    train = C.table(layout, "train").sample(n=min(n, len(C.table(layout, "train"))), random_state=cfg["seed"])
+    train = common.table(layout, "train").sample(n=min(n, len(common.table(layout, "train"))), random_state=cfg["seed"])
     return [format_text(p, a, b, cfg["text"]) for p, a, b in train[["prompt", "response_a", "response_b"]].itertuples(index=False)]
 
 
@@ -249,7 +244,7 @@ def run_quantize(cfg: dict, layout: Layout) -> StepResult:
 def _eval_model(cfg: dict, layout: Layout, model, tok, n: int = 128) -> float:
     """Log loss of `model` on up to n competition rows (the same rows for every model compared)."""
     from lmsys.infer import predict_logits
-    rows = C.table(layout, "train").sample(n=min(n, len(C.table(layout, "train"))), random_state=cfg["seed"] + 1)
-    z = predict_logits(model, C.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
+    rows = common.table(layout, "train").sample(n=min(n, len(common.table(layout, "train"))), random_state=cfg["seed"] + 1)
+    z = predict_logits(model, common.encode(cfg, rows, tok, cfg["text"]["infer_max_length"]), tok.pad_token_id,
                        cfg["predict"]["batch_size"], desc="quant-eval")
-    return log_loss(softmax(z), C.labels(rows))
+    return log_loss(softmax(z), common.labels(rows))

@@ -21,19 +21,19 @@ from lmsys.io import atomic_dir, write_json, write_table
 from lmsys.metrics import softmax
 from lmsys.paths import Layout
 from lmsys.steps import StepResult
-from lmsys.steps import common as C
+from lmsys.steps import common
 from lmsys.text import format_text
 
 log = logging.getLogger(__name__)
 
 
-def teachers(cfg: dict) -> list[str]:
+def teacher_names(cfg: dict) -> list[str]:
     return list(cfg["models"]["teachers"])
 
 
 def filter_model(cfg: dict) -> str:
     """The post-pretrained model that filters (step 2.5): the first teacher."""
-    return teachers(cfg)[0]
+    return teacher_names(cfg)[0]
 
 
 # ---------------------------------------------------------------- tokenizer (tiny only)
@@ -41,11 +41,11 @@ def filter_model(cfg: dict) -> str:
 def run_tokenizer(cfg: dict, layout: Layout) -> StepResult:
     """Train the tiny profile's BPE on the prepared text; other profiles use the models' own."""
     from lmsys import models
-    kinds = {C.spec(cfg, m)["kind"] for m in [*teachers(cfg), cfg["models"]["student"]]}
+    kinds = {common.spec(cfg, m)["kind"] for m in [*teacher_names(cfg), cfg["models"]["student"]]}
     with atomic_dir(layout.tokenizer) as tmp:
         if kinds & set(models.TRAINED_TOKENIZER_KINDS):
             texts = [format_text(p, a, b, cfg["text"]) for name in ("train", "external", "ut", "test")
-                     for p, a, b in C.table(layout, name)[["prompt", "response_a", "response_b"]].itertuples(index=False)]
+                     for p, a, b in common.table(layout, name)[["prompt", "response_a", "response_b"]].itertuples(index=False)]
             tok = models.train_tokenizer(texts, tmp, vocab_size=cfg["models"].get("tiny_vocab", 1024))
             info = {"trained": True, "vocab_size": len(tok), "texts": len(texts)}
         else:
@@ -58,18 +58,13 @@ def run_tokenizer(cfg: dict, layout: Layout) -> StepResult:
 
 def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
     """Step 1: train `model` as a 3-class classifier on the UT data (held-out 10% for validation)."""
-    from lmsys.train import train_classifier
-    p = cfg["post_pretrain"]
     train, val = post_pretrain_rows(cfg, layout)
-    tok, net = C.build(cfg, layout, model)
-    L = cfg["text"]["train_max_length"]
     out = layout.post_pretrain(model)
-    if not p["enabled"]:                        # the ablation "no post-pretraining": the adapter as built
+    if not cfg["post_pretrain"]["enabled"]:     # the ablation "no post-pretraining": the adapter as built
+        _, net = common.build(cfg, layout, model)
         return _save_untrained(net, out, len(train), len(val))
-    with C.training_dir(out) as work:
-        metrics = train_classifier(net, C.encode(cfg, train, tok, L), C.labels(train), work, {**p, "eval_every": None},
-                                   tok.pad_token_id, C.encode(cfg, val, tok, L), C.labels(val),
-                                   seed=cfg["seed"], progress_desc=f"post-pretrain {model}")
+    metrics = common.fit(cfg, layout, model, out, section="post_pretrain", train=train, val=val, init_adapter=None,
+                         seed=cfg["seed"], desc=f"post-pretrain {model}")
     return StepResult(outputs=[out], metrics=_summary(metrics))
 
 
@@ -89,7 +84,7 @@ def post_pretrain_rows(cfg: dict, layout: Layout) -> tuple[pd.DataFrame, pd.Data
     shuffled with the run's seed, the first 10% held out. The same split for every model, so the
     held-out rows are seen by no post-pretrained model and no student built on one."""
     p = cfg["post_pretrain"]
-    ut = C.table(layout, "ut")
+    ut = common.table(layout, "ut")
     if p["max_rows"] is not None:
         ut = ut.sample(n=min(p["max_rows"], len(ut)), random_state=cfg["seed"])
     ut = ut.sample(frac=1.0, random_state=cfg["seed"]).reset_index(drop=True)
@@ -112,7 +107,7 @@ def resumable_logits(cfg: dict, model: str, net, tok, ids: list[list[int]], out:
     shard. The caller writes `out`, then removes shard_dir(out)."""
     from lmsys.infer import predict_logits_resumable
     from lmsys.io import tree_sha256
-    key = json.dumps({"spec": C.spec(cfg, model), "adapter": tree_sha256(adapter_dir)}, sort_keys=True, default=str)
+    key = json.dumps({"spec": common.spec(cfg, model), "adapter": tree_sha256(adapter_dir)}, sort_keys=True, default=str)
     logits, _ = predict_logits_resumable(net, ids, tok.pad_token_id, batch_size, shard_dir(out),
                                          int(cfg["orchestration"]["shard_rows"]), key=key,
                                          progress_every=progress_every, desc=desc)
@@ -128,17 +123,17 @@ def run_filter_score(cfg: dict, layout: Layout, model: str) -> StepResult:
     """Step 2.5, once per filtering model: probabilities of the post-pretrained `model` on every
     competition and external row (the union of all folds' training parts), in resumable shards.
     Output columns: id, label, p_a, p_b, p_tie."""
-    rows = C.competition_and_external(layout)
+    rows = common.competition_and_external(layout)
     if rows["id"].duplicated().any():
         raise ValueError(f"{layout.prepared}: duplicate ids in train/external, e.g. "
                          f"{rows['id'][rows['id'].duplicated()].iloc[0]!r}: filter scores are joined by id")
-    adapter = C.adapter(layout.post_pretrain(model))
-    tok, net = C.build(cfg, layout, model, init_adapter=adapter, trainable=False)
+    adapter = common.adapter(layout.post_pretrain(model))
+    tok, net = common.build(cfg, layout, model, init_adapter=adapter, trainable=False)
     out = layout.filter_scores(model)
-    ids = C.encode(cfg, rows, tok, cfg["text"]["train_max_length"])
+    ids = common.encode(cfg, rows, tok, cfg["text"]["train_max_length"])
     probs = softmax(resumable_logits(cfg, model, net, tok, ids, out, adapter, cfg["teacher_logits"]["batch_size"],
                                      f"filter-score {model}", cfg["teacher_logits"]["progress_every"]))
-    write_table(pd.DataFrame({"id": rows["id"], "label": C.labels(rows), "p_a": probs[:, 0], "p_b": probs[:, 1],
+    write_table(pd.DataFrame({"id": rows["id"], "label": common.labels(rows), "p_a": probs[:, 0], "p_b": probs[:, 1],
                               "p_tie": probs[:, 2]}), out)
     shutil.rmtree(shard_dir(out), ignore_errors=True)
     return StepResult(outputs=[out], metrics={"model": model, "rows": len(rows)})
@@ -150,7 +145,7 @@ def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
     model runs per fold. Validation rows are never touched. Raises ValueError when a training row
     has no score."""
     name = filter_model(cfg)
-    train, _ = C.fold_tables(layout, fold)
+    train, _ = common.fold_tables(layout, fold)
     scores = pd.read_parquet(layout.filter_scores(name)).set_index("id")
     missing = ~train["id"].isin(scores.index)
     if missing.any():
@@ -158,15 +153,15 @@ def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
                          f"{fold} (first id {train['id'][missing].iloc[0]!r}); rerun filter-score")
     probs = scores.loc[train["id"], ["p_a", "p_b", "p_tie"]].to_numpy()
     pred, conf = probs.argmax(1), probs.max(1)
-    drop = (pred != C.labels(train)) & (conf >= cfg["filter_argmax"]["threshold"])
-    per_class = {lab: int(drop[C.labels(train) == k].sum()) for k, lab in enumerate(("A", "B", "tie"))}
+    drop = (pred != common.labels(train)) & (conf >= cfg["filter_argmax"]["threshold"])
+    per_class = {lab: int(drop[common.labels(train) == k].sum()) for k, lab in enumerate(("A", "B", "tie"))}
     report = {"fold": fold, "model": name, "threshold": cfg["filter_argmax"]["threshold"],
               "rows_in": len(train), "rows_removed": int(drop.sum()), "rows_kept": int((~drop).sum()),
               "removed_per_class": per_class}
     log.info("filter-argmax fold %d: removed %d of %d training rows %s", fold, drop.sum(), len(train), per_class)
     with atomic_dir(layout.filtered(fold)) as tmp:
         pd.DataFrame({"id": train["id"][~drop]}).to_csv(tmp / "train_ids.csv", index=False)
-        pd.DataFrame({"id": train["id"][drop], "label": C.labels(train)[drop], "confidence": conf[drop]}
+        pd.DataFrame({"id": train["id"][drop], "label": common.labels(train)[drop], "confidence": conf[drop]}
                      ).to_csv(tmp / "removed.csv", index=False)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     return StepResult(outputs=[layout.filtered(fold)], metrics=report)
@@ -176,17 +171,12 @@ def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
 
 def run_train_teacher(cfg: dict, layout: Layout, model: str, fold: int) -> StepResult:
     """Step 3: (Q)LoRA teacher on fold `fold`, from the post-pretrained adapter; resumable."""
-    from lmsys.train import train_classifier
-    train = C.filtered_train(cfg, layout, fold)
-    _, val = C.fold_tables(layout, fold)
-    tok, net = C.build(cfg, layout, model, init_adapter=C.adapter(layout.post_pretrain(model)))
-    L = cfg["text"]["train_max_length"]
-    out = layout.teacher(model, fold)
-    with C.training_dir(out) as work:
-        metrics = train_classifier(net, C.encode(cfg, train, tok, L), C.labels(train), work, cfg["train_teacher"],
-                                   tok.pad_token_id, C.encode(cfg, val, tok, L), C.labels(val),
-                                   seed=cfg["seed"] + fold, progress_desc=f"teacher {model} fold{fold}")
-    return StepResult(outputs=[out], metrics={"model": model, "fold": fold, **_summary(metrics)})
+    _, val = common.fold_tables(layout, fold)
+    metrics = common.fit(cfg, layout, model, layout.teacher(model, fold), section="train_teacher",
+                         train=common.filtered_train(cfg, layout, fold), val=val,
+                         init_adapter=common.adapter(layout.post_pretrain(model)), seed=cfg["seed"] + fold,
+                         desc=f"teacher {model} fold{fold}")
+    return StepResult(outputs=[layout.teacher(model, fold)], metrics={"model": model, "fold": fold, **_summary(metrics)})
 
 
 # ---------------------------------------------------------------- step 4
@@ -207,7 +197,7 @@ def logit_inputs(cfg: dict, rows: pd.DataFrame, tok) -> list[list[int]]:
     is_train = (rows["split"] == "train").to_numpy()
     out: list = [None] * len(rows)
     for mask, length in ((is_train, cfg["text"]["train_max_length"]), (~is_train, cfg["text"]["infer_max_length"])):
-        for i, ids in zip(np.flatnonzero(mask), C.encode(cfg, rows[mask], tok, length)):
+        for i, ids in zip(np.flatnonzero(mask), common.encode(cfg, rows[mask], tok, length)):
             out[i] = ids
     return out
 
@@ -217,19 +207,19 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     fold (original and swapped, the student's training set, at the student's truncation: see
     logit_inputs) and on its validation rows (out of fold, both orders). Output columns: id, swapped, split, label, logit_a, logit_b, logit_tie."""
     c = cfg["teacher_logits"]
-    train = _subset(C.filtered_train(cfg, layout, fold), c["subset"]).assign(split="train")
-    _, val = C.fold_tables(layout, fold)
+    train = _subset(common.filtered_train(cfg, layout, fold), c["subset"]).assign(split="train")
+    _, val = common.fold_tables(layout, fold)
     from lmsys.data.transforms import with_swaps
     rows = pd.concat([train, with_swaps(val).assign(split="val")], ignore_index=True)
-    adapter = C.adapter(layout.teacher(model, fold))
-    tok, net = C.build(cfg, layout, model, init_adapter=adapter, trainable=False)
+    adapter = common.adapter(layout.teacher(model, fold))
+    tok, net = common.build(cfg, layout, model, init_adapter=adapter, trainable=False)
     ids = logit_inputs(cfg, rows, tok)
     logits = resumable_logits(cfg, model, net, tok, ids, layout.logits(model, fold), adapter, c["batch_size"],
                               f"logits {model} fold{fold}", c["progress_every"])   # resumable shards
     if not np.isfinite(logits).all():
         raise FloatingPointError(f"teacher {model} fold {fold}: non-finite logits")
     out = pd.DataFrame({"id": rows["id"], "swapped": rows["swapped"], "split": rows["split"],
-                        "label": C.labels(rows), "logit_a": logits[:, 0], "logit_b": logits[:, 1],
+                        "label": common.labels(rows), "logit_a": logits[:, 0], "logit_b": logits[:, 1],
                         "logit_tie": logits[:, 2]})
     write_table(out, layout.logits(model, fold))
     shutil.rmtree(shard_dir(layout.logits(model, fold)), ignore_errors=True)

@@ -60,10 +60,10 @@ def _write_summary(runs: dict, torch) -> None:
 
 def test_every_task_completed_within_budget(smoke):
     from lmsys.config import load_config
-    from lmsys.steps.recipe import plan, task_label
+    from lmsys.steps.recipe import tasks_of, task_label
     _, _, runs = smoke
     states = {r["task"]: r["state"] for r in runs["first"]["records"]}
-    want = [task_label(n, k) for n, k in plan(load_config("gpu-smoke"))]
+    want = [task_label(n, k) for n, k in tasks_of(load_config("gpu-smoke"))]
     assert sorted(states) == sorted(want)
     assert {t: s for t, s in states.items() if s != "Completed"} == {}
     assert "quantize" in states and "filter-score-modelllama" in states
@@ -100,11 +100,11 @@ def test_trainable_parameters_fp32_on_cuda(smoke):
     from safetensors.torch import load_file
 
     from lmsys.config import load_config
-    from lmsys.steps import common as C
+    from lmsys.steps import common
     root, layout, _ = smoke
     cfg = {**load_config("gpu-smoke"), "root": str(root)}
     for name in ("gemma", "llama"):
-        _, net = C.build(cfg, layout, name)
+        _, net = common.build(cfg, layout, name)
         trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
         assert trainable and {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32} == {}, name
         assert {p.device.type for p in trainable.values()} == {"cuda"}
@@ -112,5 +112,5 @@ def test_trainable_parameters_fp32_on_cuda(smoke):
             assert {p.dtype for p in net.parameters() if not p.requires_grad} == {torch.bfloat16}
         del net
         torch.cuda.empty_cache()
-    head = {k: v for k, v in load_file(C.adapter(layout.student(0)) / "adapter_model.safetensors").items() if "score" in k}
+    head = {k: v for k, v in load_file(common.adapter(layout.student(0)) / "adapter_model.safetensors").items() if "score" in k}
     assert head and {v.dtype for v in head.values()} == {torch.float32}

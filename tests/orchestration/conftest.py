@@ -85,5 +85,5 @@ def slurm():
 def pipeline_api(prefect_server):
     """flows.pipeline, imported once the test server's settings are in place."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import flows.pipeline as p
-    return p
+    from flows import pipeline
+    return pipeline

@@ -17,9 +17,9 @@ VARIANTS = ["tta-off", "calibration-off", "post-pretrain-off"]
 
 @pytest.fixture(scope="module")
 def ablated(pipeline_api, tmp_path_factory):
-    import flows.ablations as fa
+    from flows.ablations import ablations
     root = tmp_path_factory.mktemp("ablations")
-    results = fa.ablations(profile="tiny", overrides=SMALL, root=str(root), variants=VARIANTS, runner="local")
+    results = ablations(profile="tiny", overrides=SMALL, root=str(root), variants=VARIANTS, runner="local")
     return root, results
 
 

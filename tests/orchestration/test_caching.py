@@ -8,7 +8,7 @@ One root, five runs of the same small pipeline (orch_config.SMALL; session fixtu
   back    distill.lr back to the first run's: distill's tasks are cache hits of the first run whose
           outputs the lr runs replaced since: rerun ("Completed (refreshed)"), same bytes as first
 
-The code edit touches no repo file: for the session, the code hashes (tasks.steps.CODE_ROOT) are read
+The code edit touches no repo file: for the session, the code hashes (the fixture patches tasks.steps.code_hash) are read
 from a copy of lmsys/ in a tmp dir, whose tta.py the test then edits, exactly as an edit of the
 repo's lmsys/tta.py would change the keys of the steps whose import closure holds it.
 """
@@ -26,8 +26,8 @@ from orch_config import SMALL
 def _tasks(overrides: dict) -> list[str]:
     """Task labels of the flow for these overrides, in plan order (what the flow runs)."""
     from lmsys.config import load_config
-    from lmsys.steps.recipe import plan, task_label
-    return [task_label(n, k) for n, k in plan(load_config("tiny", overrides))]
+    from lmsys.steps.recipe import tasks_of, task_label
+    return [task_label(n, k) for n, k in tasks_of(load_config("tiny", overrides))]
 
 
 ALL = _tasks(SMALL)
@@ -41,6 +41,7 @@ def local_runs(pipeline_api, tmp_path_factory):
     import tasks.steps
     from lmsys.io import file_sha256, tree_sha256
     from lmsys.paths import Layout
+    from lmsys.steps import code
     from lmsys.steps.code import SOURCE_ROOT
     root = tmp_path_factory.mktemp("local-root")
     layout = Layout("tiny", root)
@@ -63,7 +64,7 @@ def local_runs(pipeline_api, tmp_path_factory):
               f"{out['cached']}/{out['tasks']} cached", file=sys.stderr)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tasks.steps, "CODE_ROOT", code_root)
+        mp.setattr(tasks.steps, "code_hash", lambda step: code.code_hash(step.module, code_root))
         go("first")
         runs["first"]["sha"] = _hashes(root)
         go("again")

@@ -1,5 +1,5 @@
 """lmsys.secrets.hf_token against the real test Prefect server: the token comes from an explicit
-argument, else $HF_TOKEN, else the Prefect Secret block `hf-token` (the source flows/secrets.py adds,
+argument, else $HF_TOKEN, else the Prefect Secret block `hf-token` (the source tasks/secrets.py adds,
 as the CLI, the flow and the tasks do); it is never logged."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ TOKEN = "hf_BLOCKSECRET_do_not_leak_7331"
 @pytest.fixture(autouse=True)
 def prefect_source(monkeypatch):
     """lmsys.secrets consults the Prefect Secret block for these tests only (as `lmsys` and the tasks do)."""
-    from flows.secrets import use_prefect_secret
+    from tasks.secrets import use_prefect_secret
     from lmsys import secrets
     monkeypatch.setattr(secrets, "SOURCES", [])
     use_prefect_secret()

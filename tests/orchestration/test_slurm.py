@@ -2,7 +2,7 @@
 single-node SLURM of start_slurm.sh (fake GPU GRES gpu:2), reporting to the test Prefect server.
 
   slurm_run        the small pipeline on two 1-GPU jobs (undisturbed but for fold 1's teacher, held back
-                   SLOW_S seconds by LMSYS_TASK_DELAY; also the reference)
+                   SLOW_S seconds by a Dask worker preload, tests/orchestration/slow_task.py; also the reference)
   slurm_fault_run  a copy of that root without the fold-0 teacher: the flow retrains it, and the
                    test scancels the job running it as soon as its first checkpoint exists; Dask
                    reruns the task on another job and the trainer resumes from <out>.partial/checkpoint
@@ -26,7 +26,7 @@ from orch_config import ROUTING, SLURM
 from pinned import unavailable
 
 
-SLOW = "train-teacher-fold1-modelllama"          # held back in slurm_run (tasks.steps.DELAY_ENV)
+SLOW = "train-teacher-fold1-modelllama"          # held back in slurm_run (tests/orchestration/slow_task.py)
 SLOW_S = 30
 
 
@@ -39,8 +39,8 @@ def _code_hashes() -> dict[str, str]:
 def _n_tasks(overrides: dict) -> int:
     """Tasks of the flow for these overrides (the plan the flow runs)."""
     from lmsys.config import load_config
-    from lmsys.steps.recipe import plan
-    return len(plan(load_config("tiny", overrides)))
+    from lmsys.steps.recipe import tasks_of
+    return len(tasks_of(load_config("tiny", overrides)))
 
 
 def _records(root: Path) -> dict[str, dict]:
@@ -50,15 +50,17 @@ def _records(root: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def slurm_run(slurm, pipeline_api, tmp_path_factory):
-    from tasks.steps import DELAY_ENV
+    from slow_task import SLOW_TASK_ENV
     root = tmp_path_factory.mktemp("slurm-root")
     code = _code_hashes()
     t0 = time.perf_counter()
     # the flow as a deployment starts it (the decorator's thread runner): it reruns itself as a subflow on
     # the SLURM Dask runner; the fault run below goes through run_pipeline, which picks that runner at once.
-    # The worker jobs inherit this environment (sbatch exports it): fold 1's teacher starts SLOW_S late.
+    # The worker jobs inherit this environment (sbatch exports it): each worker preloads slow_task.py,
+    # which holds fold 1's teacher back SLOW_S seconds.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(DELAY_ENV, f"{SLOW}={SLOW_S}")
+        mp.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", json.dumps([str(Path(__file__).with_name("slow_task.py"))]))
+        mp.setenv(SLOW_TASK_ENV, f"{SLOW}={SLOW_S}")
         out = pipeline_api.pipeline(profile="tiny", overrides=SLURM, root=str(root))
     print(f"\n[slurm run] {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     return root, out, _records(root), code

@@ -1,5 +1,6 @@
 """The Prefect side of the Hugging Face token: the Secret block `hf-token` on the configured server.
-`use_prefect_secret()` adds it to lmsys.secrets' sources (the CLI, the flow and every task call it)."""
+`use_prefect_secret()` adds it to lmsys.secrets' sources (the CLI, the flow and every task call it;
+it lives beside the tasks, the lowest layer that knows Prefect, so tasks/ imports nothing of flows/)."""
 from __future__ import annotations
 
 import logging
