@@ -153,7 +153,7 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
     return _finish(cfg, tasks_of(cfg), records, time.perf_counter() - t0, code_rev)
 
 
-def flow_config(profile: str = "tiny", overrides: dict | None = None, root: str | None = None, **params) -> dict:
+def flow_config(profile: str | None = "tiny", overrides: dict | None = None, root: str | None = None, **params) -> dict:
     """The resolved config of the flow's parameters: `overrides`, then the data paths as data.<name>
     (train, test, external, ut), then `root`. Other flow parameters (check) do not enter it."""
     over = {**(overrides or {}), **{f"data.{k}": params[k] for k in DATA if params.get(k) is not None}}
@@ -210,11 +210,13 @@ def embed_images(markdown: str, base: Path) -> str:
 
 
 def run_pipeline(runner: str | None = None, **params) -> dict:
-    """The flow (its parameters: `params`) on the task runner of orchestration.runner, which
-    `runner` overrides. Returns the flow's summary."""
+    """The flow (its parameters: `params`; profile None = params.yaml's) on the task runner of
+    orchestration.runner, which `runner` overrides. The config is resolved here, once: the flow gets
+    the same resolution (lmsys.config.load_config keeps it for the process). Returns the flow's summary."""
     if runner:
         params["overrides"] = {**(params.get("overrides") or {}), "orchestration.runner": runner}
     cfg = flow_config(**params)
+    params["profile"] = cfg["profile"]
     return pipeline.with_options(task_runner=make_task_runner(cfg))(**params)
 
 
@@ -225,8 +227,7 @@ def run_from_cli(args) -> int:
         raise SystemExit("lmsys run reads the repo's params.yaml (the flow's workers must see the same file); "
                          "change values with --set KEY=VALUE")
     overrides = dict(parse_override(o) for o in (args.set or []))
-    cfg = load_config(args.profile, overrides)
-    out = run_pipeline(profile=cfg["profile"], runner=args.runner, overrides=overrides, root=args.root)
+    out = run_pipeline(profile=args.profile, runner=args.runner, overrides=overrides, root=args.root)
     print(f"pipeline done in {out['seconds']:.1f} s: {out['tasks']} tasks, {out['cached']} cached")
     print(f"submission: {out['submission']}")
     print(f"report:     {out['report']}")

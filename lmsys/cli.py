@@ -36,8 +36,12 @@ class UsageError(ValueError):
 
 
 def _config(args) -> dict:
+    """The resolved config of a command's --profile / --set / --params, under its --root when it has one."""
     overrides = dict(parse_override(o) for o in (getattr(args, "set", None) or []))
-    return load_config(getattr(args, "profile", None), overrides, getattr(args, "params", None))
+    cfg = load_config(getattr(args, "profile", None), overrides, getattr(args, "params", None))
+    if getattr(args, "root", None):
+        cfg["root"] = str(args.root)
+    return cfg
 
 
 def cmd_validate(args) -> int:
@@ -272,8 +276,6 @@ def cmd_check(args) -> int:
     """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed."""
     from lmsys.check import main_check
     cfg = _config(args)
-    if args.root:
-        cfg["root"] = str(args.root)
     runner = args.runner or cfg["orchestration"]["runner"]
     api_url = None
     if runner == "slurm":                       # the Prefect API the jobs must reach (env or Prefect profile)
@@ -282,10 +284,12 @@ def cmd_check(args) -> int:
     return main_check(cfg, runner, api_url)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, step: bool = False) -> None:
     p.add_argument("--profile", choices=PROFILES, help="default: params.yaml's profile")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train_teacher.lr=1e-4")
     p.add_argument("--params", help="params file (default: the repo's params.yaml)")
+    if step:
+        p.add_argument("--root", help="the run's root: data/, artifacts/ and reports/ (default: the repo)")
 
 
 def cmd_config(args) -> int:
@@ -333,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--out", default=".")
     p.add_argument("--external", action="append")
-    _add_config_args(p)
+    _add_config_args(p, step=True)
     p.set_defaults(func=cmd_folds, step="folds")
 
     p = sub.add_parser("convert-ut", help="the public UltraFeedback release (openbmb or binarized) -> competition format")
@@ -356,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("vector", "temperature"),
                    help="fit: default vector; apply: must match the params file's method when given")
     p.add_argument("--model", help="pipeline step: the teacher to calibrate")
-    _add_config_args(p)
+    _add_config_args(p, step=True)
     p.set_defaults(func=cmd_calibrate, step="calibrate")
 
     p = sub.add_parser("predict", help="steps 8/8.5: submission for a test CSV (TTA), or the pipeline step without --test")
@@ -364,14 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv")
     p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
     p.add_argument("--no-tta", action="store_true", help="original order only")
-    _add_config_args(p)
+    _add_config_args(p, step=True)
     p.set_defaults(func=cmd_predict, step="predict")
 
     p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
     p.add_argument("--preds")
     p.add_argument("--labels", help="id + label, or id + the three winner columns (default: the preds file's label column)")
     p.add_argument("--bins", type=int, default=15)
-    _add_config_args(p)
+    _add_config_args(p, step=True)
     p.set_defaults(func=cmd_evaluate, step="evaluate")
 
     for name, step in STEPS.items():
@@ -379,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         doc = (step.run.__doc__ or name).strip().splitlines()[0].replace("%", "%%")
         p = sub.add_parser(name, help=f"pipeline step {step.number}: {doc}")
-        _add_config_args(p)
+        _add_config_args(p, step=True)
         if "fold" in step.fan_out:
             p.add_argument("--fold", type=int, required=True)
         if "model" in step.fan_out:
@@ -398,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("step", choices=list(STEPS))
     p.add_argument("--fold", type=int)
     p.add_argument("--model")
-    _add_config_args(p)
+    _add_config_args(p, step=True)
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the recipe table (--check: exit 1 when stale)")
     p.add_argument("--check", action="store_true")

@@ -16,6 +16,8 @@ itself (`lmsys config KEY` shows which). stages/lineage.py gives DVC the same de
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -163,10 +165,32 @@ def merge(stack: list[Layer]) -> dict:
     return cfg
 
 
+_resolved: dict[str, dict] = {}     # what load_config resolved in this process, by its inputs
+
+
 def load_config(profile: str | None = None, overrides: Mapping[str, Any] | None = None,
                 params_path: Path | str | None = None) -> dict:
     """The resolved config of `profile` (default: params.yaml's `profile`), checked against the schema
-    (lmsys.settings). Raises ConfigError naming the key for anything the schema refuses."""
+    (lmsys.settings); a copy. A run resolves it once: the launcher, the flow and its tasks in one process
+    get copies of the first resolution of the same profile, overrides and params.yaml content. Raises
+    ConfigError naming the key for anything the schema refuses."""
+    path = Path(params_path) if params_path else PARAMS_PATH
+    key = json.dumps([profile, dict(overrides or {}), str(path), _content_hash(path)], sort_keys=True, default=str)
+    if key not in _resolved:
+        _resolved[key] = resolve(profile, overrides, params_path)
+    return copy.deepcopy(_resolved[key])
+
+
+def _content_hash(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None                             # read_params names the problem
+
+
+def resolve(profile: str | None = None, overrides: Mapping[str, Any] | None = None,
+            params_path: Path | str | None = None) -> dict:
+    """load_config's work: the layers merged (`merge`), then validated and typed by the schema."""
     profile, stack = layers(profile, overrides, params_path)
     cfg = merge(stack)
     cfg["profile"] = profile

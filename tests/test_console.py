@@ -95,3 +95,30 @@ def test_quiet_console_drops_gptqmodel_banner_but_keeps_its_warnings():
     out = quiet.stdout + quiet.stderr
     assert "GPT-QModel" not in out and "GIL is enabled" not in out, out
     assert "a gptqmodel warning" in out, out
+
+
+def test_step_commands_are_quiet_as_dvc_repro_runs_them(tmp_path):
+    """`dvc repro` runs each stage as its step command: the stack's known noise (torchao's failed CUDA
+    library loads, torch's pytree deprecations) and progress bars (stderr is no terminal) stay off its
+    log; --verbose (-v) brings the bars and the INFO lines back; an error still prints."""
+    import os
+    import subprocess
+    import sys
+    root = str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | {"HF_HUB_OFFLINE": "1"}
+
+    def step(*args):
+        r = subprocess.run([sys.executable, "-m", "lmsys.cli", *args, "--root", root], capture_output=True, text=True,
+                           timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+    for args in (("step", "demo-data"), ("prepare",), ("tokenizer",)):
+        step(*args)
+    quiet = step("post-pretrain", "--model", "llama")
+    assert "torchao" not in quiet.stderr and "pytree" not in quiet.stderr and "it/s" not in quiet.stderr, quiet.stderr
+    assert quiet.stderr.strip() == "", quiet.stderr
+    loud = step("-v", "post-pretrain", "--model", "qwen")
+    assert "post-pretrain qwen" in loud.stderr                        # its progress bar
+    bad = subprocess.run([sys.executable, "-m", "lmsys.cli", "post-pretrain", "--model", "nobody", "--root", root],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:"), bad.stderr
