@@ -117,13 +117,13 @@ def time_training(net, ids, labels, pad_id, L, bs, steps: int, repeats: int, tmp
     settings = TrainerSettings(epochs=1, batch_size=bs, grad_accum=1, lr=1e-4, warmup_steps=0, max_steps=steps,
                                eval_every=None, checkpoint_every=None)
     rows = TrainSet(ids, labels, pad_id)
-    train_classifier(net, rows, tmp / "warmup", settings=settings.model_copy(update={"max_steps": 1}), seed=0)
+    train_classifier(net, rows, out_dir=tmp / "warmup", settings=settings.model_copy(update={"max_steps": 1}), seed=0)
     cpu = {"dynamic": float("inf"), "fixed": float("inf")}
     wall = dict(cpu)
     for r in range(repeats):
         for mode in ("dynamic", "fixed"):
             c0 = time.process_time()
-            m = train_classifier(net, rows, tmp / f"train_{mode}_{r}", settings=settings, seed=0,
+            m = train_classifier(net, rows, out_dir=tmp / f"train_{mode}_{r}", settings=settings, seed=0,
                                  pad_to=L if mode == "fixed" else None)
             cpu[mode] = min(cpu[mode], time.process_time() - c0)   # includes the small final adapter save
             wall[mode] = min(wall[mode], m["train_seconds"])

@@ -454,7 +454,7 @@ def lora_step(model, tiny, device, R, log, batch=2, seq=1024):
                                eval_every=None, checkpoint_every=None)
 
     def train(steps: int, tmp: str) -> dict:
-        return train_classifier(net, rows, Path(tmp) / f"run{steps}", settings=settings.model_copy(update={"max_steps": steps}),
+        return train_classifier(net, rows, out_dir=Path(tmp) / f"run{steps}", settings=settings.model_copy(update={"max_steps": steps}),
                                 seed=0, desc="lora step")
 
     if device == "cuda":

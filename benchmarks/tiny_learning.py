@@ -24,7 +24,8 @@ from lmsys.config import load_config
 from lmsys.data.transforms import with_swaps
 from lmsys.paths import Layout
 from lmsys.steps import common
-from lmsys.train import train_classifier
+from lmsys.settings import TrainerSettings
+from lmsys.train import TrainSet, ValSet, train_classifier
 
 LENGTH_TEMPLATE = ('User question:\n"""{prompt}"""\nAnswer A ({a_words} words):\n"""{a}"""\n'
                    'Answer B ({b_words} words):\n"""{b}"""')
@@ -51,12 +52,13 @@ def main(root: str, opts: dict) -> dict:
             if opts.get("freeze_embeddings") and "embed_tokens" in n:
                 p.requires_grad_(False)
     length = int(opts.get("max_length", cfg["text"]["train_max_length"]))
-    train_cfg = {"epochs": opts.get("epochs", 3), "lr": opts.get("lr", 2e-3), "warmup_steps": opts.get("warmup_steps", 2),
-                 "batch_size": opts.get("batch_size", 16), "eval_every": opts.get("eval_every", 20)}
+    settings = TrainerSettings(epochs=opts.get("epochs", 3), lr=opts.get("lr", 2e-3), warmup_steps=opts.get("warmup_steps", 2),
+                               batch_size=opts.get("batch_size", 16), grad_accum=1, max_steps=None,
+                               eval_every=opts.get("eval_every", 20), checkpoint_every=None)
     t0 = time.perf_counter()
-    m = train_classifier(net, common.encode(cfg, train, tok, length), common.labels(train),
-                         f"{root}/bench-tiny-learning/{time.time_ns()}", train_cfg, tok.pad_token_id,
-                         common.encode(cfg, val, tok, length), common.labels(val), seed=1)
+    m = train_classifier(net, TrainSet(common.encode(cfg, train, tok, length), common.labels(train), tok.pad_token_id),
+                         out_dir=f"{root}/bench-tiny-learning/{time.time_ns()}", settings=settings,
+                         val=ValSet(common.encode(cfg, val, tok, length), common.labels(val)), seed=1)
     return {"opts": opts, "n_train": len(train), "n_val": len(val),
             "val_curve": [[e["step"], round(e["log_loss"], 4)] for e in m["evals"]],
             "best": round(m["best_val_log_loss"], 4), "train_loss_last": round(m["train_loss_last"], 4),

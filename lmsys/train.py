@@ -11,7 +11,7 @@ out_dir layout:
   final/        best when val is given, else the last weights
   metrics.json  written last; the checkpoint is deleted after it
 
-Entry: `train_classifier(model, rows, out_dir, settings=..., val=..., loss_fn=..., seed=..., desc=...)`;
+Entry: `train_classifier(model, rows, out_dir=..., settings=..., val=..., loss_fn=..., seed=..., desc=...)`;
 the pipeline's steps call it through lmsys.steps.common.fit (build, encode, resumable work dir).
 
 Resume: when checkpoint/ exists and was written by the same run (every setting but
@@ -346,7 +346,7 @@ class Run:
         return metrics
 
 
-def train_classifier(model, rows: TrainSet, out_dir: str | Path, *, settings: TrainerSettings,
+def train_classifier(model, rows: TrainSet, *, out_dir: str | Path, settings: TrainerSettings,
                      val: ValSet | None = None, loss_fn: LossFn | None = None, seed: int = 0,
                      desc: str = "train", pad_to: int | None = None) -> dict:
     """Train `model` (a 3-label classifier, usually a PeftModel) on `rows` and return its metrics dict.

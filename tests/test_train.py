@@ -39,7 +39,7 @@ def test_learns_marker_task_and_keeps_best(tmp_path, tok):
     vids, vy = make_task(96, len(tok), seed=1)
     cfg = {"epochs": 1, "lr": 3e-3, "warmup_steps": 2, "batch_size": 16, "grad_accum": 1,
            "eval_every": 10, "checkpoint_every": 5}
-    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), tmp_path, settings=settings(**cfg),
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), out_dir=tmp_path, settings=settings(**cfg),
                          val=ValSet(vids, vy))
 
     prior = np.bincount(y, minlength=3) / len(y)
@@ -69,7 +69,7 @@ def test_custom_loss_gets_soft_targets_and_weights(tmp_path, tok):
         return loss, {**parts, "kl": torch.tensor(0.5)}
 
     cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "grad_accum": 2}  # 3 batches -> steps of 2 + 1
-    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, soft, weight), tmp_path,
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, soft, weight), out_dir=tmp_path,
                          settings=settings(**cfg), loss_fn=loss_fn)
     assert m["steps"] == 2 and len(seen) == 3
     assert all(s[1:] == (torch.Size([8]), torch.Size([8, 2, 3]), torch.Size([8])) for s in seen)
@@ -83,8 +83,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, tok):
     ids, y = make_task(44, len(tok), seed=4)  # steps of 24 + 20 rows; micro-batches 8, 8, 8 | 8, 8, 4
     base = {"epochs": 1, "lr": 1e-2, "warmup_steps": 0}
     rows = TrainSet(ids, y, tok.pad_token_id)
-    train_classifier(build_model(SPEC, tok), rows, tmp_path / "big", settings=settings(**base, batch_size=24), seed=1)
-    train_classifier(build_model(SPEC, tok), rows, tmp_path / "acc", settings=settings(**base, batch_size=8, grad_accum=3),
+    train_classifier(build_model(SPEC, tok), rows, out_dir=tmp_path / "big", settings=settings(**base, batch_size=24), seed=1)
+    train_classifier(build_model(SPEC, tok), rows, out_dir=tmp_path / "acc", settings=settings(**base, batch_size=8, grad_accum=3),
                      seed=1)
     assert_same_adapter(tmp_path / "big" / "final", tmp_path / "acc" / "final")
 
@@ -104,11 +104,11 @@ def test_resume_after_crash_in_process_with_dropout(tmp_path, tok):
         return cross_entropy_loss(*args)
 
     with pytest.raises(RuntimeError, match="simulated"):
-        train_classifier(build_model(spec, tok), rows, tmp_path / "r", settings=settings(**cfg), loss_fn=crashing)
+        train_classifier(build_model(spec, tok), rows, out_dir=tmp_path / "r", settings=settings(**cfg), loss_fn=crashing)
     assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["global_step"] == 6
-    m = train_classifier(build_model(spec, tok), rows, tmp_path / "r", settings=settings(**cfg))
+    m = train_classifier(build_model(spec, tok), rows, out_dir=tmp_path / "r", settings=settings(**cfg))
     assert m["resumed_from_step"] == 6 and m["steps"] == 10 and not (tmp_path / "r" / "checkpoint").exists()
-    train_classifier(build_model(spec, tok), rows, tmp_path / "u", settings=settings(**cfg))
+    train_classifier(build_model(spec, tok), rows, out_dir=tmp_path / "u", settings=settings(**cfg))
     assert_same_adapter(tmp_path / "r" / "final", tmp_path / "u" / "final")
 
 
@@ -130,17 +130,17 @@ def test_dynamic_weights_are_used_observed_and_resumed_exactly(tmp_path, tok):
         return cross_entropy_loss(logits, labels, None, weight)
 
     w = make()
-    train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=w), tmp_path / "u",
+    train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=w), out_dir=tmp_path / "u",
                      settings=settings(**cfg), loss_fn=loss)
     assert len(seen) == 10 and all(s.shape == (8,) for s in seen)
     assert not torch.allclose(seen[0], seen[-1])                                   # the weights moved
     assert np.isclose(w.batch(np.arange(40)).mean(), 1.0) and not np.allclose(w.ema.probs[0], w.ema.probs[-1])
     crash_at = calls["n"] + 8                                                      # dies in step 8, after step 6's checkpoint
     with pytest.raises(RuntimeError, match="simulated"):
-        train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=make()), tmp_path / "r",
+        train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=make()), out_dir=tmp_path / "r",
                          settings=settings(**cfg), loss_fn=lambda *a: loss(*a, crash_at=crash_at))
     r = make()
-    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=r), tmp_path / "r",
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=r), out_dir=tmp_path / "r",
                          settings=settings(**cfg))
     assert m["resumed_from_step"] == 6
     assert np.array_equal(r.ema.probs, w.ema.probs)                                # EMA restored, then the same updates
@@ -168,18 +168,18 @@ def test_checkpoint_of_another_loss_or_weighting_is_not_resumed(tmp_path, tok):
     def left_checkpoint(out):
         calls["n"] = 0
         with pytest.raises(RuntimeError):
-            train_classifier(build_model(SPEC, tok), rows, out, settings=cfg, loss_fn=crash_at_4)
+            train_classifier(build_model(SPEC, tok), rows, out_dir=out, settings=cfg, loss_fn=crash_at_4)
         assert (out / "checkpoint").exists()
 
     left_checkpoint(tmp_path / "a")
-    m = train_classifier(build_model(SPEC, tok), rows, tmp_path / "a", settings=Distill(**{**section, "temperature": 2.0}))
+    m = train_classifier(build_model(SPEC, tok), rows, out_dir=tmp_path / "a", settings=Distill(**{**section, "temperature": 2.0}))
     assert m["resumed_from_step"] is None and m["steps"] == 5
     left_checkpoint(tmp_path / "b")
     m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id, sample_weight=np.linspace(0.5, 1.5, 40)),
-                         tmp_path / "b", settings=cfg)
+                         out_dir=tmp_path / "b", settings=cfg)
     assert m["resumed_from_step"] is None
     left_checkpoint(tmp_path / "c")                                                # control: the same run resumes
-    m = train_classifier(build_model(SPEC, tok), rows, tmp_path / "c", settings=Distill(**{**section, "checkpoint_every": 3}))
+    m = train_classifier(build_model(SPEC, tok), rows, out_dir=tmp_path / "c", settings=Distill(**{**section, "checkpoint_every": 3}))
     assert m["resumed_from_step"] == 2
 
 
@@ -188,7 +188,7 @@ def test_stale_checkpoint_from_other_settings_is_ignored(tmp_path, tok):
     cfg = {"epochs": 1, "lr": 1e-3, "batch_size": 8}
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"fingerprint": "other"}))
-    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), tmp_path, settings=settings(**cfg))
+    m = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), out_dir=tmp_path, settings=settings(**cfg))
     assert m["resumed_from_step"] is None and m["steps"] == 3
 
 

@@ -64,7 +64,7 @@ def run(tokenizer_dir: str, out_dir: str, sleep_s: float = 0.0) -> dict:
         time.sleep(sleep_s)  # gives the test time to kill the run between checkpoints
         return cross_entropy_loss(*args)
 
-    return train_classifier(model, TrainSet(ids, labels, tok.pad_token_id), out_dir, settings=settings(**RESUME_CFG),
+    return train_classifier(model, TrainSet(ids, labels, tok.pad_token_id), out_dir=out_dir, settings=settings(**RESUME_CFG),
                             loss_fn=slow_loss, seed=3, desc="worker")
 
 

@@ -84,7 +84,7 @@ def labels(df: pd.DataFrame) -> np.ndarray:
     return df["label"].to_numpy(dtype=np.int64)
 
 
-def fit(cfg: dict, layout: Layout, model: str, out: Path, *, section: str, train: pd.DataFrame,
+def fit(cfg: dict, layout: Layout, *, model: str, out: Path, section: str, train: pd.DataFrame,
         val: pd.DataFrame, init_adapter: Path | None, seed: int, desc: str, soft_targets: np.ndarray | None = None,
         sample_weight=None, loss_fn=None, before_publish=None) -> dict:
     """Train `model` (a name in models.specs) from `init_adapter` on the `train` rows with the settings of
@@ -100,7 +100,7 @@ def fit(cfg: dict, layout: Layout, model: str, out: Path, *, section: str, train
     rows = TrainSet(encode(cfg, train, tok, length), labels(train), tok.pad_token_id, soft_targets, sample_weight)
     held_out = ValSet(encode(cfg, val, tok, length), labels(val))
     with training_dir(out) as work:
-        metrics = train_classifier(net, rows, work, settings=training_settings(cfg, section), val=held_out,
+        metrics = train_classifier(net, rows, out_dir=work, settings=training_settings(cfg, section), val=held_out,
                                    loss_fn=loss_fn, seed=seed, desc=desc)
         if before_publish is not None:
             before_publish(net, tok, work)

@@ -132,7 +132,7 @@ def run_distill(cfg: dict, layout: Layout, fold: int) -> StepResult:
     weights = sample_weights(cfg, soft, common.labels(train))
     name = cfg["models"]["student"]
     loss = partial(_loss, T=d["temperature"], ce=d["ce_weight"], kl=d["kl_weight"], cos=d["cos_weight"])
-    metrics = common.fit(cfg, layout, name, layout.student(fold), section="distill", train=train, val=val,
+    metrics = common.fit(cfg, layout, model=name, out=layout.student(fold), section="distill", train=train, val=val,
                          init_adapter=common.adapter(layout.post_pretrain(name)), seed=cfg["seed"] + fold,
                          desc=f"student fold{fold}", soft_targets=soft, sample_weight=weights, loss_fn=loss,
                          before_publish=lambda net, tok, work: _write_oof(cfg, net, tok, val, work / "oof.parquet"))

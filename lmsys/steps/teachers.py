@@ -63,7 +63,7 @@ def run_post_pretrain(cfg: dict, layout: Layout, model: str) -> StepResult:
     if not cfg["post_pretrain"]["enabled"]:     # the ablation "no post-pretraining": the adapter as built
         _, net = common.build(cfg, layout, model)
         return _save_untrained(net, out, len(train), len(val))
-    metrics = common.fit(cfg, layout, model, out, section="post_pretrain", train=train, val=val, init_adapter=None,
+    metrics = common.fit(cfg, layout, model=model, out=out, section="post_pretrain", train=train, val=val, init_adapter=None,
                          seed=cfg["seed"], desc=f"post-pretrain {model}")
     return StepResult(outputs=[out], metrics=_summary(metrics))
 
@@ -172,7 +172,7 @@ def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
 def run_train_teacher(cfg: dict, layout: Layout, model: str, fold: int) -> StepResult:
     """Step 3: (Q)LoRA teacher on fold `fold`, from the post-pretrained adapter; resumable."""
     _, val = common.fold_tables(layout, fold)
-    metrics = common.fit(cfg, layout, model, layout.teacher(model, fold), section="train_teacher",
+    metrics = common.fit(cfg, layout, model=model, out=layout.teacher(model, fold), section="train_teacher",
                          train=common.filtered_train(cfg, layout, fold), val=val,
                          init_adapter=common.adapter(layout.post_pretrain(model)), seed=cfg["seed"] + fold,
                          desc=f"teacher {model} fold{fold}")
