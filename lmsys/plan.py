@@ -162,14 +162,13 @@ def model_rates(cfg: dict, model: str, card: str | None = None) -> Rates | None:
                "evaluate": [("nf4_infer", nf4), ("nf4_fp32_cast", nf4)]}
     start = {"train": base["train_tok_s"], "infer": base["infer_packed_tok_s" if packed else "infer_tok_s"],
              "evaluate": base["infer_tok_s"]}
+    names = {"train": "train", "infer": f"infer ({'packed' if packed else 'padded'})", "evaluate": "evaluate"}
     out, lines = {}, []
     for what, factors in applied.items():
         f = [(n, _factor(est, n)) for n, on in factors if on]
         out[what] = float(start[what]) * scale * math.prod(v for _, v in f)
-        lines.append(f"{what} {out[what]:,.0f} = {float(start[what]):,.0f}{how}{card_how}"
-                     + "".join(f" x {v:g} ({n})" for n, v in f))
-    label = {"infer": "packed" if packed else "padded"}
-    lines[1] = lines[1].replace("infer ", f"infer ({label['infer']}) ", 1)
+        arithmetic = f"{how}{card_how}" + "".join(f" x {v:g} ({n})" for n, v in f)
+        lines.append(f"{names[what]} {out[what]:,.0f}" + (f" = {float(start[what]):,.0f}{arithmetic}" if arithmetic else ""))
     return Rates(model, out["train"], out["infer"], out["evaluate"], float(figures.get("load_s", 0)), "; ".join(lines))
 
 
@@ -406,8 +405,9 @@ def basis(cfg: dict, tasks: list[TaskEstimate], card: str | None = None) -> list
     est = cfg["orchestration"]["estimate"]
     card = card or est["card"]
     cards = est.get("cards") or {}
-    lines = [f"card {card}: {(cards.get(card) or {}).get('source', '(no source)')}"
-             + (f"; figures rescaled from {est['card']}" if card != est["card"] else "")]
+    lines = [f"card {card}: {(cards.get(card) or {}).get('source', '(no source)')}"]
+    if card != est["card"]:
+        lines.append(f"  figures rescaled from card {est['card']}: {(cards.get(est['card']) or {}).get('source', '')}")
     train_len, infer_len = cfg["text"]["train_max_length"], cfg["text"]["infer_max_length"]
     for name, t in (est.get("tokens") or {}).items():
         mix = token_mixture(cfg, (name, 1))
@@ -416,8 +416,10 @@ def basis(cfg: dict, tasks: list[TaskEstimate], card: str | None = None) -> list
     for model in dict.fromkeys([*cfg["models"]["teachers"], cfg["models"]["student"]]):
         rates = model_rates(cfg, model, card)
         source = ((est.get("models") or {}).get(model) or {}).get("source", "")
-        lines.append(f"rates {model} (tokens/s): " + (f"{rates.how}; load {rates.load_s:.0f} s ({source})" if rates
+        lines.append(f"rates {model} (tokens/s): " + (f"{rates.how}; load {rates.load_s:.0f} s" if rates
                                                       else "no figures in orchestration.estimate.models"))
+        if rates and source:
+            lines.append(f"  source: {source}")
     for name, f in (est.get("factors") or {}).items():
         lines.append(f"factor {name} {f['value']}: {f['source']}")
     for step in dict.fromkeys(t.step for t in tasks if t.step in TRAINING_STEPS):
@@ -460,14 +462,14 @@ def format_plan(e: dict) -> str:
     samples, wall time, GPU-hours, flags), GPU-hours by step, each step's largest job resources,
     the totals and the critical path."""
     lines = [f"profile {e['profile']}: {len(e['tasks'])} tasks on {e['gpus']} GPU(s) of card {e['card']}; rows {e['rows']}",
-             *e["basis"]]
+             "figures:", *(f"  {line}" for line in e["basis"])]
     if e["widths_cut"]:
-        lines.append(f"step widths cut to the plan's {e['gpus']} GPU(s): "
+        lines.append(f"  step widths cut to the plan's {e['gpus']} GPU(s): "
                      + ", ".join(f"{s} {w} -> {e['gpus']}" for s, w in e["widths_cut"].items()))
-    lines.append(f"{'start':>7}  {'task':<34} {'job':<48} {'timeout':>8} {'samples':>10} {'est. wall':>10} {'GPU-h':>8}")
+    lines.append(f"{'start':>8}  {'task':<34} {'job':<48} {'timeout':>8} {'samples':>10} {'est. wall':>10} {'GPU-h':>8}")
     for t in sorted(e["tasks"], key=lambda t: (t.start, t.end)):
         flags = ([f"{t.segments} jobs (requeued)"] if t.segments > 1 else []) + t.flags
-        lines.append(f"{_hms(t.start):>7}  {t.task:<34} {_job_text(t):<48} {_hms(t.timeout_s):>8} {t.samples:>10.0f} "
+        lines.append(f"{_hms(t.start):>8}  {t.task:<34} {_job_text(t):<48} {_hms(t.timeout_s):>8} {t.samples:>10.0f} "
                      f"{_hms(t.seconds):>10} {t.gpu_hours:>8.2f}{''.join(' ' + f for f in flags)}")
     by_step: dict[str, float] = {}
     for t in e["tasks"]:
