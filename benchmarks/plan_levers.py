@@ -56,7 +56,8 @@ def price(overrides: dict, gpus: int) -> dict:
 
 
 def lever_table(gpus: int) -> list[dict]:
-    rows, cumulative = [{"lever": "today's code (main at d5c1397), re-priced", "status": "main", **price(TODAY, gpus)}], dict(TODAY)
+    cumulative = dict(TODAY)
+    rows = [{"lever": "today's code (main at d5c1397), re-priced", "status": "main", **price(TODAY, gpus)}]
     today = rows[0]["gpu_hours"]
     for name, over, status in LEVERS:
         cumulative.update(over)

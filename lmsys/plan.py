@@ -291,22 +291,19 @@ def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], gpus: 
     rates = model_rates(cfg, model, card) if model else None
     passes = task_passes(cfg, name, keys, rows, rates)
     width = min(step_width(cfg, name), gpus) if step.gpu else 0
-    eff = float(est.get("dp_efficiency", 1.0)) if width > 1 else 1.0
-    work = sum(p.seconds for p in passes)
     load = rates.load_s if rates else 0.0
-    if model is None:
-        work = float((est.get("step_s") or {}).get(name, est.get("cpu_step_s", 10)))
-    elif rates is None:
-        work = float("nan")
-    wall = load + work / (max(width, 1) * eff)
-    job = job_template(cfg, step.gpu)
-    limit, margin = walltime_s(job["walltime"]), float(est.get("walltime_margin", 1.0))
-    t = TaskEstimate(task_label(name, keys), name, step.gpu, width, job, step_timeout(cfg, name),
-                     sum(p.rows for p in passes if p.what != "evaluate"), passes, load + work, wall)
-    if wall == wall:
-        _fit_jobs(cfg, t, limit, margin, _restart_s(cfg, t, load, width * eff if width else 1.0))
+    if model is None:            # a fixed-cost step (CPU steps, ensemble, quantize): not data-parallel
+        work, speed = float((est.get("step_s") or {}).get(name, est.get("cpu_step_s", 10))), 1.0
+    else:                        # nan when the model has no figures
+        work = sum(p.seconds for p in passes) if rates else float("nan")
+        speed = width * float(est.get("dp_efficiency", 1.0)) if width > 1 else 1.0
+    t = TaskEstimate(task_label(name, keys), name, step.gpu, width, {**job_template(cfg, step.gpu), "gpus": width},
+                     step_timeout(cfg, name), sum(p.rows for p in passes if p.what != "evaluate"), passes,
+                     load + work, load + work / speed)
+    if t.seconds == t.seconds:
+        _fit_jobs(cfg, t, _restart_s(cfg, t, load, speed))
     t.gpu_hours = width * t.seconds / 3600 if t.seconds == t.seconds else 0.0
-    t.resources = _resources(cfg, t, model, rows)
+    t.resources = _resources(cfg, t, model)
     return t
 
 
@@ -315,29 +312,31 @@ def _restart_s(cfg: dict, t: TaskEstimate, load: float, speed: float) -> float |
     the work between two checkpoints (training) or shards (inference). None: not resumable."""
     if t.step in TRAINING_STEPS:
         section = _section(cfg, t.step)
-        per_step_rows = section["batch_size"] * section.get("grad_accum", 1) * int(section.get("checkpoint_every") or 1)
+        checkpoint_rows = section["batch_size"] * section.get("grad_accum", 1) * int(section.get("checkpoint_every") or 1)
         train = next(p for p in t.passes if p.what == "train")
-        return load + 0.5 * min(per_step_rows, train.rows) * train.tokens / train.rate / speed
+        return load + 0.5 * min(checkpoint_rows, train.rows) * train.tokens / train.rate / speed
     if t.step in SHARDED_STEPS:
         first = t.passes[0]
         return load + 0.5 * min(int(cfg["orchestration"]["shard_rows"]), first.rows) * first.tokens / first.rate / speed
     return None
 
 
-def _fit_jobs(cfg: dict, t: TaskEstimate, limit: float, margin: float, restart: float | None) -> None:
-    """The step's walltime (estimate x margin, to the hour, at most the partition's `limit`), and,
-    for a resumable task longer than a job holds (limit / margin), its job segments."""
+def _fit_jobs(cfg: dict, t: TaskEstimate, restart: float | None) -> None:
+    """The step's walltime (its estimate x walltime_margin, to the hour, at most the partition's), and,
+    for a resumable task longer than a job holds (the partition's walltime / margin), its job segments."""
+    limit = walltime_s(t.job["walltime"])
+    margin = float(cfg["orchestration"]["estimate"].get("walltime_margin", 1.0))
     if restart is not None and t.seconds * margin > limit:
         t.segments, t.seconds = schedule.segments(t.seconds, limit / margin, restart)
     per_job = t.seconds / t.segments
-    t.job = {**t.job, "gpus": t.width, "walltime": walltime_text(min(limit, 3600 * math.ceil(margin * per_job / 3600)))}
+    t.job["walltime"] = walltime_text(min(limit, 3600 * math.ceil(margin * per_job / 3600)))
     if per_job > limit:
         t.flags.append("!walltime")
     if t.seconds > t.timeout_s:
         t.flags.append("!timeout")
 
 
-def _resources(cfg: dict, t: TaskEstimate, model: str | None, rows: dict[str, int]) -> list[str]:
+def _resources(cfg: dict, t: TaskEstimate, model: str | None) -> list[str]:
     """Host memory and disk a GPU task's job needs, with the arithmetic, flagged (!memory, !disk) when
     over the job template's memory or estimate.job_disk_gb. Each of its ranks holds a process, the
     weight shard being read while it loads (weights go to the GPU shard by shard) and the task's

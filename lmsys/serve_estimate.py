@@ -96,7 +96,8 @@ def _arithmetic(s: dict, cfg: dict) -> list[str]:
         f"memory: {c['memory_gib']} GiB - {s['weights'] / 1e9:.2f} GB weights - {serve['cuda_context_gib']} GiB CUDA "
         f"context = {s['free'] / 1e9:.2f} GB for activations; a {length}-token row needs {length} x ({shape['hidden']} x 8 + "
         f"{shape['intermediate']} x 6) B + {shape['heads']} x {length}^2 x 6 B = {s['per_row'] / 1e9:.2f} GB -> "
-        f"{s['fits']} rows at the longest; batch min(predict.batch_size {cfg['predict']['batch_size']}, {s['fits']}) = {s['batch']}",
+        f"{s['fits']} rows at the longest; batch min(predict.batch_size {cfg['predict']['batch_size']}, {s['fits']}) = "
+        f"{s['batch']}",
         f"rate: {figures['infer_tok_s']:,} real tokens/s (the {base} bf16 figure of the padded path) x {c['fp16']} / "
         f"{est['cards'][base]['bf16']} ({card} fp16 / {base} bf16 sustained TFLOP/s) = {s['rate']:,.0f} tokens/s a {card} "
         f"= {s['rate'] / s['tokens']:.2f} rows/s at {s['tokens']:.0f} tokens a row",
