@@ -507,6 +507,7 @@ def cmd_plan(args) -> int:
             rows = args.test_rows if getattr(args, "test_rows", None) is not None else e["rows"]["test"]
             print(format_serving(serving_estimate(cfg, rows, args.serve_cards)))
     except (KeyError, ValueError) as err:
-        print(f"error: params.yaml orchestration.estimate: {err}", file=sys.stderr)
+        reason = err.args[0] if isinstance(err, KeyError) and err.args else err     # KeyError's str() adds quotes
+        print(f"error: params.yaml orchestration.estimate: {reason}", file=sys.stderr)
         return 2
     return 0

@@ -58,10 +58,16 @@ def serving_estimate(cfg: dict, test_rows: int, cards_text: str) -> dict:
     Raises KeyError when the card or the student lacks a figure, ValueError on a bad card set."""
     count, card = parse_cards(cards_text)
     est = cfg["orchestration"]["estimate"]
-    if card not in est["cards"] or not est["cards"][card].get("fp16"):
+    if card not in (est.get("cards") or {}) or not (est["cards"][card] or {}).get("fp16"):
         raise KeyError(f"cards.{card}: no sustained fp16 figure (cards with one: "
-                       f"{sorted(k for k, v in est['cards'].items() if (v or {}).get('fp16'))})")
-    c, figures = est["cards"][card], est["models"][cfg["models"]["student"]]
+                       f"{sorted(k for k, v in (est.get('cards') or {}).items() if (v or {}).get('fp16'))})")
+    student = cfg["models"]["student"]
+    c, figures = est["cards"][card], (est.get("models") or {}).get(student) or {}
+    missing = [f"models.{student}.{k}" for k in ("params_b", "embedding_params_b", "shape", "infer_tok_s") if k not in figures]
+    missing += [f"cards.{card}.{k}" for k in ("memory_gib", "bandwidth_gbs") if k not in c]
+    missing += ["serve"] if not est.get("serve") else []
+    if missing:
+        raise KeyError(f"profile {cfg['profile']} has no serving figures: {', '.join(missing)}")
     length, tta = int(cfg["text"]["infer_max_length"]), bool(cfg["predict"]["tta"])
     s = {"card": card, "count": count, "rows": test_rows, "tta": tta, "length": length,
          "limit_s": float(est["serve"]["limit_h"]) * 3600}
@@ -87,7 +93,13 @@ def _arithmetic(s: dict, cfg: dict) -> list[str]:
     """The serving estimate's steps as text."""
     est = cfg["orchestration"]["estimate"]
     card, base, serve = s["card"], est["card"], est["serve"]
-    c, figures = est["cards"][card], est["models"][cfg["models"]["student"]]
+    student = cfg["models"]["student"]
+    c, figures = est["cards"][card], (est.get("models") or {}).get(student) or {}
+    missing = [f"models.{student}.{k}" for k in ("params_b", "embedding_params_b", "shape", "infer_tok_s") if k not in figures]
+    missing += [f"cards.{card}.{k}" for k in ("memory_gib", "bandwidth_gbs") if k not in c]
+    missing += ["serve"] if not est.get("serve") else []
+    if missing:
+        raise KeyError(f"profile {cfg['profile']} has no serving figures: {', '.join(missing)}")
     shape, length = figures["shape"], s["length"]
     split = (f"TTA: the original order on {card} #1, the swapped on {card} #2" if s["tta"] and s["count"] == 2
              else f"{'both orders' if s['tta'] else 'one order'} shared by {s['count']} {card}")

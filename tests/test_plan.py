@@ -258,6 +258,9 @@ def test_serving_estimate_arithmetic_on_two_t4s(capsys):
     assert re.search(r"predict on 2 x t4: [\d.]+ h of the 9 h limit\n", out + "\n")
     assert main(["plan", "--profile", "full", "--test-rows", "25000", "--serve-cards", "1xT4"]) == 0
     assert "!over the limit" in capsys.readouterr().out
+    assert main(["plan", "--profile", "tiny", "--serve-cards", "2xT4"]) == 2            # no T4 figures there
+    err = capsys.readouterr().err
+    assert err == "error: params.yaml orchestration.estimate: cards.t4: no sustained fp16 figure (cards with one: [])\n"
     assert parse_cards(" 2 x T4 ") == (2, "t4")
     with pytest.raises(ValueError):
         parse_cards("T4")
