@@ -209,8 +209,8 @@ def training_samples(section: dict, rows: float) -> float:
     return samples
 
 
-def task_passes(cfg: dict, name: str, keys: dict, rows: dict[str, int], rates: Rates | None) -> list[Pass]:
-    """What task (name, keys) computes: its training, evaluation and inference passes."""
+def task_passes(cfg: dict, name: str, rows: dict[str, int], rates: Rates | None) -> list[Pass]:
+    """What a task of step `name` computes: its training, evaluation and inference passes."""
     nan = float("nan")
     train_rate, infer_rate, eval_rate = (rates.train, rates.infer, rates.evaluate) if rates else (nan, nan, nan)
     train_len, infer_len = cfg["text"]["train_max_length"], cfg["text"]["infer_max_length"]
@@ -289,7 +289,7 @@ def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], gpus: 
     est, step = cfg["orchestration"]["estimate"], STEPS[name]
     model = task_model(cfg, name, keys)
     rates = model_rates(cfg, model, card) if model else None
-    passes = task_passes(cfg, name, keys, rows, rates)
+    passes = task_passes(cfg, name, rows, rates)
     width = min(step_width(cfg, name), gpus) if step.gpu else 0
     load = rates.load_s if rates else 0.0
     if model is None:            # a fixed-cost step (CPU steps, ensemble, quantize): not data-parallel
