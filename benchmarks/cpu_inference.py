@@ -115,7 +115,7 @@ def time_training(net, ids, labels, pad_id, L, bs, steps: int, repeats: int, tmp
     every run sees the same rows (the trainer's seeded order)."""
     from lmsys.settings import TrainerSettings
     settings = TrainerSettings(epochs=1, batch_size=bs, grad_accum=1, lr=1e-4, warmup_steps=0, max_steps=steps,
-                               eval_every=None, checkpoint_every=None)
+                               eval_every=None, checkpoint_every=None, packing=False, pack_tokens=4096)
     rows = TrainSet(ids, labels, pad_id)
     train_classifier(net, rows, out_dir=tmp / "warmup", settings=settings.model_copy(update={"max_steps": 1}), seed=0)
     cpu = {"dynamic": float("inf"), "fixed": float("inf")}

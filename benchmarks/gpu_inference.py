@@ -451,7 +451,7 @@ def lora_step(model, tiny, device, R, log, batch=2, seq=1024):
     vocab = model.config.vocab_size
     rows = TrainSet(g.integers(3, vocab, size=(3 * batch, seq)).tolist(), g.integers(0, 3, size=3 * batch), pad_id=0)
     settings = TrainerSettings(epochs=1, lr=5e-5, warmup_steps=0, batch_size=batch, grad_accum=1, max_steps=1,
-                               eval_every=None, checkpoint_every=None)
+                               eval_every=None, checkpoint_every=None, packing=False, pack_tokens=4096)
 
     def train(steps: int, tmp: str) -> dict:
         return train_classifier(net, rows, out_dir=Path(tmp) / f"run{steps}", settings=settings.model_copy(update={"max_steps": steps}),

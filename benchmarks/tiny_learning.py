@@ -54,7 +54,7 @@ def main(root: str, opts: dict) -> dict:
     length = int(opts.get("max_length", cfg["text"]["train_max_length"]))
     settings = TrainerSettings(epochs=opts.get("epochs", 3), lr=opts.get("lr", 2e-3), warmup_steps=opts.get("warmup_steps", 2),
                                batch_size=opts.get("batch_size", 16), grad_accum=1, max_steps=None,
-                               eval_every=opts.get("eval_every", 20), checkpoint_every=None)
+                               eval_every=opts.get("eval_every", 20), checkpoint_every=None, packing=False, pack_tokens=4096)
     t0 = time.perf_counter()
     m = train_classifier(net, TrainSet(common.encode(cfg, train, tok, length), common.labels(train), tok.pad_token_id),
                          out_dir=f"{root}/bench-tiny-learning/{time.time_ns()}", settings=settings,

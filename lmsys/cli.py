@@ -448,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "critical path on N GPUs (nothing runs)")
     _add_config_args(p)
     p.add_argument("--gpus", type=int, default=1, help="GPUs to schedule the GPU tasks on (default 1)")
+    p.add_argument("--card", help="price on this card (a key of orchestration.estimate.cards, e.g. h200, h100, a100-80g): "
+                                  "the figures rescaled by sustained bf16 throughput")
+    p.add_argument("--serve-cards", help="also estimate predict on this card set, e.g. 2xT4 (unmeasured: derived)")
+    p.add_argument("--test-rows", type=int, help="test rows of the serving estimate (default: the run's test rows)")
     p.add_argument("--root", help="the run's root (its prepared tables give the row counts when they exist)")
     p.set_defaults(func=cmd_plan)
     return ap

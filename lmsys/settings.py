@@ -118,6 +118,8 @@ class TrainerSettings(Section):
     max_steps: Optional[int] = Field(ge=1)            # null: the epochs decide
     eval_every: Optional[int] = Field(ge=1)           # null: one evaluation, at the end
     checkpoint_every: Optional[int] = Field(ge=1)     # null: no resumable checkpoints
+    packing: bool                                     # padding-free micro-batches of at most pack_tokens tokens
+    pack_tokens: int = Field(ge=8)
     weight_decay: float = Field(default=0.0, ge=0)
 
 
@@ -233,6 +235,7 @@ class Orchestration(Section):
     timeout_s: int = Field(ge=1)
     timeouts: dict[str, int]
     shard_rows: int = Field(ge=1)
+    step_gpus: dict[str, int]                 # step name -> GPUs its job uses data-parallel (missing = 1)
     slurm: Slurm
     estimate: dict[str, Any]                  # priced and checked by lmsys.plan
 

@@ -24,7 +24,7 @@ RESUME_CFG = {"epochs": 2, "lr": 3e-3, "warmup_steps": 2, "batch_size": 8, "grad
               "checkpoint_every": 2, "eval_every": None}
 # what a test leaves out of its trainer settings (params.yaml always states every one)
 TRAINER_DEFAULTS = {"epochs": 1, "lr": 1e-3, "warmup_steps": 0, "batch_size": 8, "grad_accum": 1, "max_steps": None,
-                    "eval_every": None, "checkpoint_every": None}
+                    "eval_every": None, "checkpoint_every": None, "packing": False, "pack_tokens": 4096}
 
 
 def settings(**over):

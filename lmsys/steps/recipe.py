@@ -8,7 +8,6 @@ read this table; `lmsys steps` prints it.
 
 `tasks_of(cfg)` is the tasks of a run, in table order; `graph(cfg)` is which tasks each task waits
 for: those that write a file or directory it reads (derived from inputs/outputs, never listed).
-`levels(cfg)` groups the tasks by their depth in that graph (for estimates and display).
 """
 from __future__ import annotations
 
@@ -191,19 +190,6 @@ def graph(cfg: dict) -> dict[str, list[str]]:
         ins = [p.resolve() for p in STEPS[n].inputs(cfg, layout, **k)]
         deps[me] = [t for t, os_ in outs.items() if t != me and any(_writes(o, p) for o in os_ for p in ins)]
     return deps
-
-
-def levels(cfg: dict) -> list[list[tuple[str, dict]]]:
-    """The tasks grouped by depth in graph(cfg) (a task's level is one more than its deepest
-    upstream task's), in table order within a level."""
-    deps, depth = graph(cfg), {}
-    tasks = tasks_of(cfg)
-    for n, k in tasks:                          # table order is a topological order (checked)
-        me = task_label(n, k)
-        if any(d not in depth for d in deps[me]):
-            raise ValueError(f"the recipe table lists {me} before a task it reads from: {deps[me]}")
-        depth[me] = 1 + max((depth[d] for d in deps[me]), default=-1)
-    return [[(n, k) for n, k in tasks if depth[task_label(n, k)] == i] for i in range(max(depth.values()) + 1)]
 
 
 # ---------------------------------------------------------------- running one step
