@@ -54,6 +54,7 @@ class ConfigError(ValueError):
 class Layer:
     label: str           # how `lmsys config` names it: "params.yaml", "profiles.tiny", "--set"
     values: dict         # its sections, nested
+    replaces: tuple = () # the dotted keys whose whole value it replaces (overrides); a file layer deep-merges
 
 
 # ---------------------------------------------------------------- dotted keys
@@ -91,6 +92,15 @@ def nested(key: str, value: Any) -> dict:
     for part in reversed(key.split(".")):
         out = {part: out}
     return out
+
+
+def set_in(cfg: dict, key: str, value: Any) -> None:
+    """cfg["a"]["b"] = value for key "a.b" (the sections on the way exist)."""
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part]
+    node[last] = copy.deepcopy(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -135,7 +145,7 @@ def layers(profile: str | None = None, overrides: Mapping[str, Any] | None = Non
             raise ConfigError(f"unknown config key {key!r}" + _near(known, key))
         over = deep_merge(over, nested(key, value))
     if over:
-        out.append(Layer("--set", over))
+        out.append(Layer("--set", over, replaces=tuple(overrides)))
     return profile, out
 
 
@@ -158,7 +168,12 @@ def merge(stack: list[Layer]) -> dict:
     does not set itself in any layer (the precedence rule in the module docstring)."""
     cfg: dict = {}
     for layer in stack:
-        cfg = deep_merge(cfg, layer.values)
+        if layer.replaces:                     # `--set models.specs.gemma={...}` is that spec, not merged into it
+            for key in layer.replaces:
+                cfg = deep_merge(cfg, nested(key, None))
+                set_in(cfg, key, get_dotted(layer.values, key))
+        else:
+            cfg = deep_merge(cfg, layer.values)
     defaults = cfg.get(TRAINER) or {}
     for section in TRAINING_SECTIONS:
         cfg[section] = {**defaults, **(cfg.get(section) or {})}

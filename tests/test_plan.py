@@ -56,11 +56,12 @@ def test_pack_lengths_hold_every_row_within_the_budget_in_flex_blocks():
 def test_evaluation_passes_are_what_the_trainer_does(tmp_path, tok, n, cfg):
     """The plan counts as many passes over the validation rows as lmsys.train makes (a real run)."""
     from lmsys.models import build_model
-    from lmsys.train import train_classifier
-    from train_worker import SPEC, make_task
+    from lmsys.train import TrainSet, ValSet, train_classifier
+    from train_worker import SPEC, make_task, settings
     ids, y = make_task(n, len(tok), seed=0)
     vids, vy = make_task(6, len(tok), seed=1)
-    metrics = train_classifier(build_model(SPEC, tok), ids, y, tmp_path, {**cfg, "lr": 1e-3}, tok.pad_token_id, vids, vy)
+    metrics = train_classifier(build_model(SPEC, tok), TrainSet(ids, y, tok.pad_token_id), out_dir=tmp_path,
+                               settings=settings(**cfg), val=ValSet(vids, vy))
     assert metrics["steps"] == token_model.optimizer_steps(n, cfg)
     assert len(metrics["evals"]) == token_model.evaluation_passes(n, cfg)
 
