@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import flow_config, pipeline
 from flows.runners import make_task_runner
-from lmsys.config import ROOT, load_config
+from lmsys.config import ProfileName, ROOT, load_config
 from lmsys.paths import Layout
 from stages import lineage
 
@@ -30,7 +30,7 @@ def _run_pipeline(**params) -> dict:
 
 
 @flow(name="lmsys-rerun-if-data-changed", log_prints=True)
-def rerun_if_data_changed(profile: Literal["tiny", "small", "full"] = "tiny",
+def rerun_if_data_changed(profile: ProfileName = "tiny",
                           train: str | None = None, test: str | None = None,
                           external: list[str] | None = None, ut: str | None = None,
                           overrides: dict | None = None) -> dict:
@@ -51,7 +51,7 @@ def rerun_if_data_changed(profile: Literal["tiny", "small", "full"] = "tiny",
 
 @flow(name="lmsys-ingest-new-data", log_prints=True)
 def ingest_new_data(path: str, kind: Literal["train", "external", "ut", "test"] = "external",
-                    profile: Literal["tiny", "small", "full"] = "tiny", overrides: dict | None = None) -> dict:
+                    profile: ProfileName = "tiny", overrides: dict | None = None) -> dict:
     """Event-triggered: the pipeline with the added file. external: joins the configured external
     files; train / ut / test: replaces that table's file (the other tables stay as configured)."""
     from lmsys.steps.prepare import data_files, uses_demo

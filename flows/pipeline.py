@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -23,7 +22,7 @@ from flows.check import preflight
 from flows.console import Progress, previous_seconds
 from flows.runners import check_slurm, is_dask, make_task_runner, wait_any
 from tasks.secrets import use_prefect_secret
-from lmsys.config import load_config
+from lmsys.config import ProfileName, load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
 from lmsys.plan import step_timeout
@@ -115,7 +114,7 @@ class Scheduler:
 
 
 @flow(name="lmsys-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
+def pipeline(profile: ProfileName = "tiny",
              train: str | None = None, test: str | None = None,
              external: list[str] | None = None, ut: str | None = None,
              overrides: dict | None = None, root: str | None = None, check: bool = True) -> dict:

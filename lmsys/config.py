@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -40,6 +40,7 @@ PROFILES = {
     "gpu-smoke": "the full profile's CUDA code paths with small random-init models of the real architectures, in "
                  "minutes on one GPU: its figures say nothing about quality",
 }
+ProfileName = Literal[tuple(PROFILES)]     # the flows' `profile` parameter (a choice in the Prefect UI)
 TRAINER = "trainer"                                              # the training sections' defaults
 # libyaml's safe loader when PyYAML has it (10x faster: the flow resolves params.yaml on every run)
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
