@@ -27,19 +27,25 @@ from lmsys.io import write_json
 from lmsys.paths import Layout
 from lmsys.plan import step_timeout
 from lmsys.steps.recipe import STEPS, graph, tasks_of, task_label
-from tasks.steps import outputs_match, run_step
+from tasks.steps import cached_here, outputs_match, run_step
 
 # Seconds between updates of the progress artifact (one API call each); the last task always updates it.
 PROGRESS_EVERY_S = 5.0
 DATA = ("train", "test", "external", "ut")      # the flow's data parameters: data.<name> overrides
 
 
+def _task(name: str, cfg: dict, keys: dict, refresh: bool):
+    """The Prefect task of one step and its keys: its name, retries and timeout."""
+    o = cfg["orchestration"]
+    return run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
+                                 timeout_seconds=step_timeout(cfg, name) if o["runner"] == "slurm" else None,
+                                 refresh_cache=refresh)   # a local thread cannot be stopped: Prefect only warns
+
+
 def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list):
     import dask
     o = cfg["orchestration"]
-    t = run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
-                              timeout_seconds=step_timeout(cfg, name) if o["runner"] == "slurm" else None,
-                              refresh_cache=refresh)   # a local thread cannot be stopped: Prefect only warns
+    t = _task(name, cfg, keys, refresh)
     if STEPS[name].gpu and o["runner"] == "slurm":
         with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
             return t.submit(name, cfg, keys, wait_for=wait_for)
@@ -49,9 +55,25 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list):
     return t.submit(name, cfg, keys, wait_for=wait_for)
 
 
+class Finished:
+    """A task the flow ran in its own process (a predicted cache hit), answering as a finished future."""
+    wrapped_future = None
+
+    def __init__(self, state):
+        self.state = state
+
+    def result(self):
+        return self.state.result()
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
+
+
 class Scheduler:
     """Submits each task of the run once the tasks that write its inputs have finished, and keeps
-    one record per task (state, where and when it ran) in the order the tasks finished."""
+    one record per task (state, where and when it ran) in the order the tasks finished. A task whose
+    cache hit is certain beforehand (tasks.steps.cached_here) runs in the flow's process instead: a
+    rerun with nothing changed sends no task to a worker, so it starts no SLURM job."""
 
     def __init__(self, cfg: dict, task_runner, console: Progress | None = None):
         self.cfg, self.task_runner, self.console = cfg, task_runner, console
@@ -68,6 +90,10 @@ class Scheduler:
         for t in [t for t in self.waiting if all(d in self.records for d in self.deps[t])]:
             self.waiting.remove(t)
             n, k = self.tasks[t]
+            if cached_here(self.cfg, n, k):
+                task = _task(n, self.cfg, k, refresh=False)
+                self.running[t] = Finished(task(n, self.cfg, k, return_state=True, wait_for=self.upstream(t)))
+                continue
             missing = not all(Path(p).exists() for p in STEPS[n].outputs(self.cfg, layout, **k))
             self.running[t] = _submit(n, self.cfg, k, refresh=missing, wait_for=self.upstream(t))
 
@@ -89,7 +115,8 @@ class Scheduler:
         # and a worker job that goes (scancel) makes Dask recompute it, although its outputs are on disk
         if is_dask(self.task_runner):
             self.done[label] = fut.state
-            fut.wrapped_future.release()              # the result stays on disk and in Prefect, not on a worker
+            if fut.wrapped_future is not None:
+                fut.wrapped_future.release()          # the result stays on disk and in Prefect, not on a worker
         else:
             self.done[label] = fut
         state = "Completed (refreshed)" if label in self.refreshed else state

@@ -45,6 +45,8 @@ from lmsys.io import write_json
 from lmsys.paths import Layout
 
 N_ROWS = 4                                  # test rows of the forward check
+# orchestration.slurm keys that size the pool of worker jobs, not the job the check submits: not in its key
+SCALING_KEYS = ("min_jobs", "max_jobs", "cpu_jobs", "worker_wait_s")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
 HEAD_SUFFIXES = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 SOURCES = {"train": "kaggle", "test": "kaggle", "ut": "ultrafeedback"}     # as lmsys.steps.prepare reads them
@@ -545,7 +547,8 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
     blob = {"profile": cfg["profile"], "root": str(layout.root), "specs": specs,
             "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
-            "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
+            "slurm": {k: v for k, v in cfg["orchestration"]["slurm"].items() if k not in SCALING_KEYS}
+            if runner == "slurm" else None,
             "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
                                                       "data/validate.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

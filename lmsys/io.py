@@ -88,3 +88,55 @@ def tree_sha256(path: str | Path) -> str:
         h.update(str(p.relative_to(path)).encode())
         h.update(file_sha256(p).encode())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- content hashes kept beside outputs
+
+def manifest_path(path: str | Path) -> Path:
+    """Where the content manifest of `path` (a step's output file or directory) lives: beside it,
+    `.<name>.manifest.json` (a dot name: tree_sha256 of an enclosing directory leaves it out)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.manifest.json")
+
+
+def _listing(path: Path) -> dict[str, Path]:
+    if path.is_file():
+        return {"": path}
+    return {str(p.relative_to(path)): p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def write_manifest(path: str | Path) -> dict:
+    """Hash `path` once and record, beside it, its tree_sha256 with every file's size and mtime, so a
+    later content_hash of an unchanged output reads the record instead of every byte (a merged 9B model
+    is ~18 GB). Called by whoever has just written `path` (tasks/steps.py after a step)."""
+    path = Path(path)
+    files = {rel: [p.stat().st_size, p.stat().st_mtime_ns, file_sha256(p)] for rel, p in _listing(path).items()}
+    record = {"tree": _tree_hash(files), "files": files}
+    write_json(record, manifest_path(path))
+    return record
+
+
+def _tree_hash(files: dict[str, list]) -> str:
+    """tree_sha256 from the files' own hashes (the same value)."""
+    if list(files) == [""]:
+        return files[""][2]
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode())
+        h.update(files[rel][2].encode())
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """tree_sha256(path), read from its manifest when the manifest names exactly the files there now with
+    their sizes and mtimes (cheap: a stat per file); hashed in full otherwise."""
+    path = Path(path)
+    try:
+        record = json.loads(manifest_path(path).read_text())
+        now = _listing(path)
+        if set(now) == set(record["files"]) and all(
+                [p.stat().st_size, p.stat().st_mtime_ns] == record["files"][rel][:2] for rel, p in now.items()):
+            return record["tree"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return tree_sha256(path)

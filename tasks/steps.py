@@ -7,8 +7,12 @@ JSON-able: output paths, metrics, the host, pid and SLURM job it ran under, when
 finished. While a task runs, artifacts/<profile>/.running/<task>.json names where it runs.
 
 Every run writes a stamp (artifacts/<profile>/.stamps/<task>.json) naming the key its outputs were
-made under. The flow trusts a cache hit only when the outputs exist and carry the hit's key;
-otherwise it reruns the task with refresh_cache (outputs deleted or overwritten by other params).
+made under, and a manifest beside each output (lmsys.io.write_manifest: its content hash with every
+file's size and mtime), so hashing an unchanged input later costs a stat per file, not a read of every
+byte. The flow trusts a cache hit only when the outputs exist and carry the hit's key; otherwise it
+reruns the task with refresh_cache (outputs deleted or overwritten by other params). `cached_here`
+predicts a hit before submitting: the flow runs those in its own process (a SLURM rerun with nothing
+changed starts no GPU job).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
 from lmsys.config import get_dotted
-from lmsys.io import tree_sha256, write_json
+from lmsys.io import content_hash, write_json, write_manifest
 from lmsys.paths import Layout
 from lmsys.steps import Step
 from lmsys.steps import code
@@ -48,7 +52,7 @@ def input_hashes(step: Step, cfg: dict, layout: Layout, keys: dict) -> dict[str,
     out = {}
     for p in step.inputs(cfg, layout, **keys):
         p = Path(p)
-        out[_key_path(p, layout)] = tree_sha256(p) if p.exists() else "missing"
+        out[_key_path(p, layout)] = content_hash(p) if p.exists() else "missing"
     return out
 
 
@@ -78,6 +82,14 @@ def outputs_match(cfg: dict, name: str, keys: dict, key: str) -> bool:
     return json.loads(stamp.read_text()).get("key") == key
 
 
+def cached_here(cfg: dict, name: str, keys: dict) -> bool:
+    """Will the task be a cache hit? Its key now, its outputs carrying that key (outputs_match), and
+    Prefect's result record of that key in the result store. Cheap (manifests); no step code runs."""
+    from prefect.results import get_result_store
+    key = cache_key(name, cfg, keys)
+    return outputs_match(cfg, name, keys, key) and get_result_store().exists(key)
+
+
 def _key_fn(context: TaskRunContext, parameters: dict) -> str:
     return cache_key(parameters["name"], parameters["cfg"], parameters["keys"])
 
@@ -98,6 +110,8 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
         result = run(name, cfg, Layout.of(cfg), **keys)
     finally:
         marker.unlink(missing_ok=True)         # stays only where the process died mid-task
+    for p in result.outputs:
+        write_manifest(p)                     # the next cache key reads it instead of rehashing the bytes
     info = {"step": name, "keys": keys, "key": key, "outputs": [str(p) for p in result.outputs],
             "metrics": result.metrics, **where, "seconds": time.perf_counter() - t0, "finished": time.time()}
     write_json({"key": key, "outputs": info["outputs"]}, stamp_path(cfg, name, keys))

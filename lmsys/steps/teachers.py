@@ -106,8 +106,8 @@ def resumable_logits(cfg: dict, model: str, net, tok, ids: list[list[int]], out:
     keyed by the model's spec and the adapter's content, so a killed job resumes at its last finished
     shard. The caller writes `out`, then removes shard_dir(out)."""
     from lmsys.infer import predict_logits_resumable
-    from lmsys.io import tree_sha256
-    key = json.dumps({"spec": common.spec(cfg, model), "adapter": tree_sha256(adapter_dir)}, sort_keys=True, default=str)
+    from lmsys.io import content_hash
+    key = json.dumps({"spec": common.spec(cfg, model), "adapter": content_hash(adapter_dir)}, sort_keys=True, default=str)
     logits, _ = predict_logits_resumable(net, ids, tok.pad_token_id, batch_size, shard_dir(out),
                                          int(cfg["orchestration"]["shard_rows"]), key=key,
                                          progress_every=progress_every, desc=desc)

@@ -295,3 +295,29 @@ def test_scancel_mid_training_resumes_and_matches_the_undisturbed_run(slurm_run,
                     "the downstream cache hits cannot be checked")
     assert all(rec[t]["state"] == "Cached" for t in ("calibrate-modelllama", "distill-fold0", "distill-fold1",
                                                      "ensemble", "predict")), rec
+
+
+# ---------------------------------------------------------------- a rerun with nothing changed
+
+def _slurm_jobs() -> set[str]:
+    """Ids of the jobs slurmctld knows: pending, running, and finished within MinJobAge (300 s by default)."""
+    r = subprocess.run(["scontrol", "-o", "show", "jobs"], capture_output=True, text=True, check=False)
+    return set(re.findall(r"JobId=(\d+)", r.stdout))
+
+
+def test_an_unchanged_rerun_starts_no_slurm_job(slurm_run, pipeline_api):
+    """The flow predicts every task's cache hit (its key from the inputs' manifests, the outputs carrying
+    that key, Prefect's result record) and runs the hits in its own process: with adaptive jobs
+    (min_jobs 0) nothing reaches the cluster, so no worker job and no check job is submitted."""
+    root = slurm_run[0]
+    before = _slurm_jobs()
+    t0 = time.perf_counter()
+    out = pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(root),
+                                    overrides={**SLURM, "orchestration.slurm.min_jobs": 0})
+    new = _slurm_jobs() - before
+    print(f"\n[slurm rerun] {time.perf_counter() - t0:.1f} s wall, {out['cached']}/{out['tasks']} cached, "
+          f"new jobs {sorted(new)}", file=sys.stderr)
+    assert out["tasks"] == out["cached"] == _n_tasks(SLURM)
+    assert new == set()
+    rec = _records(root)
+    assert {r["state"] for r in rec.values()} == {"Cached"}
