@@ -407,7 +407,7 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
     """The forward line of model `name` (and, for gguf, its head and LoRA lines from the loaded model)."""
     import numpy as np
     from lmsys import models
-    from lmsys.infer import predict_logits
+    from lmsys.infer import classify, route
     from lmsys.steps import common
     spec, label = common.spec(cfg, name), f"model {name}"
     dev, dt = common.device(), common.dtype()
@@ -422,8 +422,8 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
         net = models.build_model(spec, tok, device=dev, trainable=False, dtype=dt)
         if spec.get("kind") == "gguf":
             lines += [head_check(label, net), Check(f"{label}: LoRA targets", OK, _peft_targets(net))]
-        L = cfg["text"]["infer_max_length"]
-        z = [predict_logits(net, common.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows)) for s in (False, True)]
+        L, path = cfg["text"]["infer_max_length"], route(net, cfg["infer"])      # the inference path its steps take
+        z = [classify(net, common.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows), path) for s in (False, True)]
     except Exception as e:                       # noqa: BLE001  (any load or forward failure is the finding)
         if spec.get("kind") == "gguf" and str(e).startswith("no LoRA targets"):
             lines.append(Check(f"{label}: LoRA targets", FAIL, one_line(e), "use a supported architecture"))
@@ -437,7 +437,8 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
                               f"{[bool(np.isfinite(x).all()) for x in z]}", "check the model's dtype and weights")]
     job = os.environ.get("SLURM_JOB_ID")
     return lines + [Check(what, OK, f"{n} test rows x 2 orders (A/B, B/A) -> finite logits [{n}, 3] in "
-                                    f"{time.perf_counter() - t0:.1f} s" + (f" (job {job} on {socket.gethostname()})" if job else ""))]
+                                    f"{time.perf_counter() - t0:.1f} s, {path.describe()}"
+                                    + (f" (job {job} on {socket.gethostname()})" if job else ""))]
 
 
 def _peft_targets(net) -> str:
@@ -535,7 +536,8 @@ def _disk_estimate(cfg: dict, layout: Layout, weight_bytes: dict[str, int]) -> t
 def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None) -> str:
     """A hash of what the checks read: the models' specs and sources (package versions, local dirs'
     config/index stamps), the data files (size, mtime) or the demo parameters, the runner's settings,
-    the text settings and this module's code. The flow caches its check task on it."""
+    the text and inference settings and the code of the checks, the models and inference. The flow
+    caches its check task on it."""
     from lmsys.steps.prepare import data_files, uses_demo
     layout = Layout.of(cfg)
     here = Path(__file__).resolve().parent      # sources read, not imported: a cached rerun pays no torch import
@@ -544,10 +546,11 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
     data = cfg["demo"] if uses_demo(cfg) else {t: [_stat(p) for p in ps] for t, ps in data_files(cfg, layout).items()}
     blob = {"profile": cfg["profile"], "root": str(layout.root), "specs": specs,
             "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
+            "infer": cfg["infer"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
             "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
             "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
-                                                      "data/validate.py")]}
+                                                      "devices.py", "infer.py", "infer_packed.py", "data/validate.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -226,7 +226,7 @@ def test_main_at_d5c1397_repriced_is_far_over_the_targets():
     """The same token model with the levers off (padded micro-batches, teacher evaluations every 400
     steps, one GPU a task, padded fp32-cast nf4 inference): what today's code costs."""
     today = {"trainer.packing": False, "train_teacher.eval_every": 400, "orchestration.step_gpus": {},
-             "orchestration.estimate.code": {"packed_inference": False, "nf4_inference_bf16": False}}
+             "infer.packed": False, "orchestration.estimate.code": {"nf4_inference_bf16": False}}
     e = estimate(load_config("full", today), 8)
     assert e["gpu_hours"] > 2500 and e["wall_s"] / 86400 > 20
     teacher = next(t for t in e["tasks"] if t.step == "train-teacher")
