@@ -9,12 +9,14 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
   model <name>: LoRA targets       lmsys.models.lora_config finds its targets in the architecture
   model <name>: forward            loaded as its steps load it (nf4 / bf16 on a GPU, fp32 on a CPU), a
                                    handful of rows of the configured test file in both A/B orders give
-                                   finite [n, 3] logits; tiny kinds use a throwaway tokenizer on those rows
+                                   finite [n, 3] logits on the inference path its steps take (packed or
+                                   padded: lmsys.infer.route); tiny kinds use a throwaway tokenizer on those rows
   quantize: GPTQ backend           when quantize.enabled
   data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
   slurm: ...                       runner slurm (lmsys/check_slurm.py): commands, partition, GRES,
                                    sbatch --test-only, then one job on the GPU worker type that reports
                                    its host and GPU, reaches the Prefect API and runs the forward checks
+  runner local-gpus: devices       runner local-gpus: orchestration.local_gpus exist here; the worker groups
   disk                             free space under the artifact root against an estimate of the run's size
 
 Each line is a lmsys.check_table.Check; exit code (`exit_code`): 2 when a check failed, 1 with warnings
@@ -83,6 +85,8 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
     if runner == "slurm":
         checks += slurm_checks(cfg, layout, api_url, rows, loadable, in_job)
     else:
+        if runner == "local-gpus":
+            checks.append(local_gpus_check(cfg))
         checks += forward_checks(cfg, rows, loadable)
     checks += [Check(f"model {n}: forward", SKIP, "not loaded: fix the lines above first") for n in skipped]
     say("models loaded")
@@ -304,6 +308,26 @@ def lora_check(label: str, spec: dict, model) -> Check:
             and m_name.rsplit(".", 1)[-1] in lc.target_modules)
     return Check(f"{label}: LoRA targets", OK, f"r={lc.r} alpha={lc.lora_alpha} on {', '.join(sorted(lc.target_modules))} "
                                                f"({n} layers); head {', '.join(lc.modules_to_save)} trained fully")
+
+
+def local_gpus_check(cfg: dict) -> Check:
+    """The local-gpus runner's devices (orchestration.local_gpus) exist here, and the worker groups it
+    will start on them (lmsys.plan.local_gpu_layout)."""
+    import torch
+
+    from lmsys.plan import local_gpu_layout
+    name, seen = "runner local-gpus: devices", torch.cuda.device_count()
+    try:
+        groups = local_gpu_layout(cfg)
+    except ValueError as e:
+        return Check(name, FAIL, one_line(e), "list the GPUs in orchestration.local_gpus, or use --runner local")
+    devices = list(dict.fromkeys(d for g in groups for d in g))
+    missing = [d for d in devices if d.isdigit() and int(d) >= seen]
+    if missing:
+        return Check(name, FAIL, f"orchestration.local_gpus lists device(s) {', '.join(missing)}, torch sees {seen} "
+                     f"CUDA device(s) here", "list only the devices of this machine (nvidia-smi -L)")
+    return Check(name, OK, f"{len(devices)} GPU(s) {', '.join(devices)} of {seen} seen; workers on groups "
+                           f"{', '.join('+'.join(g) for g in groups)} and {cfg['orchestration']['local_workers']} CPU worker(s)")
 
 
 def gptq_check(name: str = "quantize: GPTQ backend") -> Check:
@@ -549,6 +573,7 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
             "infer": cfg["infer"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
             "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
+            "local_gpus": cfg["orchestration"]["local_gpus"] if runner == "local-gpus" else None,
             "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
                                                       "devices.py", "infer.py", "infer_packed.py", "data/validate.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

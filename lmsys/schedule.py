@@ -128,6 +128,7 @@ class DevicePool:
 
     def __init__(self, groups: list[tuple[str, ...]]):
         self.groups = list(groups)
+        self.devices = list(dict.fromkeys(d for g in self.groups for d in g))
         self.widths = {len(g) for g in self.groups}
         self.busy: set[str] = set()
 
