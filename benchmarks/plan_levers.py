@@ -34,7 +34,7 @@ LEVERS = [   # (name, overrides on top of the previous row, where it stands)
      "works on main: lmsys.train evaluates once at the end when eval_every is null (config only)"),
     ("packed training (trainer.packing, 4096-token packs)", {"trainer.packing": True},
      "not on main: issue 19 item 1"),
-    ("nf4 inference builds without peft's fp32 casts", {"orchestration.estimate.code.nf4_inference_bf16": True},
+    ("nf4 inference builds without peft's fp32 casts", {"orchestration.estimate.code": {"nf4_inference_bf16": True}},
      "issue 19 item 3: lmsys.models builds inference-only nf4 models without peft's preparation"),
     ("packed inference in filter-score, teacher-logits, OOF, predict", {"infer.packed": "auto"},
      "issue 19 item 4: infer.packed auto (packed on a verified capability: the H200's 9.0)"),

@@ -61,7 +61,7 @@ def test_the_cluster_starts_four_gpu_workers_each_seeing_its_own_device(prefect_
     def probe():
         client = FlowRunContext.get().task_runner.client
         names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
-        seen = {names[a]: env for a, env in client.run(os.environ.get, "CUDA_VISIBLE_DEVICES").items()}
+        seen = {names[a]: env for a, env in client.run(os.getenv, "CUDA_VISIBLE_DEVICES").items()}
         ran = {}
         for d in ("0", "1", "2", "3"):
             with dask.annotate(workers=[gpu_worker_name((d,))], allow_other_workers=False, resources={"GPU": 1}):
