@@ -28,16 +28,16 @@ from lmsys.config import load_config                      # noqa: E402
 from lmsys.steps import recipe                            # noqa: E402
 
 TODAY = {"trainer.packing": False, "train_teacher.eval_every": 400, "orchestration.step_gpus": {},
-         "orchestration.estimate.code": {"packed_inference": False, "nf4_inference_bf16": False}}
+         "infer.packed": False, "orchestration.estimate.code": {"nf4_inference_bf16": False}}
 LEVERS = [   # (name, overrides on top of the previous row, where it stands)
     ("teacher evaluation once, at the end (train_teacher.eval_every null)", {"train_teacher.eval_every": None},
      "works on main: lmsys.train evaluates once at the end when eval_every is null (config only)"),
     ("packed training (trainer.packing, 4096-token packs)", {"trainer.packing": True},
      "not on main: issue 19 item 1"),
-    ("nf4 inference builds without peft's fp32 casts", {"orchestration.estimate.code.nf4_inference_bf16": True},
-     "not on main: issue 19 item 3"),
-    ("packed inference in filter-score, teacher-logits, OOF, predict", {"orchestration.estimate.code.packed_inference": True},
-     "not on main: issue 19 item 4"),
+    ("nf4 inference builds without peft's fp32 casts", {"orchestration.estimate.code": {"nf4_inference_bf16": True}},
+     "issue 19 item 3: lmsys.models builds inference-only nf4 models without peft's preparation"),
+    ("packed inference in filter-score, teacher-logits, OOF, predict", {"infer.packed": "auto"},
+     "issue 19 item 4: infer.packed auto (packed on a verified capability: the H200's 9.0)"),
     ("data-parallel steps (the full profile's orchestration.step_gpus, efficiency 0.9)",
      {"orchestration.step_gpus": load_config("full")["orchestration"]["step_gpus"]},
      "not on main: issue 19 item 2"),

@@ -20,12 +20,14 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from flows.check import preflight
 from flows.console import Progress, previous_seconds
-from flows.runners import check_slurm, is_dask, make_task_runner, wait_any
+from flows.runners import (CPU_RESOURCE, DASK_RUNNERS, check_slurm, gpu_worker_name, is_dask, make_task_runner,
+                           wait_any)
 from tasks.secrets import use_prefect_secret
 from lmsys.config import ProfileName, load_config
 from lmsys.io import write_json
 from lmsys.paths import Layout
-from lmsys.plan import step_timeout
+from lmsys.plan import local_gpu_layout, step_timeout, step_width
+from lmsys.schedule import DevicePool
 from lmsys.steps.recipe import STEPS, graph, tasks_of, task_label
 from tasks.steps import cached_here, outputs_match, run_step
 
@@ -38,19 +40,26 @@ def _task(name: str, cfg: dict, keys: dict, refresh: bool):
     """The Prefect task of one step and its keys: its name, retries and timeout."""
     o = cfg["orchestration"]
     return run_step.with_options(name=task_label(name, keys), retries=o["retries"], retry_delay_seconds=o["retry_delay_s"],
-                                 timeout_seconds=step_timeout(cfg, name) if o["runner"] == "slurm" else None,
+                                 timeout_seconds=step_timeout(cfg, name) if o["runner"] in DASK_RUNNERS else None,
                                  refresh_cache=refresh)   # a local thread cannot be stopped: Prefect only warns
 
 
-def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list):
+def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list, devices: tuple[str, ...] | None = None):
+    """Submit one task. On the local-gpus runner a GPU task goes to the worker of `devices`, the
+    group of GPUs the Scheduler took for it; CPU steps go to CPU-only workers there and on SLURM
+    with cpu_jobs."""
     import dask
     o = cfg["orchestration"]
     t = _task(name, cfg, keys, refresh)
+    if devices is not None:                              # local-gpus: that group's worker and no other
+        with dask.annotate(workers=[gpu_worker_name(devices)], allow_other_workers=False,
+                           resources={"GPU": len(devices)}):
+            return t.submit(name, cfg, keys, wait_for=wait_for)
     if STEPS[name].gpu and o["runner"] == "slurm":
         with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
             return t.submit(name, cfg, keys, wait_for=wait_for)
-    if o["runner"] == "slurm" and int(o["slurm"].get("cpu_jobs") or 0):
-        with dask.annotate(resources={"CPU_JOB": 1}):    # CPU steps on the CPU job template's workers
+    if o["runner"] == "local-gpus" or (o["runner"] == "slurm" and int(o["slurm"].get("cpu_jobs") or 0)):
+        with dask.annotate(resources={CPU_RESOURCE: 1}):  # CPU steps on the CPU-only workers
             return t.submit(name, cfg, keys, wait_for=wait_for)
     return t.submit(name, cfg, keys, wait_for=wait_for)
 
@@ -73,7 +82,11 @@ class Scheduler:
     """Submits each task of the run once the tasks that write its inputs have finished, and keeps
     one record per task (state, where and when it ran) in the order the tasks finished. A task whose
     cache hit is certain beforehand (tasks.steps.cached_here) runs in the flow's process instead: a
-    rerun with nothing changed sends no task to a worker, so it starts no SLURM job."""
+    rerun with nothing changed sends no task to a worker, so it starts no SLURM job.
+
+    On the local-gpus runner a ready GPU task also waits for a free device group of its width
+    (lmsys.schedule.DevicePool over the runner's workers' groups, as `lmsys plan` schedules them):
+    it holds the group until it finishes, so overlapping workers never share a device."""
 
     def __init__(self, cfg: dict, task_runner, console: Progress | None = None):
         self.cfg, self.task_runner, self.console = cfg, task_runner, console
@@ -84,18 +97,27 @@ class Scheduler:
         self.done: dict = {}                        # label -> its finished future (its final state on Dask)
         self.refreshed: set[str] = set()
         self.records: dict[str, dict] = {}
+        self.pool = DevicePool(local_gpu_layout(cfg)) if cfg["orchestration"]["runner"] == "local-gpus" else None
+        self.held: dict[str, tuple[str, ...]] = {}  # label -> the device group a running task holds
 
     def submit_ready(self) -> None:
         layout = Layout.of(self.cfg)
         for t in [t for t in self.waiting if all(d in self.records for d in self.deps[t])]:
-            self.waiting.remove(t)
             n, k = self.tasks[t]
-            if cached_here(self.cfg, n, k):
+            if cached_here(self.cfg, n, k):         # a certain hit: run here, no worker needed
+                self.waiting.remove(t)
                 task = _task(n, self.cfg, k, refresh=False)
                 self.running[t] = Finished(task(n, self.cfg, k, return_state=True, wait_for=self.upstream(t)))
                 continue
+            if self.pool is not None and STEPS[n].gpu:
+                group = self.pool.take(min(step_width(self.cfg, n), len(self.pool.devices)))
+                if group is None:                   # every group of its width has a busy device: wait
+                    continue
+                self.held[t] = group
+            self.waiting.remove(t)
             missing = not all(Path(p).exists() for p in STEPS[n].outputs(self.cfg, layout, **k))
-            self.running[t] = _submit(n, self.cfg, k, refresh=missing, wait_for=self.upstream(t))
+            self.running[t] = _submit(n, self.cfg, k, refresh=missing, wait_for=self.upstream(t),
+                                      devices=self.held.get(t))
 
     def upstream(self, label: str) -> list:
         """wait_for of a task: its finished upstream tasks (the graph in Prefect's records)."""
@@ -109,8 +131,11 @@ class Scheduler:
         if state == "Cached" and not outputs_match(self.cfg, n, k, res["key"]):
             get_run_logger().warning("%s: cache hit but its outputs were replaced since; rerunning", label)
             self.refreshed.add(label)
-            self.running[label] = _submit(n, self.cfg, k, refresh=True, wait_for=self.upstream(label))
+            self.running[label] = _submit(n, self.cfg, k, refresh=True, wait_for=self.upstream(label),
+                                          devices=self.held.get(label))     # on the group it holds
             return None
+        if label in self.held:
+            self.pool.release(self.held.pop(label))
         # On Dask keep the final state, never the future: a held Dask future pins its result on the worker,
         # and a worker job that goes (scancel) makes Dask recompute it, although its outputs are on disk
         if is_dask(self.task_runner):
@@ -121,8 +146,8 @@ class Scheduler:
             self.done[label] = fut
         state = "Completed (refreshed)" if label in self.refreshed else state
         return {"task": label, "step": n, "gpu": STEPS[n].gpu, "state": state,
-                **{x: res.get(x) for x in ("host", "slurm_job_id", "pid", "started", "seconds", "finished",
-                                           "key", "outputs", "metrics")}}
+                **{x: res.get(x) for x in ("host", "slurm_job_id", "worker", "cuda_visible_devices", "pid", "started",
+                                           "seconds", "finished", "key", "outputs", "metrics")}}
 
     def run(self, on_done=lambda: None) -> list[dict]:
         """Run every task; `on_done()` after each batch of finished tasks. Returns the records in plan order."""
@@ -149,21 +174,22 @@ def pipeline(profile: ProfileName = "tiny",
     params.yaml keys (e.g. folds.use, models.teachers, calibrate.enabled, orchestration.runner);
     `root` is where data/, artifacts/ and reports/ go. The task runner is the flow's (run_pipeline
     picks it from orchestration.runner); started with the decorator's thread runner and runner slurm
-    (a deployment run from the UI), the flow runs itself, with the same parameters, as a subflow on
-    the SLURM Dask runner. `check` runs `lmsys check` first (flows/check.py): a failed check stops
+    or local-gpus (a deployment run from the UI), the flow runs itself, with the same parameters, as a
+    subflow on that runner's Dask workers. `check` runs `lmsys check` first (flows/check.py): a failed check stops
     the flow before any step."""
     params = dict(locals())                     # the flow's parameters, as given: the subflow reuses them
     cfg = flow_config(**params)
     logger = get_run_logger()
     use_prefect_secret()
     task_runner = FlowRunContext.get().task_runner
-    if cfg["orchestration"]["runner"] == "slurm":      # settings no worker could run: before any job, the check's too
+    runner = cfg["orchestration"]["runner"]
+    if runner == "slurm":                       # settings no worker could run: before any job, the check's too
         check_slurm(cfg, [task_label(n, k) for n, k in tasks_of(cfg) if STEPS[n].gpu])
     if check:
         preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
-    if cfg["orchestration"]["runner"] == "slurm" and not is_dask(task_runner):
-        logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
-        return pipeline.with_options(task_runner=make_task_runner(cfg, "slurm"))(**{**params, "check": False})
+    if runner in DASK_RUNNERS and not is_dask(task_runner):
+        logger.info("runner %s: running the pipeline as a subflow on its Dask workers", runner)
+        return pipeline.with_options(task_runner=make_task_runner(cfg, runner))(**{**params, "check": False})
     from lmsys.revision import git_rev
     code_rev = git_rev()                        # the code this run runs: read before it writes anything
     labels = [task_label(n, k) for n, k in tasks_of(cfg)]
@@ -207,7 +233,7 @@ def _finish(cfg: dict, tasks: list[tuple[str, dict]], records: list[dict], secon
                              description=f"git {lineage['git_rev'][:12]} and the dvc.lock hashes this run produced")
     create_table_artifact(
         [{"task": r["task"], "state": r["state"], "host": r["host"], "slurm_job_id": r["slurm_job_id"] or "",
-          "seconds": round(r["seconds"] or 0, 2)} for r in records],
+          "worker": r.get("worker") or "", "seconds": round(r["seconds"] or 0, 2)} for r in records],
         key="lmsys-tasks", description=f"tasks of this run (git {summary['git_rev'][:10]})")
     metrics = layout.reports / "metrics.json"
     if metrics.exists():

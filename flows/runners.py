@@ -1,6 +1,8 @@
 """Task runners: `local` (threads in this process, default one at a time: the steps seed torch's
-global RNG, so parallel threads would break determinism) and `slurm` (dask-jobqueue SLURMCluster
-through prefect-dask: each worker is one SLURM job with --gres=gpu:N and the Dask resource GPU=N).
+global RNG, so parallel threads would break determinism), `local-gpus` (one machine's GPUs without
+SLURM: a Dask SpecCluster through prefect-dask, see local_gpu_task_runner) and `slurm` (dask-jobqueue
+SLURMCluster through prefect-dask: each worker is one SLURM job with --gres=gpu:N and the Dask
+resource GPU=N).
 
 The slurm runner needs a Prefect API every process can reach (PREFECT_API_URL: a `prefect server
 start`): without one each worker would start its own ephemeral API and the flow would never see
@@ -29,10 +31,16 @@ def is_dask(task_runner) -> bool:
     return module is not None and isinstance(task_runner, module.DaskTaskRunner)
 
 
+# the Dask resource CPU steps ask for, offered by the CPU-only workers (SLURM cpu_jobs, local-gpus' CPU workers)
+CPU_RESOURCE = "CPU_JOB"
+DASK_RUNNERS = ("local-gpus", "slurm")
+
+
 def make_task_runner(cfg: dict, runner: str | None = None):
     """`local`: one task at a time in this process (local_workers 1), or local_workers processes, each
     with one torch thread (the steps seed torch's global RNG, which threads would share; one thread per
-    process keeps the numbers independent of which process ran a task). `slurm`: see slurm_task_runner."""
+    process keeps the numbers independent of which process ran a task). `local-gpus`: see
+    local_gpu_task_runner. `slurm`: see slurm_task_runner."""
     runner = runner or cfg["orchestration"]["runner"]
     if runner == "local":
         n = int(cfg["orchestration"].get("local_workers", 1))
@@ -43,7 +51,9 @@ def make_task_runner(cfg: dict, runner: str | None = None):
         return ThreadPoolTaskRunner(max_workers=1)
     if runner == "slurm":
         return slurm_task_runner(cfg)
-    raise ValueError(f"unknown runner {runner!r}; choose local or slurm")
+    if runner == "local-gpus":
+        return local_gpu_task_runner(cfg)
+    raise ValueError(f"unknown runner {runner!r}; choose local, local-gpus or slurm")
 
 
 def local_worker_setup(quiet: bool) -> None:
@@ -64,10 +74,7 @@ def prefect_api_url() -> str | None:
 def check_slurm(cfg: dict, gpu_tasks: list[str] = ()) -> None:
     """Fail before anything is submitted when no SLURM worker could ever run the flow's tasks."""
     s = cfg["orchestration"]["slurm"]
-    if not prefect_api_url():
-        raise ValueError("the slurm runner needs a Prefect server every SLURM job can reach: start one "
-                         "(`prefect server start --host <address the nodes reach>`) and set PREFECT_API_URL "
-                         "(e.g. http://127.0.0.1:4200/api); without it every process starts its own ephemeral API")
+    check_dask_api("slurm")
     gpus = int(s["gpus_per_job"])
     if gpu_tasks and gpus < 1:
         raise ValueError(f"orchestration.slurm.gpus_per_job={gpus}: no SLURM worker would offer a GPU, yet "
@@ -122,6 +129,53 @@ def slurm_task_runner(cfg: dict):
     return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kw,
                           adapt_kwargs={"minimum": int(s["min_jobs"]), "maximum": int(s["max_jobs"]),
                                         "target_duration": "10ms", "wait_count": 10})
+
+
+# ---------------------------------------------------------------- local-gpus: one machine, many GPUs, no SLURM
+
+def gpu_worker_name(group: tuple[str, ...]) -> str:
+    """The Dask worker of a device group: `gpu-0`, `gpu-0,1,2,3` (its CUDA_VISIBLE_DEVICES)."""
+    return "gpu-" + ",".join(group)
+
+
+def local_gpu_workers(cfg: dict) -> dict[str, dict]:
+    """SpecCluster worker specs of the local-gpus runner: one Nanny per device group of
+    lmsys.plan.local_gpu_layout (every device alone, and the aligned groups of each wider step width,
+    orchestration.step_gpus), each its own process seeing only its group (env CUDA_VISIBLE_DEVICES) and
+    offering resources {"GPU": group size}, one task at a time; plus orchestration.local_workers CPU
+    workers that see no GPU and offer the CPU resource CPU steps ask for. Groups overlap (gpu-0 and
+    gpu-0,1,2,3 share device 0): the flow submits a GPU task only to a group none of whose devices is
+    busy (flows.pipeline.Scheduler, lmsys.schedule.DevicePool), so they never run on one device at once.
+    No memory limit: a 70B load must not get a worker paused or restarted by Dask."""
+    from lmsys.plan import local_gpu_layout
+    common = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
+    workers = {gpu_worker_name(g): {"cls": "distributed.Nanny", "options": {
+        **common, "env": {"CUDA_VISIBLE_DEVICES": ",".join(g)}, "resources": {"GPU": len(g)}}}
+        for g in local_gpu_layout(cfg)}
+    for i in range(int(cfg["orchestration"]["local_workers"])):
+        workers[f"cpu-{i}"] = {"cls": "distributed.Nanny", "options": {
+            **common, "env": {"CUDA_VISIBLE_DEVICES": ""}, "resources": {CPU_RESOURCE: 1}}}
+    return workers
+
+
+def local_gpu_task_runner(cfg: dict):
+    """prefect-dask's DaskTaskRunner over a distributed SpecCluster of this machine's Nanny workers
+    (local_gpu_workers), its scheduler on 127.0.0.1. Not dask-cuda: it pins another dask/distributed,
+    patches every dask import through a .pth hook and does not import without CUDA bindings.
+    Like slurm, the worker processes report to the Prefect API of PREFECT_API_URL (check_dask_api)."""
+    from prefect_dask import DaskTaskRunner
+    check_dask_api("local-gpus")
+    return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs={
+        "workers": local_gpu_workers(cfg),
+        "scheduler": {"cls": "distributed.Scheduler", "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}})
+
+
+def check_dask_api(runner: str) -> None:
+    """Fail before any worker starts when the worker processes would have no Prefect API to report to."""
+    if not prefect_api_url():
+        raise ValueError(f"the {runner} runner needs a Prefect server its worker processes can reach: start one "
+                         "(`prefect server start --host <address they reach>`) and set PREFECT_API_URL "
+                         "(e.g. http://127.0.0.1:4200/api); without it every process starts its own ephemeral API")
 
 
 # ---------------------------------------------------------------- waiting for the next task to finish

@@ -9,12 +9,14 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
   model <name>: LoRA targets       lmsys.models.lora_config finds its targets in the architecture
   model <name>: forward            loaded as its steps load it (nf4 / bf16 on a GPU, fp32 on a CPU), a
                                    handful of rows of the configured test file in both A/B orders give
-                                   finite [n, 3] logits; tiny kinds use a throwaway tokenizer on those rows
+                                   finite [n, 3] logits on the inference path its steps take (packed or
+                                   padded: lmsys.infer.route); tiny kinds use a throwaway tokenizer on those rows
   quantize: GPTQ backend           when quantize.enabled
   data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
   slurm: ...                       runner slurm (lmsys/check_slurm.py): commands, partition, GRES,
                                    sbatch --test-only, then one job on the GPU worker type that reports
                                    its host and GPU, reaches the Prefect API and runs the forward checks
+  runner local-gpus: devices       runner local-gpus: orchestration.local_gpus exist here; the worker groups
   disk                             free space under the artifact root against an estimate of the run's size
 
 Each line is a lmsys.check_table.Check; exit code (`exit_code`): 2 when a check failed, 1 with warnings
@@ -85,6 +87,8 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
     if runner == "slurm":
         checks += slurm_checks(cfg, layout, api_url, rows, loadable, in_job)
     else:
+        if runner == "local-gpus":
+            checks.append(local_gpus_check(cfg))
         checks += forward_checks(cfg, rows, loadable)
     checks += [Check(f"model {n}: forward", SKIP, "not loaded: fix the lines above first") for n in skipped]
     say("models loaded")
@@ -308,6 +312,26 @@ def lora_check(label: str, spec: dict, model) -> Check:
                                                f"({n} layers); head {', '.join(lc.modules_to_save)} trained fully")
 
 
+def local_gpus_check(cfg: dict) -> Check:
+    """The local-gpus runner's devices (orchestration.local_gpus) exist here, and the worker groups it
+    will start on them (lmsys.plan.local_gpu_layout)."""
+    import torch
+
+    from lmsys.plan import local_gpu_layout
+    name, seen = "runner local-gpus: devices", torch.cuda.device_count()
+    try:
+        groups = local_gpu_layout(cfg)
+    except ValueError as e:
+        return Check(name, FAIL, one_line(e), "list the GPUs in orchestration.local_gpus, or use --runner local")
+    devices = list(dict.fromkeys(d for g in groups for d in g))
+    missing = [d for d in devices if d.isdigit() and int(d) >= seen]
+    if missing:
+        return Check(name, FAIL, f"orchestration.local_gpus lists device(s) {', '.join(missing)}, torch sees {seen} "
+                     f"CUDA device(s) here", "list only the devices of this machine (nvidia-smi -L)")
+    return Check(name, OK, f"{len(devices)} GPU(s) {', '.join(devices)} of {seen} seen; workers on groups "
+                           f"{', '.join('+'.join(g) for g in groups)} and {cfg['orchestration']['local_workers']} CPU worker(s)")
+
+
 def gptq_check(name: str = "quantize: GPTQ backend") -> Check:
     """Step 7's backend (gptqmodel + optimum) imports here, loading the kernels it can."""
     from lmsys.quantize import require_gptq_backend
@@ -409,7 +433,7 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
     """The forward line of model `name` (and, for gguf, its head and LoRA lines from the loaded model)."""
     import numpy as np
     from lmsys import models
-    from lmsys.infer import predict_logits
+    from lmsys.infer import classify, route
     from lmsys.steps import common
     spec, label = common.spec(cfg, name), f"model {name}"
     dev, dt = common.device(), common.dtype()
@@ -424,8 +448,8 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
         net = models.build_model(spec, tok, device=dev, trainable=False, dtype=dt)
         if spec.get("kind") == "gguf":
             lines += [head_check(label, net), Check(f"{label}: LoRA targets", OK, _peft_targets(net))]
-        L = cfg["text"]["infer_max_length"]
-        z = [predict_logits(net, common.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows)) for s in (False, True)]
+        L, path = cfg["text"]["infer_max_length"], route(net, cfg["infer"])      # the inference path its steps take
+        z = [classify(net, common.encode(cfg, rows, tok, L, swap=s), tok.pad_token_id, len(rows), path) for s in (False, True)]
     except Exception as e:                       # noqa: BLE001  (any load or forward failure is the finding)
         if spec.get("kind") == "gguf" and str(e).startswith("no LoRA targets"):
             lines.append(Check(f"{label}: LoRA targets", FAIL, one_line(e), "use a supported architecture"))
@@ -439,7 +463,8 @@ def forward_check(cfg: dict, name: str, rows: pd.DataFrame, tok_dir: str) -> lis
                               f"{[bool(np.isfinite(x).all()) for x in z]}", "check the model's dtype and weights")]
     job = os.environ.get("SLURM_JOB_ID")
     return lines + [Check(what, OK, f"{n} test rows x 2 orders (A/B, B/A) -> finite logits [{n}, 3] in "
-                                    f"{time.perf_counter() - t0:.1f} s" + (f" (job {job} on {socket.gethostname()})" if job else ""))]
+                                    f"{time.perf_counter() - t0:.1f} s, {path.describe()}"
+                                    + (f" (job {job} on {socket.gethostname()})" if job else ""))]
 
 
 def _peft_targets(net) -> str:
@@ -537,7 +562,8 @@ def _disk_estimate(cfg: dict, layout: Layout, weight_bytes: dict[str, int]) -> t
 def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None) -> str:
     """A hash of what the checks read: the models' specs and sources (package versions, local dirs'
     config/index stamps), the data files (size, mtime) or the demo parameters, the runner's settings,
-    the text settings and this module's code. The flow caches its check task on it."""
+    the text and inference settings and the code of the checks, the models and inference. The flow
+    caches its check task on it."""
     from lmsys.steps.prepare import data_files, uses_demo
     layout = Layout.of(cfg)
     here = Path(__file__).resolve().parent      # sources read, not imported: a cached rerun pays no torch import
@@ -546,11 +572,13 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
     data = cfg["demo"] if uses_demo(cfg) else {t: [_stat(p) for p in ps] for t, ps in data_files(cfg, layout).items()}
     blob = {"profile": cfg["profile"], "root": str(layout.root), "specs": specs,
             "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
+            "infer": cfg["infer"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
             "slurm": {k: v for k, v in cfg["orchestration"]["slurm"].items() if k not in SCALING_KEYS}
             if runner == "slurm" else None,
+            "local_gpus": cfg["orchestration"]["local_gpus"] if runner == "local-gpus" else None,
             "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
-                                                      "data/validate.py")]}
+                                                      "devices.py", "infer.py", "infer_packed.py", "data/validate.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from lmsys.config import PROFILES, load_config, parse_override
+from lmsys.settings import RUNNERS
 from lmsys.paths import Layout
 
 EXIT_OK, EXIT_WARN, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -423,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline as a Prefect flow")
     _add_config_args(p)
-    p.add_argument("--runner", choices=("local", "slurm"))
+    p.add_argument("--runner", choices=RUNNERS)
     p.add_argument("--root", help="where data/, artifacts/ and reports/ go (default: the repo)")
     p.add_argument("--verbose", dest="run_verbose", action="store_true",
                    help="Prefect's INFO lines and the steps' progress bars on the console too")
@@ -434,20 +435,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="these variants only (default: all; `lmsys ablate --list`)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
-    p.add_argument("--runner", choices=("local", "slurm"))
+    p.add_argument("--runner", choices=RUNNERS)
     p.add_argument("--root", help="where the runs go, one root each (default: ablations/<profile>)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("check", help="preflight: models, data, runner, disk; exit 0 ok, 1 warnings, 2 a check failed")
     _add_config_args(p)
-    p.add_argument("--runner", choices=("local", "slurm"), help="default: orchestration.runner")
+    p.add_argument("--runner", choices=RUNNERS, help="default: orchestration.runner")
     p.add_argument("--root", help="the run's root (artifacts, demo data; default: the repo)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plan", help="every task with its job, timeout, estimated wall time and GPU-hours, and the "
                                     "critical path on N GPUs (nothing runs)")
     _add_config_args(p)
-    p.add_argument("--gpus", type=int, default=1, help="GPUs to schedule the GPU tasks on (default 1)")
+    p.add_argument("--gpus", type=int, help="GPUs to schedule the GPU tasks on (default 1; with runner local-gpus: "
+                                            "its devices, orchestration.local_gpus)")
+    p.add_argument("--runner", choices=RUNNERS, help="schedule as this runner runs (default: orchestration.runner; "
+                                                     "local-gpus: on its workers' device groups, no SLURM jobs)")
     p.add_argument("--card", help="price on this card (a key of orchestration.estimate.cards, e.g. h200, h100, a100-80g): "
                                   "the figures rescaled by sustained bf16 throughput")
     p.add_argument("--serve-cards", help="also estimate predict on this card set, e.g. 2xT4 (unmeasured: derived)")

@@ -1,10 +1,18 @@
 """Batched classifier inference: 3-way logits for token-id rows.
 
-The fast path sorts rows by length (longest first) and pads each batch only to its own longest
-row, so little compute goes to padding (2.7x the fixed padding of the recipe on the real length
-distribution, docs/recipe.md). `sort_by_length=False, pad_to=L` is the naive baseline (arrival
-order, every batch padded to L) kept for benchmarks. `predict_logits_resumable` is the same
-computation in shards saved as they finish, so a killed job resumes at its last finished shard.
+Two paths give the same logits up to rounding:
+  padded   `predict_logits`: rows sorted by length (longest first), each batch padded only to its
+           own longest row, so little compute goes to padding (2.7x the fixed padding of the recipe
+           on the real length distribution, docs/recipe.md). `sort_by_length=False, pad_to=L` is the
+           naive baseline (arrival order, every batch padded to L) kept for benchmarks.
+  packed   lmsys.infer_packed: rows laid end to end in packs on flex attention, no padding at all
+           (1.31x the padded path at Gemma-2-9B shape on an H200, benchmarks/RESULTS.md).
+`route` picks one from params.yaml's `infer` section and the device: `packed: auto` takes the packed
+path only on a CUDA card whose compute capability is in `infer.verified_capabilities` (where its
+kernels were checked against the padded path), the padded path on the CPU and every other card; a
+model the packed path cannot run (no decoder with a `score` head) stays padded. `classify` runs the
+route; `predict_logits_resumable` is the same computation in shards saved as they finish, so a
+killed job resumes at its last finished shard.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,16 +89,73 @@ def predict_logits(model: torch.nn.Module, ids: list[list[int]], pad_id: int, ba
     return out
 
 
+# ---------------------------------------------------------------- which path
+
+@dataclass(frozen=True)
+class Route:
+    """The inference path of one model on one device, and why (logged and put in step metrics)."""
+    packed: bool
+    pack_tokens: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"{'packed' if self.packed else 'padded'} ({self.reason})"
+
+
+PADDED = Route(False, 0, "padded path asked for")
+
+
+def route(model: torch.nn.Module, settings: dict, device: str | torch.device | None = None) -> Route:
+    """The path `model` takes on `device` (default: the model's) under params.yaml's `infer` section
+    (`settings`: packed auto | true | false, pack_tokens, verified_capabilities). Raises TypeError
+    for `packed: true` on a model the packed path cannot run."""
+    from lmsys.devices import capability, capability_text
+    from lmsys.infer_packed import is_decoder_classifier
+    mode, tokens = settings["packed"], int(settings["pack_tokens"])
+    if mode is False:
+        return Route(False, 0, "infer.packed false")
+    decoder = is_decoder_classifier(model)
+    if mode is True:
+        if not decoder:
+            raise TypeError(f"infer.packed true: the packed path needs a decoder classifier with a `score` head, "
+                            f"got {type(model).__name__}; set infer.packed auto or false")
+        return Route(True, tokens, "infer.packed true")
+    device = torch.device(device) if device is not None else model_device(model)
+    cap = capability_text(capability(device))
+    verified = [str(c) for c in settings["verified_capabilities"]]
+    if not cap:
+        return Route(False, 0, f"infer.packed auto: {device.type}, not a CUDA GPU")
+    if cap not in verified:
+        return Route(False, 0, f"infer.packed auto: compute capability {cap} is not in infer.verified_capabilities {verified}")
+    if not decoder:
+        return Route(False, 0, f"infer.packed auto: {type(model).__name__} is not a decoder classifier")
+    return Route(True, tokens, f"infer.packed auto: compute capability {cap} verified")
+
+
+def classify(model: torch.nn.Module, ids: list[list[int]], pad_id: int, batch_size: int, path: Route = PADDED,
+             progress_every: int | None = None, desc: str = "infer") -> np.ndarray:
+    """Logits [N, 3] float32 of `model` on `ids`, in input order, on `path`: predict_logits (batches of
+    batch_size) or, packed, predict_logits_packed on flex attention with every pack exactly
+    path.pack_tokens long (one shape: its kernels compile once, whatever the rows)."""
+    if not path.packed:
+        return predict_logits(model, ids, pad_id, batch_size, progress_every=progress_every, desc=desc)
+    from lmsys.infer_packed import flex_attention, predict_logits_packed
+    with flex_attention(model):
+        return predict_logits_packed(model, ids, pad_id, max_tokens=path.pack_tokens, progress_every=progress_every,
+                                     desc=desc, fixed_length=True)
+
+
 # ---------------------------------------------------------------- resumable, sharded
 
 SHARD_MANIFEST = "manifest.json"
 
 
-def _shard_fingerprint(ids: list[list[int]], pad_id: int, batch_size: int, shard_rows: int, key: str) -> str:
+def _shard_fingerprint(ids: list[list[int]], pad_id: int, batch_size: int, shard_rows: int, key: str,
+                       path: Route) -> str:
     """What the shards in a work dir were computed from: the token rows, padding, batch and shard
-    size, and the caller's key (the model's identity)."""
+    size, the path (packed or padded, pack length) and the caller's key (the model's identity)."""
     import hashlib
-    h = hashlib.sha256(json.dumps([pad_id, batch_size, shard_rows, key]).encode())
+    h = hashlib.sha256(json.dumps([pad_id, batch_size, shard_rows, key, path.packed, path.pack_tokens]).encode())
     for row in ids:
         h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     return h.hexdigest()
@@ -108,15 +174,17 @@ def _open_work_dir(work_dir: Path, fingerprint: str) -> None:
 
 def predict_logits_resumable(model: torch.nn.Module, ids: list[list[int]], pad_id: int, batch_size: int,
                              work_dir: str | Path, shard_rows: int = 4096, key: str = "",
-                             progress_every: int | None = None, desc: str = "infer") -> tuple[np.ndarray, dict]:
-    """(logits [N, 3] float32 in input order, info) like predict_logits, computed in shards so that a
-    killed job resumes where it stopped.
+                             progress_every: int | None = None, desc: str = "infer",
+                             path: Route = PADDED) -> tuple[np.ndarray, dict]:
+    """(logits [N, 3] float32 in input order, info) like classify on `path`, computed in shards so that
+    a killed job resumes where it stopped.
 
     The rows are sorted by length (longest first, as predict_logits does) and cut into shards of
-    shard_rows rows, rounded up to a multiple of batch_size, so each shard is a run of whole batches
-    of predict_logits' own order: the logits equal predict_logits' bit for bit, and a resumed run's
-    equal an uninterrupted one's. Each finished shard is saved atomically as work_dir/shard-NNNNN.npy;
-    a rerun with the same rows, pad id, batch size, shard size and `key` (name the model: e.g. its
+    shard_rows rows, rounded up to a multiple of batch_size, so on the padded path each shard is a run
+    of whole batches of predict_logits' own order: the logits equal predict_logits' bit for bit. Each
+    shard is computed on its own (on the packed path: packed by itself), so a resumed run's logits equal
+    an uninterrupted one's. Each finished shard is saved atomically as work_dir/shard-NNNNN.npy; a rerun
+    with the same rows, pad id, batch size, shard size, path and `key` (name the model: e.g. its
     adapter's content hash) loads the finished shards and computes only the rest; anything else in
     work_dir is discarded first. The caller removes work_dir after writing its output.
     info: shards, shards_resumed, rows. Raises ValueError for batch_size or shard_rows < 1 (and as
@@ -128,19 +196,19 @@ def predict_logits_resumable(model: torch.nn.Module, ids: list[list[int]], pad_i
     n = len(ids)
     lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
     order = np.argsort(-lengths, kind="stable")
-    _open_work_dir(work_dir, _shard_fingerprint(ids, pad_id, batch_size, per_shard, key))
+    _open_work_dir(work_dir, _shard_fingerprint(ids, pad_id, batch_size, per_shard, key, path))
     out = np.empty((n, 3), dtype=np.float32)
     n_shards, resumed = -(-n // per_shard), 0
     for s in range(n_shards):
         idx = order[s * per_shard:(s + 1) * per_shard]
-        path = work_dir / f"shard-{s:05d}.npy"
-        if path.exists():
-            out[idx] = np.load(path)
+        shard = work_dir / f"shard-{s:05d}.npy"
+        if shard.exists():
+            out[idx] = np.load(shard)
             resumed += 1
             continue
-        z = predict_logits(model, [ids[i] for i in idx], pad_id, batch_size, progress_every=progress_every,
-                           desc=f"{desc} shard {s + 1}/{n_shards}")
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        z = classify(model, [ids[i] for i in idx], pad_id, batch_size, path, progress_every=progress_every,
+                     desc=f"{desc} shard {s + 1}/{n_shards}")
+        with atomic_path(shard) as tmp, open(tmp, "wb") as f:
             np.save(f, z)
         out[idx] = z
     if resumed:

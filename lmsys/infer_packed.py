@@ -219,6 +219,31 @@ def _layer_types(config) -> set[str]:
     return types
 
 
+def is_decoder_classifier(model: torch.nn.Module) -> bool:
+    """Can the packed path run `model` (classifier_parts finds a decoder and a `score` head)?"""
+    try:
+        classifier_parts(model)
+    except TypeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def flex_attention(model: torch.nn.Module):
+    """The model on transformers' flex attention inside the block (the packed path's GPU kernels:
+    BlockMasks from the row boundaries, Gemma-2's soft-capping in the kernel), its own attention
+    implementation back on exit."""
+    cls, _, _ = classifier_parts(model)
+    before = cls.config._attn_implementation
+    if before != "flex_attention":
+        cls.set_attn_implementation("flex_attention")
+    try:
+        yield model
+    finally:
+        if before != "flex_attention":
+            cls.set_attn_implementation(before)
+
+
 @contextlib.contextmanager
 def compiled_layers(model: torch.nn.Module, **compile_kwargs):
     """Regional compilation: torch.compile each decoder layer (identical layers share the

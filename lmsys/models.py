@@ -45,6 +45,9 @@ DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 BERT_TARGETS = ("query", "key", "value", "dense")
 HEAD_NAMES = ("score", "classifier")  # decoder head, BERT head
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+# Gradient checkpointing wherever it is on: the non-reentrant checkpoint (torch's recommended one; the
+# reentrant one needs inputs that require grad and is what peft leaves on when use_reentrant is unset)
+NON_REENTRANT = {"use_reentrant": False}
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -239,22 +242,26 @@ def reuse_base_models():
 
 
 def build_base_model(spec: dict, tokenizer, device: str | torch.device = "cpu",
-                     dtype: torch.dtype | None = None, token: str | None = None) -> PreTrainedModel:
+                     dtype: torch.dtype | None = None, token: str | None = None,
+                     training: bool = False) -> PreTrainedModel:
     """A 3-label AutoModelForSequenceClassification for `spec` on `device` (dtype default fp32).
 
-    Supported: the kinds in KINDS; quantization 'nf4' (QLoRA-ready via prepare_model_for_kbit_training)
-    for pretrained/gguf. Inside reuse_base_models(), a copy of the model loaded the first time. Raises
-    ValueError for an unknown kind or quantization."""
+    Supported: the kinds in KINDS; quantization 'nf4' for pretrained/gguf/random-init. An nf4 model
+    built for `training` is made QLoRA-ready by peft's prepare_model_for_kbit_training (embeddings,
+    norms and head cast to fp32, non-reentrant gradient checkpointing); an inference-only one is not,
+    so its residual stream and attention stay in `dtype` (bf16 on a GPU: the fp32 casts cost a 70B
+    teacher ~20% of its inference time for nothing). Inside reuse_base_models(), a copy of the model
+    loaded the first time. Raises ValueError for an unknown kind or quantization."""
     if _reused is None or spec.get("quantization") or spec.get("kind") in TINY_KINDS:
-        return _load_base_model(spec, tokenizer, device, dtype, token)
+        return _load_base_model(spec, tokenizer, device, dtype, token, training)
     key = json.dumps({"spec": spec, "dtype": str(dtype), "pad": tokenizer.pad_token_id}, sort_keys=True, default=str)
     if key not in _reused:
-        _reused[key] = _load_base_model(spec, tokenizer, "cpu", dtype, token)
+        _reused[key] = _load_base_model(spec, tokenizer, "cpu", dtype, token, training)
     torch.manual_seed(spec_seed(spec))      # the RNG as a fresh build leaves it seeded
     return copy.deepcopy(_reused[key]).to(device)
 
 
-def _load_base_model(spec: dict, tokenizer, device, dtype, token) -> PreTrainedModel:
+def _load_base_model(spec: dict, tokenizer, device, dtype, token, training: bool) -> PreTrainedModel:
     kind, quant = spec.get("kind"), spec.get("quantization")
     dtype = dtype or torch.float32
     pad_id = tokenizer.pad_token_id
@@ -287,9 +294,10 @@ def _load_base_model(spec: dict, tokenizer, device, dtype, token) -> PreTrainedM
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-        if quant == "nf4":
+        if quant == "nf4" and training:
             from peft import prepare_model_for_kbit_training
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs=NON_REENTRANT)
     else:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     model.config.pad_token_id = pad_id
@@ -319,12 +327,16 @@ def build_model(spec: dict, tokenizer, init_adapter: str | Path | None = None,
                 dtype: torch.dtype | None = None, token: str | None = None) -> PeftModel:
     """Base + LoRA. With init_adapter, continue from that adapter (LoRA weights and head), e.g.
     the post-pretrained one; otherwise a fresh, seeded LoRA. trainable=False freezes it (eval mode)."""
-    base = build_base_model(spec, tokenizer, device=device, dtype=dtype, token=token)
+    from lmsys.devices import enable_tf32
+    base = build_base_model(spec, tokenizer, device=device, dtype=dtype, token=token, training=trainable)
     if trainable and spec.get("gradient_checkpointing") and not spec.get("quantization"):
         # recompute activations in backward: the 9B student at 1024 tokens fits batch 4 on 80 GB
-        # (nf4 teachers get it from prepare_model_for_kbit_training)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (nf4 teachers get it from prepare_model_for_kbit_training, non-reentrant too)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         base.enable_input_require_grads()
+    if not trainable:
+        head_in_fp32(base)
+    enable_tf32(device)                     # the fp32 LoRA branches' matmuls on tensor cores (Ampere and newer)
     torch.manual_seed(spec_seed(spec) + 1)  # the fresh LoRA init is reproducible too
     if init_adapter is not None:
         model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=trainable)
@@ -354,6 +366,21 @@ def upcast_trainable(model: torch.nn.Module) -> int:
         if own:
             module.register_forward_pre_hook(_inputs_to_fp32)
         cast += len(own)
+    return cast
+
+
+def head_in_fp32(model: torch.nn.Module) -> int:
+    """An inference build's classification head (score / classifier) in fp32, computing the logits
+    in fp32 from the hidden states of the compute dtype, as a training build's head does (its trainable
+    copy is fp32: upcast_trainable). Done before an adapter is loaded, so the adapter's fp32 head is
+    read without rounding. Returns the number of heads cast (0 on an fp32 model: nothing changes)."""
+    cast = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES and isinstance(module, torch.nn.Linear) \
+                and module.weight.dtype != torch.float32:
+            module.float()
+            module.register_forward_pre_hook(_inputs_to_fp32)
+            cast += 1
     return cast
 
 

@@ -17,7 +17,10 @@ Pricing, from `orchestration.estimate` (params.yaml, per profile; every figure p
            each paying a load and half a checkpoint interval again); host memory and disk of each
            job checked against what its ranks load and write.
 Scheduling (lmsys.schedule): list scheduling by the task graph with each step's width; the critical
-path is the longest chain of dependent tasks.
+path is the longest chain of dependent tasks. With the `local-gpus` runner (one machine, no SLURM) the
+GPUs are the runner's workers' device groups (local_gpu_layout: the same groups flows/runners.py
+starts workers for), there are no job templates, walltimes or segments, and host memory and disk
+are not checked (one machine's memory is shared by the tasks running on it).
 
 No Prefect import: the CLI, the flow and the checks use it alike.
 """
@@ -63,6 +66,36 @@ def step_width(cfg: dict, name: str) -> int:
     if n < 1:
         raise ValueError(f"orchestration.step_gpus.{name} must be >= 1, got {n}")
     return n
+
+
+def gpu_widths(cfg: dict, n_devices: int) -> list[int]:
+    """The GPU widths a run uses on n_devices GPUs: 1 and each GPU step's step_width, cut to n_devices."""
+    return sorted({1} | {min(step_width(cfg, s.name), n_devices) for s in STEPS.values() if s.gpu})
+
+
+def local_gpu_devices(cfg: dict, gpus: int | None = None) -> list[str]:
+    """The devices of the local-gpus runner, as CUDA_VISIBLE_DEVICES names them: `gpus` devices 0..gpus-1
+    when given (a plan for a machine of that many GPUs), else orchestration.local_gpus: a list of device
+    ids, or "auto": every device torch sees here (0..torch.cuda.device_count()-1; none without CUDA)."""
+    if gpus is not None:
+        return [str(i) for i in range(gpus)]
+    listed = cfg["orchestration"]["local_gpus"]
+    if listed == "auto":
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    return [str(d) for d in listed]
+
+
+def local_gpu_layout(cfg: dict, gpus: int | None = None) -> list[tuple[str, ...]]:
+    """The device groups of the local-gpus runner's GPU workers (lmsys.schedule.device_groups of
+    local_gpu_devices and the run's widths). Raises ValueError when there is no device."""
+    devices = local_gpu_devices(cfg, gpus)
+    if not devices:
+        raise ValueError("the local-gpus runner has no GPU: orchestration.local_gpus is auto and torch sees no "
+                         "CUDA device here; list the device ids (orchestration.local_gpus: [0, 1, ...]) or use --runner local")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"orchestration.local_gpus lists a device twice: {devices}")
+    return schedule.device_groups(devices, gpu_widths(cfg, len(devices)))
 
 
 def walltime_s(text: str) -> int:
@@ -156,9 +189,12 @@ def model_rates(cfg: dict, model: str, card: str | None = None) -> Rates | None:
     spec = cfg["models"]["specs"].get(model) or {}
     nf4, code = spec.get("quantization") == "nf4", est.get("code") or {}
     checkpointing = bool(spec.get("gradient_checkpointing")) or nf4    # peft's kbit preparation turns it on
-    packed = bool(code.get("packed_inference")) and "infer_packed_tok_s" in base
+    packed = inference_packed(cfg, card)[0] and "infer_packed_tok_s" in base
+    # inference-only nf4 builds skip peft's training preparation (lmsys.models); the trainer's evaluation
+    # runs on the training build, fp32 casts included. estimate.code.nf4_inference_bf16 false re-prices d5c1397.
+    fp32_cast_infer = nf4 and not code.get("nf4_inference_bf16", True)
     applied = {"train": [("gradient_checkpointing", checkpointing), ("nf4_train", nf4)],
-               "infer": [("nf4_infer", nf4), ("nf4_fp32_cast", nf4 and not code.get("nf4_inference_bf16"))],
+               "infer": [("nf4_infer", nf4), ("nf4_fp32_cast", fp32_cast_infer)],
                "evaluate": [("nf4_infer", nf4), ("nf4_fp32_cast", nf4)]}
     start = {"train": base["train_tok_s"], "infer": base["infer_packed_tok_s" if packed else "infer_tok_s"],
              "evaluate": base["infer_tok_s"]}
@@ -170,6 +206,23 @@ def model_rates(cfg: dict, model: str, card: str | None = None) -> Rates | None:
         arithmetic = f"{how}{card_how}" + "".join(f" x {v:g} ({n})" for n, v in f)
         lines.append(f"{names[what]} {out[what]:,.0f}" + (f" = {float(start[what]):,.0f}{arithmetic}" if arithmetic else ""))
     return Rates(model, out["train"], out["infer"], out["evaluate"], float(figures.get("load_s", 0)), "; ".join(lines))
+
+
+def inference_packed(cfg: dict, card: str | None = None) -> tuple[bool, str]:
+    """(does inference take the packed path on `card` (default estimate.card), why): what
+    lmsys.infer.route decides on a GPU of that card, from params.yaml's `infer` and the card's compute
+    capability (estimate.cards.<card>.capability; none: not a CUDA card, e.g. the CPU)."""
+    settings, est = cfg["infer"], cfg["orchestration"]["estimate"]
+    card = card or est["card"]
+    if settings["packed"] != "auto":
+        return bool(settings["packed"]), f"infer.packed {str(settings['packed']).lower()}"
+    cap = str(((est.get("cards") or {}).get(card) or {}).get("capability") or "")
+    verified = [str(c) for c in settings["verified_capabilities"]]
+    if not cap:
+        return False, f"infer.packed auto: card {card} has no CUDA capability (estimate.cards.{card}.capability)"
+    if cap not in verified:
+        return False, f"infer.packed auto: card {card}'s capability {cap} is not in infer.verified_capabilities {verified}"
+    return True, f"infer.packed auto: card {card}'s capability {cap} is verified"
 
 
 def _factor(est: dict, name: str) -> float:
@@ -283,9 +336,11 @@ class TaskEstimate:
     end: float = 0.0
 
 
-def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], gpus: int, card: str | None) -> TaskEstimate:
+def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], gpus: int, card: str | None,
+                  local: bool = False) -> TaskEstimate:
     """One task priced: its passes, its width (step_gpus, at most `gpus`), wall and GPU-hours, its
-    job's walltime, segments and resources."""
+    job's walltime, segments and resources (`local`: on the local-gpus runner: no job template, no
+    walltime, no segments, no resource checks)."""
     est, step = cfg["orchestration"]["estimate"], STEPS[name]
     model = task_model(cfg, name, keys)
     rates = model_rates(cfg, model, card) if model else None
@@ -297,14 +352,21 @@ def task_estimate(cfg: dict, name: str, keys: dict, rows: dict[str, int], gpus: 
     else:                        # nan when the model has no figures
         work = sum(p.seconds for p in passes) if rates else float("nan")
         speed = width * float(est.get("dp_efficiency", 1.0)) if width > 1 else 1.0
-    t = TaskEstimate(task_label(name, keys), name, step.gpu, width, {**job_template(cfg, step.gpu), "gpus": width},
+    job = LOCAL_JOB if local else job_template(cfg, step.gpu)
+    t = TaskEstimate(task_label(name, keys), name, step.gpu, width, {**job, "gpus": width},
                      step_timeout(cfg, name), sum(p.rows for p in passes if p.what != "evaluate"), passes,
                      load + work, load + work / speed)
-    if t.seconds == t.seconds:
+    if t.seconds == t.seconds and not local:
         _fit_jobs(cfg, t, _restart_s(cfg, t, load, speed))
+    if t.seconds > t.timeout_s:
+        t.flags.append("!timeout")
     t.gpu_hours = width * t.seconds / 3600 if t.seconds == t.seconds else 0.0
-    t.resources = _resources(cfg, t, model)
+    t.resources = [] if local else _resources(cfg, t, model)
     return t
+
+
+# a task's "job" on the local-gpus runner: a worker on this machine, no template, no walltime
+LOCAL_JOB = {"queue": "local", "walltime": None, "memory": None, "cores": None}
 
 
 def _restart_s(cfg: dict, t: TaskEstimate, load: float, speed: float) -> float | None:
@@ -332,8 +394,6 @@ def _fit_jobs(cfg: dict, t: TaskEstimate, restart: float | None) -> None:
     t.job["walltime"] = walltime_text(min(limit, 3600 * math.ceil(margin * per_job / 3600)))
     if per_job > limit:
         t.flags.append("!walltime")
-    if t.seconds > t.timeout_s:
-        t.flags.append("!timeout")
 
 
 def _resources(cfg: dict, t: TaskEstimate, model: str | None) -> list[str]:
@@ -372,22 +432,29 @@ def _section(cfg: dict, step: str) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def estimate(cfg: dict, gpus: int = 1, card: str | None = None) -> dict:
+def estimate(cfg: dict, gpus: int | None = 1, card: str | None = None) -> dict:
     """Every task of the run priced (TaskEstimate, with its scheduled start and end), the total
-    GPU-hours, the wall time of the list schedule on `gpus` GPUs and the critical path. Raises
-    ValueError for gpus < 1 and KeyError for a dataset or card without figures."""
-    if gpus < 1:
+    GPU-hours, the wall time of the list schedule on `gpus` GPUs and the critical path. With
+    orchestration.runner local-gpus the schedule runs on the local runner's device groups
+    (local_gpu_layout: `gpus` devices, or orchestration.local_gpus when gpus is None) and its CPU
+    workers (orchestration.local_workers). Raises ValueError for gpus < 1 (or no local GPU) and
+    KeyError for a dataset or card without figures."""
+    if gpus is not None and gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    local = cfg["orchestration"]["runner"] == "local-gpus"
+    groups = local_gpu_layout(cfg, gpus) if local else None
+    gpus = len({d for g in groups for d in g}) if local else (1 if gpus is None else gpus)
     rows = dataset_rows(cfg)
-    tasks = [task_estimate(cfg, n, k, rows, gpus, card) for n, k in tasks_of(cfg)]
+    tasks = [task_estimate(cfg, n, k, rows, gpus, card, local) for n, k in tasks_of(cfg)]
     deps = graph(cfg)
     jobs = [schedule.Job(t.task, _known(t.seconds), t.width) for t in tasks]
-    placed = schedule.list_schedule(jobs, deps, gpus, int(cfg["orchestration"]["slurm"].get("cpu_jobs") or 1))
+    cpu_slots = int(cfg["orchestration"]["local_workers"]) if local else int(cfg["orchestration"]["slurm"].get("cpu_jobs") or 1)
+    placed = schedule.list_schedule(jobs, deps, gpus, cpu_slots, groups)
     for t in tasks:
         t.start, t.end = placed[t.task]
     path, path_s = schedule.critical_path(jobs, deps)
     cut = {t.step: step_width(cfg, t.step) for t in tasks if t.gpu and step_width(cfg, t.step) > gpus}
-    return {"profile": cfg["profile"], "gpus": gpus, "rows": rows, "tasks": tasks,
+    return {"profile": cfg["profile"], "gpus": gpus, "rows": rows, "tasks": tasks, "groups": groups,
             "card": card or cfg["orchestration"]["estimate"]["card"],
             "gpu_hours": sum(t.gpu_hours for t in tasks), "wall_s": max(t.end for t in tasks),
             "critical_path": path, "critical_path_s": path_s, "widths_cut": cut, "basis": basis(cfg, tasks, card)}
@@ -433,8 +500,11 @@ def basis(cfg: dict, tasks: list[TaskEstimate], card: str | None = None) -> list
     widths = {k: v for k, v in (cfg["orchestration"].get("step_gpus") or {}).items() if v != 1}
     lines.append(f"data parallel: {', '.join(f'{k} {v}' for k, v in widths.items()) or 'every step on 1 GPU'}"
                  f" (orchestration.step_gpus); efficiency {est.get('dp_efficiency', 1.0)} (estimate.dp_efficiency)")
+    packed, why = inference_packed(cfg, card)
+    lines.append(f"inference path: {'packed' if packed else 'padded'} ({why}; lmsys.infer.route)")
     code = est.get("code") or {}
-    lines.append("code priced: " + ", ".join(f"{k} {bool(v)}" for k, v in code.items()) + " (estimate.code)")
+    if code:
+        lines.append("older code priced: " + ", ".join(f"{k} {v}" for k, v in code.items()) + " (estimate.code)")
     return lines
 
 
@@ -452,6 +522,8 @@ def _hms(seconds: float) -> str:
 
 def _job_text(t: TaskEstimate) -> str:
     j = t.job
+    if j["queue"] == LOCAL_JOB["queue"]:
+        return f"local worker gpus={t.width}" if t.gpu else "local worker cpu"
     return (f"{j['queue']} gres=gpu:{t.width} " if t.gpu else f"{j['queue']} cpu ") + \
         f"mem={j['memory']} cores={j['cores']} wall={j['walltime']}"
 
@@ -462,6 +534,9 @@ def format_plan(e: dict) -> str:
     the totals and the critical path."""
     lines = [f"profile {e['profile']}: {len(e['tasks'])} tasks on {e['gpus']} GPU(s) of card {e['card']}; rows {e['rows']}",
              "figures:", *(f"  {line}" for line in e["basis"])]
+    if e.get("groups"):
+        lines.append(f"  runner local-gpus: GPU workers on device groups {', '.join('+'.join(g) for g in e['groups'])} "
+                     f"(a task takes a free group of its width); host memory and disk not checked")
     if e["widths_cut"]:
         lines.append(f"  step widths cut to the plan's {e['gpus']} GPU(s): "
                      + ", ".join(f"{s} {w} -> {e['gpus']}" for s, w in e["widths_cut"].items()))
@@ -491,13 +566,16 @@ def format_plan(e: dict) -> str:
 
 
 def cmd_plan(args) -> int:
-    """`lmsys plan [--profile P] [--gpus N] [--card C] [--test-rows N --serve-cards KxCARD] [--set K=V]`:
+    """`lmsys plan [--profile P] [--gpus N] [--runner R] [--card C] [--test-rows N --serve-cards KxCARD] [--set K=V]`:
     print the estimate (and the serving estimate); 0, or 2 with an error: line."""
     import sys
 
     from lmsys.config import load_config, parse_override
     try:
-        cfg = load_config(args.profile, dict(parse_override(o) for o in (args.set or [])), getattr(args, "params", None))
+        over = dict(parse_override(o) for o in (args.set or []))
+        if getattr(args, "runner", None):
+            over["orchestration.runner"] = args.runner
+        cfg = load_config(args.profile, over, getattr(args, "params", None))
         if getattr(args, "root", None):
             cfg["root"] = str(args.root)
         e = estimate(cfg, args.gpus, getattr(args, "card", None))
@@ -508,6 +586,7 @@ def cmd_plan(args) -> int:
             print(format_serving(serving_estimate(cfg, rows, args.serve_cards)))
     except (KeyError, ValueError) as err:
         reason = err.args[0] if isinstance(err, KeyError) and err.args else err     # KeyError's str() adds quotes
-        print(f"error: params.yaml orchestration.estimate: {reason}", file=sys.stderr)
+        where = "orchestration.local_gpus" if "local-gpus runner" in str(reason) else "orchestration.estimate"
+        print(f"error: params.yaml {where}: {reason}", file=sys.stderr)
         return 2
     return 0

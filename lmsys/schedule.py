@@ -9,6 +9,12 @@ their own `cpu_slots` (the CPU jobs) beside the GPUs.
 
 `critical_path` is the longest chain of dependent tasks: no number of GPUs finishes sooner.
 `segments` splits a task longer than a job's walltime into resumable job segments.
+
+On one machine (the `local-gpus` runner) GPUs are not a pool any width can draw from: each Dask
+worker owns a fixed group of devices (`device_groups`: one worker per device, and per aligned group
+of each wider step width), and a task of width w runs on a width-w group whose devices are all free.
+`DevicePool` hands those groups out; list_schedule with `groups` places tasks with it, and the flow
+(flows/pipeline.py) submits each GPU task to the worker of the group the same pool gives it.
 """
 from __future__ import annotations
 
@@ -57,15 +63,23 @@ def _topological(jobs: list[Job], deps: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def list_schedule(jobs: list[Job], deps: dict[str, list[str]], gpus: int, cpu_slots: int = 1) -> dict[str, tuple[float, float]]:
-    """name -> (start, end) seconds. Raises ValueError when a job needs more GPUs than there are."""
+def list_schedule(jobs: list[Job], deps: dict[str, list[str]], gpus: int, cpu_slots: int = 1,
+                  groups: list[tuple[str, ...]] | None = None) -> dict[str, tuple[float, float]]:
+    """name -> (start, end) seconds. `groups`: the device groups of one machine's workers
+    (device_groups); a GPU job then needs a free group of its width, not just as many free GPUs.
+    Raises ValueError when a job needs more GPUs than there are (or a width no group has)."""
     wide = [j for j in jobs if j.gpus > gpus]
     if wide:
         raise ValueError(f"{wide[0].name} needs {wide[0].gpus} GPUs, the schedule has {gpus}")
+    devices = DevicePool(groups) if groups is not None else None
+    if devices is not None:
+        missing = sorted({j.gpus for j in jobs if j.gpus} - devices.widths)
+        if missing:
+            raise ValueError(f"no device group of width {missing[0]} (groups of {sorted(devices.widths)} GPUs)")
     rank, order = upward_rank(jobs, deps), {j.name: i for i, j in enumerate(jobs)}
     waiting = {j.name: j for j in jobs}
     free = {"gpu": gpus, "cpu": max(1, cpu_slots)}
-    running: list[tuple[float, str, str, int]] = []          # heap of (end, name, pool, held)
+    running: list[tuple[float, str, str, object]] = []       # heap of (end, name, pool, what it holds)
     placed: dict[str, tuple[float, float]] = {}
     now = 0.0
     while waiting:
@@ -74,15 +88,62 @@ def list_schedule(jobs: list[Job], deps: dict[str, list[str]], gpus: int, cpu_sl
                        key=lambda n: (-rank[n], order[n]))
         for n in ready:
             pool, need = ("gpu", waiting[n].gpus) if waiting[n].gpus else ("cpu", 1)
-            if need <= free[pool]:
+            if pool == "gpu" and devices is not None:
+                held = devices.take(need)
+                if held is None:
+                    continue
+            elif need <= free[pool]:
                 free[pool] -= need
-                placed[n] = (now, now + waiting.pop(n).seconds)
-                heapq.heappush(running, (placed[n][1], n, pool, need))
+                held = need
+            else:
+                continue
+            placed[n] = (now, now + waiting.pop(n).seconds)
+            heapq.heappush(running, (placed[n][1], n, pool, held))
         now = running[0][0]                          # the next task to finish frees what it held
         while running and running[0][0] <= now:
             _, _, pool, held = heapq.heappop(running)
-            free[pool] += held
+            if isinstance(held, tuple):
+                devices.release(held)
+            else:
+                free[pool] += held
     return placed
+
+
+# ---------------------------------------------------------------- one machine's device groups
+
+def device_groups(devices: list[str], widths) -> list[tuple[str, ...]]:
+    """The device groups of one machine's GPU workers: for each width w (at most len(devices)), the
+    aligned runs devices[0:w], devices[w:2w], ... (w = 1: every device alone). Devices left over at the
+    end of a width that does not divide their number join no group of that width."""
+    out: list[tuple[str, ...]] = []
+    for w in sorted({int(w) for w in widths if 1 <= int(w) <= len(devices)}):
+        out += [tuple(devices[i:i + w]) for i in range(0, len(devices) - w + 1, w)]
+    return out
+
+
+class DevicePool:
+    """Which device groups are free. take(w) gives a width-w group none of whose devices is in use,
+    preferring one inside the wider groups that are already broken into (so narrow tasks leave whole
+    aligned groups free for wide ones); release(group) frees it."""
+
+    def __init__(self, groups: list[tuple[str, ...]]):
+        self.groups = list(groups)
+        self.devices = list(dict.fromkeys(d for g in self.groups for d in g))
+        self.widths = {len(g) for g in self.groups}
+        self.busy: set[str] = set()
+
+    def take(self, width: int) -> tuple[str, ...] | None:
+        free = [g for g in self.groups if len(g) == width and not self.busy & set(g)]
+        if not free:
+            return None
+        wider = [g for g in self.groups if len(g) > width]
+        broken = lambda g: sum(len(self.busy & set(h)) for h in wider if set(g) <= set(h))  # noqa: E731
+        group = max(free, key=lambda g: (broken(g), -self.groups.index(g)))
+        self.busy |= set(group)
+        return group
+
+    def release(self, group: tuple[str, ...]) -> None:
+        self.busy -= set(group)
 
 
 def critical_path(jobs: list[Job], deps: dict[str, list[str]]) -> tuple[list[str], float]:

@@ -186,6 +186,21 @@ class Predict(Section):
     batch_size: int = Field(ge=1)
 
 
+class Infer(Section):
+    """How inference runs in predict, teacher-logits, filter-score and the out-of-fold pass (lmsys.infer.route)."""
+    packed: bool | Literal["auto"]            # auto: packed on a verified CUDA capability, padded elsewhere
+    pack_tokens: int = Field(ge=128)          # tokens in one pack (every pack this long: one kernel shape)
+    verified_capabilities: list[str]          # CUDA compute capabilities ("9.0") where the packed kernels were checked
+
+    @field_validator("verified_capabilities")
+    @classmethod
+    def _capabilities(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if not re.fullmatch(r"\d+\.\d+", str(c))]
+        if bad:
+            raise ValueError(f"{bad} are not compute capabilities like \"9.0\"")
+        return v
+
+
 class Evaluate(Section):
     enabled: bool
     ece_bins: int = Field(ge=1)
@@ -227,9 +242,13 @@ class Slurm(Section):
         return v
 
 
+RUNNERS = ("local", "local-gpus", "slurm")    # flows/runners.py: threads or processes here, Dask workers on this machine's GPUs, SLURM jobs
+
+
 class Orchestration(Section):
-    runner: Literal["local", "slurm"]
+    runner: Literal[RUNNERS]
     local_workers: int = Field(ge=1)
+    local_gpus: Literal["auto"] | list[int | str]   # the local-gpus runner's CUDA devices; auto: every one torch sees
     retries: int = Field(ge=0)
     retry_delay_s: int = Field(ge=0)
     timeout_s: int = Field(ge=1)
@@ -262,8 +281,17 @@ class Settings(Section):
     ensemble: Ensemble
     quantize: Quantize
     predict: Predict
+    infer: Infer
     evaluate: Evaluate
     orchestration: Orchestration
+
+    @model_validator(mode="after")
+    def _rows_fit_a_pack(self):
+        longest = max(self.text.infer_max_length, self.text.train_max_length)
+        if self.infer.pack_tokens < longest:
+            raise ValueError(f"infer.pack_tokens {self.infer.pack_tokens} is shorter than the longest row "
+                             f"(text.infer_max_length / train_max_length: {longest}): no pack could hold it")
+        return self
 
 
 # The training sections and the typed object the trainer gets for each.

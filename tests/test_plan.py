@@ -100,6 +100,59 @@ def test_list_scheduling_follows_priorities_dependencies_and_widths():
         schedule.list_schedule(jobs, {"a": ["c"], "c": ["a"]}, gpus=3)
 
 
+def test_device_groups_and_the_pool_keep_wide_groups_whole():
+    """One machine's worker groups (the local-gpus runner): every device alone and the aligned groups of
+    each wider width; a narrow task goes inside a group already broken into, so a whole aligned group
+    stays free for a wide one; no device is ever held twice."""
+    groups = schedule.device_groups(["0", "1", "2", "3", "4", "5"], [1, 4, 2, 8])
+    assert groups == [("0",), ("1",), ("2",), ("3",), ("4",), ("5",), ("0", "1"), ("2", "3"), ("4", "5"),
+                      ("0", "1", "2", "3")]                      # width 8 > 6 devices: none; 4: only 0-3
+    pool = schedule.DevicePool(groups)
+    assert pool.take(1) == ("0",) and pool.take(1) == ("1",)     # the pair 0+1 is broken: fill it first
+    assert pool.take(4) is None                                   # 0-3 has busy devices
+    assert pool.take(2) == ("2", "3") and pool.busy == {"0", "1", "2", "3"}   # inside the broken 0-3: 4+5 stays whole
+    pool.release(("0",))
+    assert pool.take(1) == ("0",) and pool.take(1) == ("4",) and pool.take(1) == ("5",) and pool.take(1) is None
+
+
+def test_list_scheduling_on_device_groups_waits_for_an_aligned_group():
+    """Three devices, whose only pair is 0+1: b (30 s) takes device 0, a (10 s) device 1. When a ends,
+    devices 1 and 2 are free: a 2-GPU job fits the pool (SLURM hands out any two) but not the machine's
+    one pair, which has b on it: c waits for b."""
+    jobs = [schedule.Job("a", 10, 1), schedule.Job("b", 30, 1), schedule.Job("c", 5, 2)]
+    deps = {"c": ["a"]}
+    assert schedule.list_schedule(jobs, deps, gpus=3)["c"] == (10, 15)
+    groups = schedule.device_groups(["0", "1", "2"], [1, 2])
+    assert groups == [("0",), ("1",), ("2",), ("0", "1")]
+    assert schedule.list_schedule(jobs, deps, gpus=3, groups=groups) == {"b": (0, 30), "a": (0, 10), "c": (30, 35)}
+    with pytest.raises(ValueError, match="no device group of width 2"):
+        schedule.list_schedule(jobs, deps, gpus=3, groups=schedule.device_groups(["0", "1", "2"], [1]))
+
+
+def test_plan_on_the_local_gpu_runner(capsys):
+    """`lmsys plan --runner local-gpus`: the full profile on one machine of 8 GPUs schedules on the runner's
+    worker groups, with no SLURM job, walltime or segment; the same totals as the cluster plan here (its
+    widths 1, 4, 8 fall on aligned groups). Without a GPU, `auto` has no device: one error line."""
+    cfg = load_config("full", {"orchestration.runner": "local-gpus"})
+    e = estimate(cfg, 8)
+    assert e["groups"] == schedule.device_groups([str(i) for i in range(8)], [1, 4, 8])
+    assert all(t.segments == 1 and t.job["walltime"] is None and not t.resources for t in e["tasks"])
+    by = {t.task: t for t in e["tasks"]}
+    for t in e["tasks"]:
+        held = sum(u.width for u in e["tasks"] if u.start <= t.start < u.end)
+        assert held <= 8 and all(by[d].end <= t.start + 1e-6 for d in graph(cfg)[t.task]), t.task
+    cluster = estimate(load_config("full"), 8)
+    assert e["gpu_hours"] == pytest.approx(cluster["gpu_hours"]) and e["wall_s"] <= 10.5 * 86400
+    assert main(["plan", "--profile", "full", "--gpus", "8", "--runner", "local-gpus"]) == 0
+    out = capsys.readouterr().out
+    assert "runner local-gpus: GPU workers on device groups 0, 1, 2, 3, 4, 5, 6, 7, 0+1+2+3, 4+5+6+7, 0+1+2+3+4+5+6+7" in out
+    assert "local worker gpus=4" in out and "gres=" not in out and "!walltime" not in out
+    assert main(["plan", "--profile", "tiny", "--runner", "local-gpus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: params.yaml orchestration.local_gpus: the local-gpus runner has no GPU") and \
+        len(err.strip().splitlines()) == 1
+
+
 def test_full_plan_respects_the_graph_and_the_gpus():
     """On 8 GPUs: no task starts before the tasks it reads from end; at no time are more than 8 GPUs
     held; GPU-hours = sum of width x wall; the wall time is the schedule's last end."""
@@ -183,7 +236,7 @@ def test_host_memory_of_a_job_counts_every_rank(capsys):
 # ---------------------------------------------------------------- cards and the acceptance figures
 
 def test_card_rescales_every_figure_by_the_stated_ratio(capsys):
-    cfg = load_config("full")
+    cfg = load_config("full", {"infer.packed": True})       # one inference path on both cards (see below)
     h200, a100 = estimate(cfg, 8), estimate(cfg, 8, "a100-80g")
     ratio = 251 / 797
     for model in ("llama", "qwen", "gemma"):
@@ -222,11 +275,29 @@ def test_full_profile_on_8_h200s_meets_the_issue_19_targets(capsys):
     assert "critical path (longest chain of dependent tasks" in out and "GPU-hours by step: train-teacher" in out
 
 
+def test_the_plan_prices_the_inference_path_the_code_takes(capsys):
+    """Issue 19 item 4: the plan reads the real switch (`infer`, lmsys.infer.route) and the card's compute
+    capability: packed on the H200 (9.0, verified), padded on an A100 (8.0, not verified) and everywhere
+    with infer.packed false; the CPU card (tiny) has no capability: padded, as the code runs there."""
+    cfg = load_config("full")
+    padded = load_config("full", {"infer.packed": False})
+    for model in ("llama", "gemma"):
+        assert model_rates(cfg, model).infer == pytest.approx(model_rates(padded, model).infer * 25174 / 18265)
+        assert model_rates(cfg, model, "a100-80g").infer == pytest.approx(model_rates(padded, model).infer * 251 / 797)
+    assert main(["plan", "--profile", "full", "--gpus", "8"]) == 0
+    assert "inference path: packed (infer.packed auto: card h200's capability 9.0 is verified" in capsys.readouterr().out
+    assert main(["plan", "--profile", "full", "--gpus", "8", "--card", "a100-80g"]) == 0
+    assert ("inference path: padded (infer.packed auto: card a100-80g's capability 8.0 is not in "
+            "infer.verified_capabilities ['9.0']") in capsys.readouterr().out
+    assert main(["plan", "--profile", "tiny"]) == 0
+    assert "inference path: padded (infer.packed auto: card cpu has no CUDA capability" in capsys.readouterr().out
+
+
 def test_main_at_d5c1397_repriced_is_far_over_the_targets():
     """The same token model with the levers off (padded micro-batches, teacher evaluations every 400
     steps, one GPU a task, padded fp32-cast nf4 inference): what today's code costs."""
     today = {"trainer.packing": False, "train_teacher.eval_every": 400, "orchestration.step_gpus": {},
-             "orchestration.estimate.code": {"packed_inference": False, "nf4_inference_bf16": False}}
+             "infer.packed": False, "orchestration.estimate.code": {"nf4_inference_bf16": False}}
     e = estimate(load_config("full", today), 8)
     assert e["gpu_hours"] > 2500 and e["wall_s"] / 86400 > 20
     teacher = next(t for t in e["tasks"] if t.step == "train-teacher")

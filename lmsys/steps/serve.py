@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from lmsys.steps.student import student_logits_path
 from lmsys.steps.teachers import teacher_names
 from lmsys.text import encode_rows
 from lmsys.tta import symmetrize
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- steps 8 / 8.5
@@ -47,18 +50,29 @@ def load_final(model_dir: Path):
 
 
 def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: int, batch_size: int,
-                  tta: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities [N, 3], probabilities of the plain original order [N, 3] or None without TTA).
+                  tta: bool = True, path=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N, 3], probabilities of the plain original order [N, 3] or None without TTA),
+    on the inference `path` (an lmsys.infer.Route: lmsys.infer.route of params.yaml's `infer`; default
+    the padded path).
 
     With TTA the output is exactly symmetric: swapping A/B in `rows` exchanges p_A and p_B."""
-    from lmsys.infer import predict_logits
-    z = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg), tok.pad_token_id, batch_size, desc="predict")
+    from lmsys.infer import PADDED, classify
+    path = path or PADDED
+    z = classify(model, encode_rows(rows, tok, max_length, text_cfg), tok.pad_token_id, batch_size, path, desc="predict")
     p = metrics.softmax(z)
     if not tta:
         return p, None
-    zs = predict_logits(model, encode_rows(rows, tok, max_length, text_cfg, swap=True), tok.pad_token_id,
-                        batch_size, desc="predict swapped")
+    zs = classify(model, encode_rows(rows, tok, max_length, text_cfg, swap=True), tok.pad_token_id,
+                  batch_size, path, desc="predict swapped")
     return symmetrize(p, metrics.softmax(zs)), p
+
+
+def inference_path(model, cfg: dict):
+    """The Route predict takes for `model` (lmsys.infer.route of params.yaml's `infer`), logged."""
+    from lmsys.infer import route
+    path = route(model, cfg["infer"])
+    log.info("predict: %s inference", path.describe())
+    return path
 
 
 def submission(ids, probs: np.ndarray) -> pd.DataFrame:
@@ -105,8 +119,9 @@ def run_predict(cfg: dict, layout: Layout) -> StepResult:
     tok, model = load_final(model_dir)
     test = common.table(layout, "test")
     fallback = pd.read_csv(layout.prepared / "test_fallback.csv", dtype={"id": str})
+    path = inference_path(model, cfg)
     p, plain = predict_probs(model, tok, test, cfg["text"], cfg["text"]["infer_max_length"],
-                             cfg["predict"]["batch_size"], cfg["predict"]["tta"])
+                             cfg["predict"]["batch_size"], cfg["predict"]["tta"], path)
     prior = metrics.class_prior(common.table(layout, "train")["label"])
     sub, reason = with_fallback(test["id"], p, fallback, prior)
     expected = [i for f in data_files(cfg, layout)["test"] for i in raw_ids(f)]
@@ -122,7 +137,7 @@ def run_predict(cfg: dict, layout: Layout) -> StepResult:
                 "report": str(layout.reports / "report.md"), "tta": cfg["predict"]["tta"],
                 "class_prior": prior.tolist()}, layout.last_run)
     return StepResult(outputs=[layout.predictions], metrics={
-        "rows": len(sub), "model": str(model_dir), "fallback_rows": len(fallback),
+        "rows": len(sub), "model": str(model_dir), "fallback_rows": len(fallback), "inference": path.describe(),
         "fallback_reasons": {k: int(n) for k, n in fallback["reason"].value_counts().items()}})
 
 
@@ -164,7 +179,7 @@ def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dic
     if len(v.clean):
         tok, model = load_final(model_dir)
         p, _ = predict_probs(model, tok, v.clean, cfg["text"], cfg["text"]["infer_max_length"],
-                             cfg["predict"]["batch_size"], tta)
+                             cfg["predict"]["batch_size"], tta, inference_path(model, cfg))
     sub, _ = with_fallback(v.clean["id"], p, fallback, prior)
     check_submission(sub, raw_ids(test_csv), str(test_csv))
     write_table(sub, out_csv)

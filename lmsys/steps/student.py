@@ -158,10 +158,13 @@ def _loss(logits, labels, soft, weight, T, ce, kl, cos):
 
 
 def _write_oof(cfg: dict, net, tok, val: pd.DataFrame, path: Path) -> None:
-    from lmsys.infer import predict_logits
+    """The student's out-of-fold logits, both orders, on the path lmsys.infer.route picks (`infer`)."""
+    from lmsys.infer import classify, route
     L, bs = cfg["text"]["infer_max_length"], cfg["predict"]["batch_size"]
-    z = predict_logits(net, common.encode(cfg, val, tok, L), tok.pad_token_id, bs, desc="oof")
-    zs = predict_logits(net, common.encode(cfg, val, tok, L, swap=True), tok.pad_token_id, bs, desc="oof swapped")
+    way = route(net, cfg["infer"])
+    log.info("oof: %s inference", way.describe())
+    z = classify(net, common.encode(cfg, val, tok, L), tok.pad_token_id, bs, way, desc="oof")
+    zs = classify(net, common.encode(cfg, val, tok, L, swap=True), tok.pad_token_id, bs, way, desc="oof swapped")
     out = pd.DataFrame({"id": val["id"], "label": common.labels(val)})
     out[LOGIT_COLUMNS] = z
     out[[f"swapped_{c}" for c in LOGIT_COLUMNS]] = zs

@@ -100,18 +100,22 @@ def _summary(m: dict) -> dict:
 # ---------------------------------------------------------------- step 2.5
 
 def resumable_logits(cfg: dict, model: str, net, tok, ids: list[list[int]], out: Path, adapter_dir: Path,
-                     batch_size: int, desc: str, progress_every: int | None = None) -> np.ndarray:
-    """Logits of `net` (model `model` with the adapter at adapter_dir) on `ids`, through
-    lmsys.infer.predict_logits_resumable: shards of orchestration.shard_rows rows in shard_dir(out),
-    keyed by the model's spec and the adapter's content, so a killed job resumes at its last finished
-    shard. The caller writes `out`, then removes shard_dir(out)."""
-    from lmsys.infer import predict_logits_resumable
+                     batch_size: int, desc: str, progress_every: int | None = None) -> tuple[np.ndarray, str]:
+    """(logits of `net` (model `model` with the adapter at adapter_dir) on `ids`, the inference path
+    taken) through lmsys.infer.predict_logits_resumable on the path lmsys.infer.route picks from
+    params.yaml's `infer` (packed on a verified GPU, padded elsewhere): shards of
+    orchestration.shard_rows rows in shard_dir(out), keyed by the model's spec, the adapter's content
+    and the path, so a killed job resumes at its last finished shard. The caller writes `out`, then
+    removes shard_dir(out)."""
+    from lmsys.infer import predict_logits_resumable, route
     from lmsys.io import content_hash
     key = json.dumps({"spec": common.spec(cfg, model), "adapter": content_hash(adapter_dir)}, sort_keys=True, default=str)
+    path = route(net, cfg["infer"])
+    log.info("%s: %s inference", desc, path.describe())
     logits, _ = predict_logits_resumable(net, ids, tok.pad_token_id, batch_size, shard_dir(out),
                                          int(cfg["orchestration"]["shard_rows"]), key=key,
-                                         progress_every=progress_every, desc=desc)
-    return logits
+                                         progress_every=progress_every, desc=desc, path=path)
+    return logits, path.describe()
 
 
 def shard_dir(out: Path) -> Path:
@@ -131,12 +135,13 @@ def run_filter_score(cfg: dict, layout: Layout, model: str) -> StepResult:
     tok, net = common.build(cfg, layout, model, init_adapter=adapter, trainable=False)
     out = layout.filter_scores(model)
     ids = common.encode(cfg, rows, tok, cfg["text"]["train_max_length"])
-    probs = softmax(resumable_logits(cfg, model, net, tok, ids, out, adapter, cfg["teacher_logits"]["batch_size"],
-                                     f"filter-score {model}", cfg["teacher_logits"]["progress_every"]))
+    logits, path = resumable_logits(cfg, model, net, tok, ids, out, adapter, cfg["teacher_logits"]["batch_size"],
+                                    f"filter-score {model}", cfg["teacher_logits"]["progress_every"])
+    probs = softmax(logits)
     write_table(pd.DataFrame({"id": rows["id"], "label": common.labels(rows), "p_a": probs[:, 0], "p_b": probs[:, 1],
                               "p_tie": probs[:, 2]}), out)
     shutil.rmtree(shard_dir(out), ignore_errors=True)
-    return StepResult(outputs=[out], metrics={"model": model, "rows": len(rows)})
+    return StepResult(outputs=[out], metrics={"model": model, "rows": len(rows), "inference": path})
 
 
 def run_filter_argmax(cfg: dict, layout: Layout, fold: int) -> StepResult:
@@ -214,8 +219,8 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     adapter = common.adapter(layout.teacher(model, fold))
     tok, net = common.build(cfg, layout, model, init_adapter=adapter, trainable=False)
     ids = logit_inputs(cfg, rows, tok)
-    logits = resumable_logits(cfg, model, net, tok, ids, layout.logits(model, fold), adapter, c["batch_size"],
-                              f"logits {model} fold{fold}", c["progress_every"])   # resumable shards
+    logits, path = resumable_logits(cfg, model, net, tok, ids, layout.logits(model, fold), adapter, c["batch_size"],
+                                    f"logits {model} fold{fold}", c["progress_every"])   # resumable shards
     if not np.isfinite(logits).all():
         raise FloatingPointError(f"teacher {model} fold {fold}: non-finite logits")
     out = pd.DataFrame({"id": rows["id"], "swapped": rows["swapped"], "split": rows["split"],
@@ -227,4 +232,4 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     from lmsys.metrics import log_loss
     oof = log_loss(softmax(v[["logit_a", "logit_b", "logit_tie"]].to_numpy()), v["label"].to_numpy())
     return StepResult(outputs=[layout.logits(model, fold)],
-                      metrics={"model": model, "fold": fold, "rows": len(out), "val_log_loss": oof})
+                      metrics={"model": model, "fold": fold, "rows": len(out), "val_log_loss": oof, "inference": path})
