@@ -16,7 +16,8 @@ Attention, by the model's `config._attn_implementation`:
                    the rows; attention_mask=None); eager and sdpa build a T x T mask, so keep
                    max_tokens small there (tests, CPU).
 Packs have one shape, so `compiled_layers` (regional torch.compile of the decoder layers)
-compiles once per layer kind and is reused for every pack.
+compiles once per layer kind and is reused for every pack. `PackedForward` (one pack through the
+model) is also what the trainer's padding-free micro-batches run (lmsys.train, trainer.packing).
 
 Supports decoder classifiers of the transformers `GenericForSequenceClassification` layout
 (base model under `base_model_prefix`, linear `score` head): Llama, Qwen2, Gemma-2, ...; a peft
@@ -234,6 +235,87 @@ def compiled_layers(model: torch.nn.Module, **compile_kwargs):
             layer._compiled_call_impl = None
 
 
+def training_attention(model: torch.nn.Module, device) -> str:
+    """The attention implementation packed training runs with: on CUDA, flex attention in place of
+    eager or sdpa (their packed masks are dense T x T; flex skips the blocks between rows and applies
+    Gemma-2's soft-capping); elsewhere, and for flash attention (packed through the position ids),
+    the model's own."""
+    impl = classifier_parts(model)[0].config._attn_implementation
+    return "flex_attention" if torch.device(device).type == "cuda" and impl in ("eager", "sdpa") else impl
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, impl: str):
+    """Within it, the model runs attention `impl` (transformers' set_attn_implementation); its own
+    afterwards. Nothing changes when it already runs `impl`."""
+    cls = classifier_parts(model)[0]
+    before = cls.config._attn_implementation
+    if impl == before:
+        yield model
+        return
+    cls.set_attn_implementation(impl)
+    try:
+        yield model
+    finally:
+        cls.set_attn_implementation(before)
+
+
+# ---------------------------------------------------------------- one pack through the model
+
+class PackedForward:
+    """The classifier run on one pack at a time ([1, T]): what predict_logits_packed (under
+    inference_mode) and the trainer's packed micro-batches (lmsys.train, with gradients) share.
+
+    `logits(ids, rows, T)` lays rows `rows` of `ids` end to end in a pack of T tokens (build_pack),
+    runs the decoder with position ids restarting at every row and attention confined to each row,
+    and returns the head's logits [len(rows), num_labels] read at each row's pooling token, in the
+    order of `rows`. The mask, by the model's attention implementation at construction:
+      flex_attention   BlockMasks from the row boundaries (one PackedFlexMasks per pack length T,
+                       which must then be a multiple of BLOCK);
+      eager, sdpa, flash_attention_*
+                       none passed: attention_mask=None, use_cache=False and the restarting position
+                       ids are what make transformers build its packed-sequence mask (with an
+                       attention mask or a cache it silently lets the rows attend to each other).
+    Raises TypeError for a model that is not a decoder classifier, NotImplementedError for another
+    attention implementation."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, device: str | torch.device | None = None,
+                 attn_kwargs: dict | None = None):
+        self.cls, self.decoder, self.head = classifier_parts(model)
+        config = self.cls.config
+        self.impl = config._attn_implementation
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.pad_id, self.attn_kwargs = pad_id, attn_kwargs or {}
+        self.pool_pad = config.get_text_config().pad_token_id if hasattr(config, "get_text_config") else config.pad_token_id
+        self.num_labels = config.num_labels
+        if self.impl == "flex_attention":
+            types = _layer_types(config)
+            self.window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
+            self.single_mask = types == {"full_attention"}
+            self._flex: dict[int, PackedFlexMasks] = {}
+        elif self.impl not in ("eager", "sdpa") and not str(self.impl).startswith("flash_attention"):
+            raise NotImplementedError(f"packed batches have no mask for attn_implementation={self.impl!r}")
+
+    @property
+    def block(self) -> int:
+        """What a pack's length must be a multiple of: flex attention's block, else any length."""
+        return BLOCK if self.impl == "flex_attention" else 1
+
+    def logits(self, ids: list[list[int]], rows: np.ndarray, T: int) -> torch.Tensor:
+        p = build_pack(ids, rows, T, self.pad_id, self.pool_pad)
+        input_ids = torch.from_numpy(p.input_ids)[None].to(self.device, non_blocking=True)
+        position_ids = torch.from_numpy(p.position_ids)[None].to(self.device, non_blocking=True)
+        attention_mask = None
+        if self.impl == "flex_attention":
+            if T not in self._flex:
+                self._flex[T] = PackedFlexMasks(T, self.device, self.window)
+            masks = self._flex[T].masks(torch.from_numpy(p.doc_ids).to(self.device, non_blocking=True))
+            attention_mask = masks["full_attention"] if self.single_mask else masks
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, **self.attn_kwargs).last_hidden_state[0]        # [T, hidden]
+        return self.head(hidden.index_select(0, torch.from_numpy(p.last).to(self.device)))     # [len(rows), C]
+
+
 # ---------------------------------------------------------------- inference
 
 def predict_logits_packed(model: torch.nn.Module, ids: list[list[int]], pad_id: int, max_tokens: int = 8192,
@@ -250,40 +332,16 @@ def predict_logits_packed(model: torch.nn.Module, ids: list[list[int]], pad_id: 
     n = len(ids)
     if n == 0:
         return np.zeros((0, 3), dtype=np.float32)
-    cls, decoder, head = classifier_parts(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    config = cls.config
-    impl = config._attn_implementation
+    forward = PackedForward(model, pad_id, device, attn_kwargs)
     lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
     packs_rows, T = plan_packs(lengths, max_tokens, fixed_length=fixed_length)
-    pool_pad = config.get_text_config().pad_token_id if hasattr(config, "get_text_config") else config.pad_token_id
-    flex = None
-    if impl == "flex_attention":
-        types = _layer_types(config)
-        window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
-        flex = PackedFlexMasks(T, device, window)
-        single_mask = types == {"full_attention"}
-    elif impl not in ("eager", "sdpa") and not str(impl).startswith("flash_attention"):
-        raise NotImplementedError(f"packed inference has no mask for attn_implementation={impl!r}")
-    out = np.empty((n, config.num_labels), dtype=np.float32)
+    out = np.empty((n, forward.num_labels), dtype=np.float32)
     model.eval()
     t0 = time.perf_counter()
     done = 0
     with torch.inference_mode():
         for b, rows in enumerate(packs_rows):
-            p = build_pack(ids, rows, T, pad_id, pool_pad)
-            input_ids = torch.from_numpy(p.input_ids)[None].to(device, non_blocking=True)
-            position_ids = torch.from_numpy(p.position_ids)[None].to(device, non_blocking=True)
-            if flex is not None:
-                masks = flex.masks(torch.from_numpy(p.doc_ids).to(device, non_blocking=True))
-                attention_mask = masks["full_attention"] if single_mask else masks
-            else:
-                attention_mask = None  # transformers derives the packed mask from position_ids
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False, **(attn_kwargs or {})).last_hidden_state[0]
-            last = torch.from_numpy(p.last).to(device)
-            logits = head(hidden.index_select(0, last))
-            out[p.rows] = logits.float().cpu().numpy()
+            out[rows] = forward.logits(ids, rows, T).float().cpu().numpy()
             done += len(rows)
             if progress_every and ((b + 1) % progress_every == 0 or b + 1 == len(packs_rows)):
                 rate = done / max(time.perf_counter() - t0, 1e-9)

@@ -4,6 +4,12 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` rows, the last g
 possibly shorter; micro-batch losses are weighted by their share of the group's rows, so a step
 equals one big batch. AdamW, cosine schedule with warmup, gradient clipping at 1.0.
 
+Micro-batches (settings.packing): padded, each of the group's batches padded to its longest row
+(PaddedBatches), or padding-free, the same group's rows re-cut into packs of at most pack_tokens
+tokens laid end to end, one sequence per pack with attention kept inside each row (PackedBatches,
+lmsys.infer_packed.PackedForward). Either way a step trains on the same rows with the same loss;
+packing only stops computing padding (lmsys.token_model prices both).
+
 out_dir layout:
   checkpoint/   every checkpoint_every steps (atomic): trainable.pt, optim.pt (optimizer,
                 scheduler, RNG states), state.json (step, epoch, position, best, loss history)
@@ -25,6 +31,7 @@ load_state_dict (saved in checkpoints) and fingerprint().
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,8 +50,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from lmsys.infer import model_device, pad_batch, predict_logits
+from lmsys.infer_packed import PackedForward, attention_implementation, training_attention
 from lmsys.io import atomic_dir, write_json
 from lmsys.settings import TrainerSettings
+from lmsys.token_model import first_fit
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +169,75 @@ def _fingerprint(model, rows: TrainSet, settings: TrainerSettings, seed: int) ->
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- micro-batches: padded or packed
+
+class PaddedBatches:
+    """trainer.packing false: the group's micro-batches of batch_size rows as they are, each padded to
+    its longest row (or to pad_to) and run with its attention mask."""
+
+    def __init__(self, model, rows: TrainSet, device, pad_to: int | None = None):
+        self.model, self.rows, self.device, self.pad_to = model, rows, device, pad_to
+
+    def split(self, group: list[np.ndarray]) -> list[np.ndarray]:
+        return list(group)
+
+    def computed_tokens(self, idx: np.ndarray) -> int:
+        return len(idx) * (self.pad_to or max(len(self.rows.ids[i]) for i in idx))
+
+    def step(self):
+        return contextlib.nullcontext()
+
+    def logits(self, idx: np.ndarray) -> torch.Tensor:
+        ids, mask = pad_batch([self.rows.ids[i] for i in idx], self.rows.pad_id, self.pad_to)     # [b, T] each
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits   # [b, 3]
+
+
+class PackedBatches:
+    """trainer.packing: an optimizer step's rows (its epoch_groups group, so the rows of the padded
+    step) re-cut into packs of at most pack_tokens tokens (token_model.first_fit: the rule the plan
+    prices), each pack one sequence [1, T] whose logits are read at each row's last token
+    (infer_packed.PackedForward). T is the pack's real tokens, rounded up to flex attention's block
+    where flex runs: on CUDA the step switches an eager/sdpa model to flex attention
+    (infer_packed.training_attention), and back for evaluations. Raises ValueError when a row is
+    longer than pack_tokens, TypeError for a model that is not a decoder classifier."""
+
+    def __init__(self, model, rows: TrainSet, device, pack_tokens: int):
+        self.model, self.rows, self.pack_tokens = model, rows, pack_tokens
+        self.lengths = np.fromiter((len(r) for r in rows.ids), dtype=np.int64, count=len(rows.ids))
+        if self.lengths.max() > pack_tokens:
+            raise ValueError(f"a training row of {self.lengths.max()} tokens does not fit trainer.pack_tokens="
+                             f"{pack_tokens}: raise pack_tokens to at least text.train_max_length")
+        self.impl = training_attention(model, device)
+        with self.step():
+            self.forward = PackedForward(model, rows.pad_id, device)
+        self.device = self.forward.device
+
+    def split(self, group: list[np.ndarray]) -> list[np.ndarray]:
+        step_rows = np.concatenate(group)
+        return [step_rows[p] for p in first_fit(self.lengths[step_rows], self.pack_tokens)]
+
+    def computed_tokens(self, idx: np.ndarray) -> int:
+        block = self.forward.block
+        return -(-int(self.lengths[idx].sum()) // block) * block
+
+    def step(self):
+        """The attention implementation of a training step (evaluations run with the model's own)."""
+        return attention_implementation(self.model, self.impl)
+
+    def logits(self, idx: np.ndarray) -> torch.Tensor:
+        return self.forward.logits(self.rows.ids, idx, self.computed_tokens(idx))              # [b, 3]
+
+
+def micro_batches(model, rows: TrainSet, settings: TrainerSettings, device,
+                  pad_to: int | None = None) -> PaddedBatches | PackedBatches:
+    """The trainer's micro-batches under `settings` (packing or not). pad_to: padded only."""
+    if not settings.packing:
+        return PaddedBatches(model, rows, device, pad_to)
+    if pad_to is not None:
+        raise ValueError("pad_to pads micro-batches: set trainer.packing false to use it")
+    return PackedBatches(model, rows, device, settings.pack_tokens)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def _rng_states() -> dict:
@@ -238,32 +316,51 @@ def _save_model(model, path: Path) -> None:
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def _train_step(model, group, rows: TrainSet, loss_fn, opt, lr_schedule, device,
-                pad_to: int | None = None) -> tuple[float, dict]:
-    """Forward/backward every micro-batch of one optimizer step, clip, step. Returns the loss."""
-    n_rows = sum(len(b) for b in group)
-    total, parts = 0.0, {}
-    w, dynamic = rows.sample_weight, is_dynamic(rows.sample_weight)
-    as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-    for idx in group:
-        ids, mask = pad_batch([rows.ids[i] for i in idx], rows.pad_id, pad_to)  # [b, T] each
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, 3]
-        labels = torch.as_tensor(rows.labels[idx], dtype=torch.long, device=device)
-        weight = as_t(w.batch(idx) if dynamic else None if w is None else w[idx])     # [b] or None
-        soft = as_t(None if rows.soft_targets is None else rows.soft_targets[idx])
-        loss, step_parts = loss_fn(logits, labels, soft, weight)
-        if dynamic:                           # after the weights of this batch were taken
-            w.observe(idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy())
-        share = len(idx) / n_rows  # micro-batch's share of the step's rows
-        (loss * share).backward()
-        total += loss.item() * share
-        for k, v in step_parts.items():
-            parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
+def _train_step(model, micro: list[np.ndarray], rows: TrainSet, loss_fn, opt, lr_schedule,
+                batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
+    """One optimizer step on the micro-batches `micro` (batches.split of its group): their
+    gradients, clipped at 1.0, then AdamW and the schedule. Returns the step's loss and its parts."""
+    loss, parts = accumulate_gradients(micro, rows, loss_fn, batches)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     lr_schedule.step()
     opt.zero_grad(set_to_none=True)
+    return loss, parts
+
+
+def accumulate_gradients(micro: list[np.ndarray], rows: TrainSet, loss_fn,
+                         batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
+    """Forward and backward every micro-batch of one optimizer step, adding to the parameters' .grad.
+    Each micro-batch's loss (a mean over its rows) counts by its share of the step's rows, so the
+    step's loss and gradients are those of the mean over all of them. Returns the loss and its parts."""
+    n_rows = sum(len(idx) for idx in micro)
+    weight_of = _step_weights(rows, np.concatenate(micro))
+    total, parts, device = 0.0, {}, batches.device
+    as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    for idx in micro:
+        logits = batches.logits(idx).float()                                                    # [b, 3]
+        labels = torch.as_tensor(rows.labels[idx], dtype=torch.long, device=device)
+        soft = as_t(None if rows.soft_targets is None else rows.soft_targets[idx])
+        loss, step_parts = loss_fn(logits, labels, soft, as_t(weight_of(idx)))
+        if is_dynamic(rows.sample_weight):
+            rows.sample_weight.observe(idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy())
+        share = len(idx) / n_rows
+        (loss * share).backward()
+        total += loss.item() * share
+        for k, v in step_parts.items():
+            parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
     return total, parts
+
+
+def _step_weights(rows: TrainSet, step_rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray | None]:
+    """idx -> the sample weights [b] of rows idx in this step (None without weights). Dynamic weights
+    are read once for all the step's rows, before its first forward: a step's weights do not depend
+    on how it is cut into micro-batches (padded or packed)."""
+    w = rows.sample_weight
+    if w is None or not is_dynamic(w):
+        return lambda idx: None if w is None else w[idx]
+    at = dict(zip(step_rows.tolist(), w.batch(step_rows)))
+    return lambda idx: np.array([at[i] for i in idx], dtype=np.float32)
 
 
 def _evaluate(model, val: ValSet, pad_id: int, batch_size: int, step: int) -> dict:
@@ -354,12 +451,13 @@ def train_classifier(model, rows: TrainSet, *, out_dir: str | Path, settings: Tr
     settings: the section's TrainerSettings (lmsys.settings); with `val`, the best checkpoint by its
     log loss is kept (evaluated every settings.eval_every steps and at the end). loss_fn(logits,
     labels, soft, weight) -> (loss, parts), default cross-entropy. pad_to: pad every micro-batch to
-    this many tokens (the recipe's fixed padding, a baseline for benchmarks; default: each micro-batch
-    to its longest row). On return the model holds the final weights. Raises ValueError on an empty
-    training set."""
+    this many tokens (the recipe's fixed padding, a baseline for benchmarks, packing off; default: each
+    micro-batch to its longest row). On return the model holds the final weights. Raises ValueError on
+    an empty training set, or a row longer than settings.pack_tokens when packing."""
     run = _start(model, rows, Path(out_dir), settings, val, seed)
     resumed_from = run.resume()
-    loss_fn, device, state, steps = loss_fn or cross_entropy_loss, model_device(model), run.state, run.schedule
+    loss_fn, state, steps = loss_fn or cross_entropy_loss, run.state, run.schedule
+    batches = micro_batches(model, rows, settings, model_device(model), pad_to)
     model.train()
     t0, done_rows = time.perf_counter(), 0
     bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step")
@@ -367,7 +465,11 @@ def train_classifier(model, rows: TrainSet, *, out_dir: str | Path, settings: Tr
         groups = epoch_groups(len(rows.ids), state["epoch"], seed, steps.batch_size, steps.grad_accum)
         # on resume, skip the steps this epoch already consumed (same seeded order)
         for group in groups[state["step_in_epoch"]:]:
-            loss, parts = _train_step(model, group, rows, loss_fn, run.opt, run.lr_schedule, device, pad_to)
+            micro = batches.split(group)
+            with batches.step():
+                loss, parts = _train_step(model, micro, rows, loss_fn, run.opt, run.lr_schedule, batches)
+            state["real_tokens"] += int(sum(len(rows.ids[i]) for i in np.concatenate(micro)))
+            state["computed_tokens"] += sum(batches.computed_tokens(idx) for idx in micro)
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             state["losses"].append(loss)
@@ -396,7 +498,8 @@ def _start(model, rows: TrainSet, out_dir: Path, settings: TrainerSettings, val:
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, steps.total_steps)
     state = {"fingerprint": _fingerprint(model, rows, settings, seed), "global_step": 0, "epoch": 0,
-             "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": []}
+             "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": [], "real_tokens": 0,
+             "computed_tokens": 0}
     return Run(model, settings, steps, rows, val, out_dir, opt, lr_schedule, state)
 
 
@@ -423,4 +526,5 @@ def _metrics(state, steps: Schedule, resumed_from, rows_per_s, train_s, n_train,
         "best_val_log_loss": best.get("log_loss"), "val_accuracy": best.get("accuracy"),
         "best_step": best.get("step"), "evals": state["evals"],
         "samples_per_s": rows_per_s, "train_seconds": train_s, "resumed_from_step": resumed_from,
+        "real_per_computed_token": state["real_tokens"] / max(state["computed_tokens"], 1),
     }
