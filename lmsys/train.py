@@ -20,6 +20,12 @@ out_dir layout:
 Entry: `train_classifier(model, rows, out_dir=..., settings=..., val=..., loss_fn=..., seed=..., desc=...)`;
 the pipeline's steps call it through lmsys.steps.common.fit (build, encode, resumable work dir).
 
+Data-parallel (inside the ranks of lmsys.distributed): each step's rows are dealt to the ranks by
+tokens and each rank trains on its share; the trainable gradients are summed over the ranks before
+the optimizer step (the loss of every micro-batch counts by its share of the step's rows on all
+ranks, so the sum is the mean over the global batch). Rank 0 writes checkpoints, adapters and
+metrics; each rank's RNG state goes into the checkpoint.
+
 Resume: when checkpoint/ exists and was written by the same run (every setting but
 checkpoint_every, the seed, the token ids, labels, soft targets, sample weights and the trainable
 parameters' names and shapes), training continues exactly where it stopped (same data order: each
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from lmsys import distributed
 from lmsys.infer import model_device, pad_batch, predict_logits
 from lmsys.infer_packed import PackedForward, attention_implementation, training_attention
 from lmsys.io import atomic_dir, write_json
@@ -213,8 +220,8 @@ class PackedBatches:
         self.device = self.forward.device
 
     def split(self, group: list[np.ndarray]) -> list[np.ndarray]:
-        step_rows = np.concatenate(group)
-        return [step_rows[p] for p in first_fit(self.lengths[step_rows], self.pack_tokens)]
+        rows = np.concatenate(group)
+        return [rows[p] for p in first_fit(self.lengths[rows], self.pack_tokens)]
 
     def computed_tokens(self, idx: np.ndarray) -> int:
         block = self.forward.block
@@ -226,6 +233,18 @@ class PackedBatches:
 
     def logits(self, idx: np.ndarray) -> torch.Tensor:
         return self.forward.logits(self.rows.ids, idx, self.computed_tokens(idx))              # [b, 3]
+
+
+def rank_micro_batches(batches: PaddedBatches | PackedBatches, group: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """This process's micro-batches of one optimizer step. One process: batches.split(group). Ranks:
+    the step's rows dealt to them by tokens (distributed.deal), this rank's share cut into micro-batches
+    of batch_size rows (padded) or packs; a rank may get none when the step has fewer rows than ranks."""
+    if distributed.world() == 1:
+        return batches.split(group)
+    step_rows = np.concatenate(group)
+    lengths = np.fromiter((len(batches.rows.ids[i]) for i in step_rows), dtype=np.int64, count=len(step_rows))
+    mine = step_rows[distributed.deal(lengths, distributed.world())[distributed.rank()]]
+    return batches.split([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]) if len(mine) else []
 
 
 def micro_batches(model, rows: TrainSet, settings: TrainerSettings, device,
@@ -256,13 +275,17 @@ def _set_rng_states(s: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, opt, lr_schedule, state: dict, weights: DynamicWeights | None = None) -> None:
-    """Trainable weights, optimizer, scheduler, RNG, dynamic-weight and loop state, swapped in atomically.
-    Only tensors and plain containers go into the .pt files (numpy arrays as tagged tensors), so
-    load_checkpoint reads them with weights_only=True: no pickled object is ever executed."""
+    """Trainable weights, optimizer, scheduler, RNG (every rank's), dynamic-weight and loop state,
+    swapped in atomically by rank 0 (every rank calls it). Only tensors and plain containers go into
+    the .pt files (numpy arrays as tagged tensors), so load_checkpoint reads them with
+    weights_only=True: no pickled object is ever executed."""
+    rng = distributed.all_objects(_rng_states())                 # [rank 0's, rank 1's, ...]
+    if not distributed.is_main():
+        return
     with atomic_dir(path) as tmp:
         trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
-        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(), "rng": _rng_states(),
+        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(), "rng": rng,
                               "weights": weights.state_dict() if weights is not None else None}), tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state))
 
@@ -303,24 +326,28 @@ def load_checkpoint(path: Path, model, opt, lr_schedule, weights: DynamicWeights
     rest = _from_plain(torch.load(path / "optim.pt", map_location="cpu", weights_only=True))
     opt.load_state_dict(rest["optimizer"])
     lr_schedule.load_state_dict(rest["scheduler"])
-    _set_rng_states(rest["rng"])
+    rng = rest["rng"] if isinstance(rest["rng"], list) else [rest["rng"]]       # one process wrote a dict
+    _set_rng_states(rng[distributed.rank() % len(rng)])
     if weights is not None:
         weights.load_state_dict(rest["weights"])
     return json.loads((path / "state.json").read_text())
 
 
 def _save_model(model, path: Path) -> None:
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+    """Rank 0 writes the adapter; every rank waits until it has."""
+    if distributed.is_main():
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+    distributed.barrier()
 
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def _train_step(model, micro: list[np.ndarray], rows: TrainSet, loss_fn, opt, lr_schedule,
+def _train_step(model, micro: list[np.ndarray], step_rows: np.ndarray, rows: TrainSet, loss_fn, opt, lr_schedule,
                 batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
-    """One optimizer step on the micro-batches `micro` (batches.split of its group): their
-    gradients, clipped at 1.0, then AdamW and the schedule. Returns the step's loss and its parts."""
-    loss, parts = accumulate_gradients(micro, rows, loss_fn, batches)
+    """One optimizer step: the gradients of the step's rows (step_gradients; `micro` this process's
+    micro-batches of them), clipped at 1.0, then AdamW and the schedule. Returns the loss and its parts."""
+    loss, parts = step_gradients(model, micro, step_rows, rows, loss_fn, batches)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     lr_schedule.step()
@@ -328,28 +355,49 @@ def _train_step(model, micro: list[np.ndarray], rows: TrainSet, loss_fn, opt, lr
     return loss, parts
 
 
-def accumulate_gradients(micro: list[np.ndarray], rows: TrainSet, loss_fn,
-                         batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
-    """Forward and backward every micro-batch of one optimizer step, adding to the parameters' .grad.
-    Each micro-batch's loss (a mean over its rows) counts by its share of the step's rows, so the
-    step's loss and gradients are those of the mean over all of them. Returns the loss and its parts."""
-    n_rows = sum(len(idx) for idx in micro)
-    weight_of = _step_weights(rows, np.concatenate(micro))
-    total, parts, device = 0.0, {}, batches.device
+def step_gradients(model, micro: list[np.ndarray], step_rows: np.ndarray, rows: TrainSet, loss_fn,
+                   batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
+    """The gradients of the mean loss over one optimizer step's rows `step_rows` in every trainable
+    parameter's .grad, on every rank: this process's micro-batches `micro` forward and backward (each
+    micro-batch's loss, a mean over its rows, counts by its share of step_rows), then, with ranks, the
+    gradients summed over them (a rank without rows adds zeros). Dynamic sample weights are read once
+    for all of step_rows before the first forward, and then observe every rank's predictions, so every
+    rank keeps the same weights. Returns the step's loss and its parts (summed over the ranks)."""
+    weight_of = _step_weights(rows, step_rows)
+    loss, parts, seen = 0.0, {}, []
+    device = batches.device
     as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     for idx in micro:
         logits = batches.logits(idx).float()                                                    # [b, 3]
         labels = torch.as_tensor(rows.labels[idx], dtype=torch.long, device=device)
         soft = as_t(None if rows.soft_targets is None else rows.soft_targets[idx])
-        loss, step_parts = loss_fn(logits, labels, soft, as_t(weight_of(idx)))
+        part_loss, step_parts = loss_fn(logits, labels, soft, as_t(weight_of(idx)))
         if is_dynamic(rows.sample_weight):
-            rows.sample_weight.observe(idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy())
-        share = len(idx) / n_rows
-        (loss * share).backward()
-        total += loss.item() * share
+            seen.append((idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy()))
+        share = len(idx) / len(step_rows)
+        (part_loss * share).backward()
+        loss += part_loss.item() * share
         for k, v in step_parts.items():
             parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
-    return total, parts
+    if distributed.world() > 1:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_sum([p.grad for p in trainable])
+        loss, parts, seen = _summed(distributed.all_objects((loss, parts, seen)))
+    for idx, probs in seen:
+        rows.sample_weight.observe(idx, probs)
+    return loss, parts
+
+
+def _summed(per_rank: list[tuple[float, dict, list]]) -> tuple[float, dict, list]:
+    """Every rank's (loss, parts, observations) of one step as one: losses and parts added, observations joined."""
+    parts: dict = {}
+    for _, p, _ in per_rank:
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + v
+    return sum(loss for loss, _, _ in per_rank), parts, [o for _, _, seen in per_rank for o in seen]
 
 
 def _step_weights(rows: TrainSet, step_rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray | None]:
@@ -364,7 +412,16 @@ def _step_weights(rows: TrainSet, step_rows: np.ndarray) -> Callable[[np.ndarray
 
 
 def _evaluate(model, val: ValSet, pad_id: int, batch_size: int, step: int) -> dict:
-    logits = predict_logits(model, val.ids, pad_id, batch_size, desc=f"val@{step}")
+    """Log loss and accuracy on the validation rows; with ranks each predicts the rows dealt to it
+    by tokens and all of them get every row's logits (the same figures on every rank)."""
+    if distributed.world() == 1:
+        logits = predict_logits(model, val.ids, pad_id, batch_size, desc=f"val@{step}")
+    else:
+        mine = distributed.deal([len(r) for r in val.ids], distributed.world())[distributed.rank()]
+        z = predict_logits(model, [val.ids[i] for i in mine], pad_id, batch_size, desc=f"val@{step}")
+        logits = np.empty((len(val.ids), 3), dtype=np.float32)
+        for idx, part in distributed.all_objects((mine, z)):
+            logits[idx] = part
     model.train()
     return {"step": step, **val_metrics(logits, val.labels)}
 
@@ -402,11 +459,23 @@ class Run:
         saved = json.loads((ckpt / "state.json").read_text())
         if saved.get("fingerprint") != self.state["fingerprint"]:
             log.warning("ignoring %s: written by another run (other settings, data, targets, weights or model)", ckpt)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            distributed.barrier()                  # every rank has read it before rank 0 removes it
+            if distributed.is_main():
+                shutil.rmtree(ckpt, ignore_errors=True)
             return None
         self.state.update(load_checkpoint(ckpt, self.model, self.opt, self.lr_schedule, self.weights))
         log.info("resuming from %s at step %d (epoch %d)", ckpt, self.state["global_step"], self.state["epoch"])
         return self.state["global_step"]
+
+    def record_step(self, loss: float, parts: dict, step_rows: np.ndarray, computed_tokens: int) -> None:
+        """Count a finished optimizer step: its loss, and the real and computed tokens of all ranks."""
+        state = self.state
+        state["global_step"] += 1
+        state["step_in_epoch"] += 1
+        state["losses"].append(loss)
+        state["parts"].append(parts)
+        state["real_tokens"] += int(sum(len(self.rows.ids[i]) for i in step_rows))
+        state["computed_tokens"] += sum(distributed.all_objects(computed_tokens))
 
     def after_step(self) -> None:
         """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
@@ -431,15 +500,18 @@ class Run:
         if self.has_val:
             if not state["evals"] or state["evals"][-1]["step"] != state["global_step"]:
                 self.record_eval()
-            with atomic_dir(out_dir / "final") as tmp:
-                shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
+            if distributed.is_main():
+                with atomic_dir(out_dir / "final") as tmp:
+                    shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
             _load_best_into(self.model, out_dir / "best")
         else:
             _save_model(self.model, out_dir / "final")
         metrics = _metrics(state, self.schedule, resumed_from, rows_per_s, train_s, len(self.rows.ids),
                            len(self.val.ids) if self.has_val else 0)
-        write_json(metrics, out_dir / "metrics.json")
-        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        if distributed.is_main():
+            write_json(metrics, out_dir / "metrics.json")
+            shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        distributed.barrier()
         return metrics
 
 
@@ -460,21 +532,18 @@ def train_classifier(model, rows: TrainSet, *, out_dir: str | Path, settings: Tr
     batches = micro_batches(model, rows, settings, model_device(model), pad_to)
     model.train()
     t0, done_rows = time.perf_counter(), 0
-    bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step")
+    bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step",
+               disable=True if not distributed.is_main() else None)
     while state["global_step"] < steps.total_steps:
         groups = epoch_groups(len(rows.ids), state["epoch"], seed, steps.batch_size, steps.grad_accum)
         # on resume, skip the steps this epoch already consumed (same seeded order)
         for group in groups[state["step_in_epoch"]:]:
-            micro = batches.split(group)
+            step_rows = np.concatenate(group)
+            micro = rank_micro_batches(batches, group, steps.batch_size)      # this rank's share of the step
             with batches.step():
-                loss, parts = _train_step(model, micro, rows, loss_fn, run.opt, run.lr_schedule, batches)
-            state["real_tokens"] += int(sum(len(rows.ids[i]) for i in np.concatenate(micro)))
-            state["computed_tokens"] += sum(batches.computed_tokens(idx) for idx in micro)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            state["losses"].append(loss)
-            state["parts"].append(parts)
-            done_rows += sum(len(b) for b in group)
+                loss, parts = _train_step(model, micro, step_rows, rows, loss_fn, run.opt, run.lr_schedule, batches)
+            run.record_step(loss, parts, step_rows, sum(batches.computed_tokens(idx) for idx in micro))
+            done_rows += len(step_rows)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
             run.after_step()
@@ -493,7 +562,7 @@ def _start(model, rows: TrainSet, out_dir: Path, settings: TrainerSettings, val:
     steps = schedule(len(rows.ids), settings)
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + distributed.rank())     # each rank its own dropout; rank 0 as one process
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, steps.total_steps)

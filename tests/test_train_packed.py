@@ -10,8 +10,8 @@ from train_worker import SPEC, make_task, settings
 from lmsys.infer_packed import PackedForward, attention_implementation, classifier_parts, training_attention
 from lmsys.models import build_model
 from lmsys.token_model import first_fit, pack_lengths
-from lmsys.train import (PackedBatches, PaddedBatches, TrainSet, accumulate_gradients, cross_entropy_loss,
-                         epoch_groups, micro_batches, train_classifier)
+from lmsys.train import (PackedBatches, PaddedBatches, TrainSet, cross_entropy_loss, epoch_groups, micro_batches,
+                         step_gradients, train_classifier)
 from test_train import assert_same_adapter
 
 
@@ -55,7 +55,7 @@ def one_step(model, rows, batches, group):
     model.zero_grad(set_to_none=True)
     micro = batches.split(group)
     with batches.step():
-        loss, _ = accumulate_gradients(micro, rows, soft_and_weighted_loss, batches)
+        loss, _ = step_gradients(model, micro, np.concatenate(group), rows, soft_and_weighted_loss, batches)
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     return loss, grads, micro
 
