@@ -24,6 +24,7 @@ from flows.console import Progress, previous_seconds
 from flows.runners import check_slurm, is_dask, make_task_runner, wait_any
 from tasks.secrets import use_prefect_secret
 from lmsys.config import load_config
+from lmsys.distributed import step_width
 from lmsys.io import write_json
 from lmsys.paths import Layout
 from lmsys.plan import step_timeout
@@ -42,7 +43,9 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list):
                               timeout_seconds=step_timeout(cfg, name) if o["runner"] == "slurm" else None,
                               refresh_cache=refresh)   # a local thread cannot be stopped: Prefect only warns
     if STEPS[name].gpu and o["runner"] == "slurm":
-        with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
+        # only GPU workers take it; a data-parallel step holds the GPUs its ranks use (at most a job's)
+        gpus = max(1, min(step_width(cfg, name), int(o["slurm"]["gpus_per_job"])))
+        with dask.annotate(resources={"GPU": gpus}):
             return t.submit(name, cfg, keys, wait_for=wait_for)
     if o["runner"] == "slurm" and int(o["slurm"].get("cpu_jobs") or 0):
         with dask.annotate(resources={"CPU_JOB": 1}):    # CPU steps on the CPU job template's workers
