@@ -208,8 +208,8 @@ def classifier_parts(model: torch.nn.Module):
     decoder = getattr(cls, prefix, None) if prefix else None
     head = getattr(cls, "score", None)
     if decoder is None or head is None or not hasattr(decoder, "layers"):
-        raise TypeError(f"packed inference needs a decoder classifier with a `score` head, "
-                        f"got {type(cls).__name__}")
+        raise TypeError(f"packed inference and training (trainer.packing) need a decoder classifier with a "
+                        f"`score` head, got {type(cls).__name__}")
     return cls, decoder, head
 
 

@@ -12,7 +12,8 @@ packing only stops computing padding (lmsys.token_model prices both).
 
 out_dir layout:
   checkpoint/   every checkpoint_every steps (atomic): trainable.pt, optim.pt (optimizer,
-                scheduler, RNG states), state.json (step, epoch, position, best, loss history)
+                scheduler, every rank's RNG states), state.json (step, epoch, position, best, loss
+                history, real and computed tokens)
   best/         lowest val log loss so far (model.save_pretrained)
   final/        best when val is given, else the last weights
   metrics.json  written last; the checkpoint is deleted after it
@@ -32,7 +33,8 @@ parameters' names and shapes), training continues exactly where it stopped (same
 epoch's permutation comes from (seed, epoch)); a checkpoint of another run is discarded with a warning.
 
 Sample weights are an array [N] or a dynamic object (e.g. lmsys.distill.EmaInfoGainWeights) with
-batch(idx) -> [b] weights, observe(idx, probs [b, 3]) after each forward, state_dict /
+batch(idx) -> [b] weights (read once a step, for all its rows, before its first forward),
+observe(idx, probs [b, 3]) (after the step's forwards, every rank's rows), state_dict /
 load_state_dict (saved in checkpoints) and fingerprint().
 """
 from __future__ import annotations

@@ -161,3 +161,37 @@ def test_a_failing_rank_stops_the_step_and_is_named(tmp_path, rank_env):
     with pytest.raises(RuntimeError, match="rank 1 .* exited with 1(.|\n)*rank 1 gives up"):
         distributed.launch("ddp_worker:fail_on_rank_1", {}, 2, tmp_path / "job")
     assert time.time() - t0 < 120             # rank 0, stuck in its barrier, was killed, not waited for
+
+
+def test_a_step_of_width_2_runs_as_ranks_and_publishes_what_one_process_does(tmp_path, rank_env):
+    """orchestration.step_gpus: the task's run_step launches the step as 2 ranks; post-pretrain (training)
+    publishes one adapter, filter-score (inference) one table, each as close to the one-process step's as
+    float rounding allows (the ranks' micro-batches differ), and nothing of the ranks is left behind."""
+    import pandas as pd
+    from lmsys.config import load_config
+    from lmsys.paths import Layout
+    from lmsys.steps.recipe import run_step
+    roots = {}
+    for width in (1, 2):
+        root = tmp_path / f"w{width}"
+        cfg = {**load_config("tiny", {"orchestration.step_gpus": {"post-pretrain": width, "filter-score": width},
+                                      "demo.ut_rows": 120}), "root": str(root)}
+        layout = Layout.of(cfg)
+        for name in ("demo-data", "prepare", "tokenizer"):
+            run_step(name, cfg, layout)
+        trained = run_step("post-pretrain", cfg, layout, model="llama")
+        scored = run_step("filter-score", cfg, layout, model="llama")
+        assert trained.metrics.get("ranks") == scored.metrics.get("ranks") == (2 if width == 2 else None)
+        assert not (layout.art / ".ranks").exists() or not any((layout.art / ".ranks").iterdir())
+        roots[width] = layout
+    one, two = roots[1], roots[2]
+    a = load_file(str(one.post_pretrain("llama") / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two.post_pretrain("llama") / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+    assert json.loads((two.post_pretrain("llama") / "metrics.json").read_text())["steps"] == \
+        json.loads((one.post_pretrain("llama") / "metrics.json").read_text())["steps"]
+    sa, sb = pd.read_parquet(one.filter_scores("llama")), pd.read_parquet(two.filter_scores("llama"))
+    assert sa["id"].tolist() == sb["id"].tolist()
+    np.testing.assert_allclose(sa[["p_a", "p_b", "p_tie"]].to_numpy(), sb[["p_a", "p_b", "p_tie"]].to_numpy(), atol=1e-4)
