@@ -202,7 +202,7 @@ def main(job_dir: str, parent: int) -> int:
 
 
 def ping(payload: dict) -> dict:
-    """`lmsys check`'s rank test: every rank adds its rank to one all-reduce; the sum says they all took part."""
+    """`lmsys check`'s rank test: rank r adds r + 1 to one all-reduce; n(n + 1)/2 says all n took part."""
     import torch
     t = torch.tensor([float(rank() + 1)], device="cuda" if torch.cuda.is_available() else "cpu")
     all_sum([t])
