@@ -1,20 +1,21 @@
 """Padding-free training against padded micro-batches, on the recipe's Kaggle-like lengths (issue 19 item 1).
 
-    python benchmarks/packed_training.py [--rows 6400] [--time-rows 128] [--arch tiny-llama] [--threads 1]
+    python benchmarks/packed_training.py [--profile full] [--rows 6400] [--time-rows 128] [--arch tiny-llama]
+                                         [--packs 4096,1024] [--threads 1]
 
-Lengths: lmsys.token_model's log-normal through the full profile's competition median and p90 (589 and
-1,240 tokens, docs/recipe.md), cut at its text.train_max_length (1,024), as `lmsys plan` prices them.
-The trainer's settings are the full profile's: batch_size 4, grad_accum 16 (a step of 64 rows),
-pack_tokens 4096.
+Lengths: lmsys.token_model's log-normal through the profile's competition median and p90 (full: 589 and
+1,240 tokens, docs/recipe.md), cut at its text.train_max_length (full: 1,024), as `lmsys plan` prices
+them. The trainer's settings are the profile's distill section (full: batch_size 4, grad_accum 16, a
+step of 64 rows, pack_tokens 4096); --packs (default: its pack_tokens and the cut) are the pack sizes timed.
 
 1. Real tokens per computed token of the trainer's own micro-batches over one epoch of --rows rows
    (lmsys.train.PaddedBatches / PackedBatches over epoch_groups): padded; packed as a GPU computes it
    (flex attention: every pack rounded up to its 128-token block; the same packs); packed on a CPU
    (no rounding: computed = real).
-2. CPU time of one training epoch (forward, backward, AdamW) of a tiny model (--arch, hidden 64, 2 layers,
-   LoRA r 8) on --time-rows rows of those lengths (random token ids): padded, packed in 4096-token packs,
-   packed in 1024-token packs; in one process, the runs alternated, the best of 2 each, and the ratio
-   packed / padded. On a CPU the packed mask is dense (transformers' packed-sequence path), so attention
+2. CPU time (this process's, so other load on the machine counts less than in wall time; wall printed
+   too) of one training epoch (forward, backward, AdamW) of a tiny model (--arch, hidden 64, 2 layers,
+   LoRA r 8) on --time-rows rows of those lengths (random token ids): padded, and packed at each of
+   --packs; in one process, the runs alternated, the best of 2 each, and the ratios packed / padded. On a CPU the packed mask is dense (transformers' packed-sequence path), so attention
    costs pack length squared; a tiny model's FLOPs are mostly attention, so this prices the CPU path,
    not the GPU's flex path (block-sparse: it skips the blocks between rows).
 
@@ -39,9 +40,8 @@ from lmsys.train import PackedBatches, PaddedBatches, TrainSet, epoch_groups, tr
 VOCAB = 300
 
 
-def kaggle_lengths(n: int) -> tuple[np.ndarray, dict]:
-    """n training-row lengths as the plan draws them for the full profile."""
-    cfg = load_config("full")
+def plan_lengths(cfg: dict, n: int) -> tuple[np.ndarray, dict]:
+    """n training-row lengths as the plan draws them for the profile's competition rows."""
     t = cfg["orchestration"]["estimate"]["tokens"]["competition"]
     cap = cfg["text"]["train_max_length"]
     lengths = token_model.lengths(float(t["median"]), float(t["p90"]), cap)[:n]
@@ -65,16 +65,19 @@ def trainer_efficiency(model, rows: TrainSet, bs: int, accum: int, pack_tokens: 
             "plan_packed": token_model.packed_efficiency(lengths, bs * accum, pack_tokens)}
 
 
-def epoch_seconds(arch: str, tok, rows: TrainSet, settings: TrainerSettings, out: str) -> float:
+def epoch_seconds(arch: str, tok, rows: TrainSet, settings: TrainerSettings, out: str) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one training epoch."""
     spec = {"kind": arch, "hidden": 64, "layers": 2, "heads": 4, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     model = build_model(spec, tok)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     train_classifier(model, rows, out_dir=out, settings=settings, seed=0, desc="bench")
-    return time.perf_counter() - t0
+    return time.process_time() - c0, time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="full")
+    ap.add_argument("--packs", default=None, help="pack sizes to time, comma-separated")
     ap.add_argument("--rows", type=int, default=6400)
     ap.add_argument("--time-rows", type=int, default=128)
     ap.add_argument("--arch", default="tiny-llama", choices=["tiny-llama", "tiny-qwen2", "tiny-gemma2"])
@@ -83,31 +86,39 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = np.random.default_rng(0)
-    lengths, source = kaggle_lengths(a.rows)
+    cfg = load_config(a.profile)
+    d = cfg["distill"]
+    bs, accum, pack_tokens = int(d["batch_size"]), int(d["grad_accum"]), int(d["pack_tokens"])
+    packs = [int(x) for x in a.packs.split(",")] if a.packs else \
+        list(dict.fromkeys([pack_tokens, int(cfg["text"]["train_max_length"])]))
+    lengths, source = plan_lengths(cfg, a.rows)
     tok = train_tokenizer([" ".join(map(str, rng.integers(0, 99, 30))) for _ in range(50)], f"{a.out}/tok", VOCAB)
     ids = [[1] + rng.integers(7, VOCAB, size=int(n) - 1).tolist() for n in lengths]
     rows = TrainSet(ids, rng.integers(0, 3, size=len(ids)), tok.pad_token_id)
     probe = build_model({"kind": a.arch, "hidden": 64, "layers": 2, "heads": 4}, tok)
-    efficiency = trainer_efficiency(probe, rows, 4, 16, 4096)
+    efficiency = trainer_efficiency(probe, rows, bs, accum, pack_tokens)
 
     small = TrainSet(ids[:a.time_rows], rows.labels[:a.time_rows], tok.pad_token_id)
-    base = dict(epochs=1, lr=1e-3, warmup_steps=0, batch_size=4, grad_accum=16, max_steps=None, eval_every=None,
-                checkpoint_every=None, pack_tokens=4096)
-    runs = {"padded": TrainerSettings(**base, packing=False), "packed_4096": TrainerSettings(**base, packing=True),
-            "packed_1024": TrainerSettings(**{**base, "pack_tokens": 1024}, packing=True)}
-    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    base = dict(epochs=1, lr=1e-3, warmup_steps=0, batch_size=bs, grad_accum=accum, max_steps=None, eval_every=None,
+                checkpoint_every=None)
+    runs = {"padded": TrainerSettings(**base, packing=False, pack_tokens=pack_tokens),
+            **{f"packed_{n}": TrainerSettings(**base, packing=True, pack_tokens=n) for n in packs}}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    wall: dict[str, list[float]] = {k: [] for k in runs}
     for rep in range(2):
         for name, s in runs.items():
-            seconds[name].append(epoch_seconds(a.arch, tok, small, s, f"{a.out}/{name}-{rep}"))
-    best = {k: min(v) for k, v in seconds.items()}
+            c, w = epoch_seconds(a.arch, tok, small, s, f"{a.out}/{name}-{rep}")
+            cpu[name].append(c)
+            wall[name].append(w)
+    best = {k: min(v) for k, v in cpu.items()}
     print(json.dumps({
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    f"{a.threads} thread(s)",
+        "profile": a.profile, "trainer": {"batch_size": bs, "grad_accum": accum, "pack_tokens": pack_tokens},
         "lengths": {**source, "rows": a.rows, "mean": float(lengths.mean()), "at_cap": float((lengths == source["cap"]).mean())},
         "real_per_computed_token": efficiency,
-        "cpu_epoch": {"arch": a.arch, "rows": a.time_rows, "seconds": seconds, "best": best,
-                      "ratio_packed_4096": best["packed_4096"] / best["padded"],
-                      "ratio_packed_1024": best["packed_1024"] / best["padded"]}}))
+        "cpu_epoch": {"arch": a.arch, "rows": a.time_rows, "cpu_seconds": cpu, "wall_seconds": wall, "best_cpu": best,
+                      **{f"ratio_packed_{n}": best[f"packed_{n}"] / best["padded"] for n in packs}}}))
 
 
 if __name__ == "__main__":
