@@ -90,6 +90,15 @@ def infer_rank(payload: dict) -> dict:
     return info
 
 
+def sum_in_buckets(payload: dict) -> dict:
+    """Rank r holds tensors of r + 1; summed in buckets smaller than some of them."""
+    import torch
+    from lmsys import distributed
+    ts = [torch.full((n,), float(distributed.rank() + 1)) for n in payload["sizes"]]
+    distributed.all_sum(ts, bucket=payload["bucket"])
+    return {"sums": [sorted(set(t.tolist())) for t in ts]}
+
+
 def fail_on_rank_1(payload: dict) -> dict:
     """Rank 1 raises; rank 0 waits in a collective that will never complete."""
     from lmsys import distributed

@@ -156,6 +156,12 @@ def test_two_ranks_write_the_shards_one_process_writes(tmp_path, tok_dir, rank_e
     assert all("Traceback" not in text for text in logs)
 
 
+def test_all_sum_adds_every_tensor_over_the_ranks_bucket_by_bucket(tmp_path, rank_env):
+    sizes = [5, 3, 9, 1, 4]                   # buckets of 8: [5, 3], [9] (larger than a bucket), [1, 4]
+    got = distributed.launch("ddp_worker:sum_in_buckets", {"sizes": sizes, "bucket": 8}, 2, tmp_path / "job")
+    assert got == {"sums": [[3.0]] * len(sizes)}
+
+
 def test_a_failing_rank_stops_the_step_and_is_named(tmp_path, rank_env):
     t0 = time.time()
     with pytest.raises(RuntimeError, match="rank 1 .* exited with 1(.|\n)*rank 1 gives up"):
