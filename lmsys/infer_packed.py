@@ -135,11 +135,12 @@ def build_pack(ids: list[list[int]], rows: np.ndarray, T: int, pad_id: int, pool
 # ---------------------------------------------------------------- flex masks (device)
 
 class PackedFlexMasks:
-    """BlockMasks for packs of length T: causal inside each row, nothing across rows, and for
-    sliding-window layers also q - kv < window (transformers' sliding rule).
+    """BlockMasks for packs of length up to T (a multiple of the block): causal inside each row,
+    nothing across rows, and for sliding-window layers also q - kv < window (transformers' sliding rule).
 
-    The mask functions close over one persistent doc-id buffer that `masks()` overwrites, so the
-    same function objects serve every pack (compiled layers see no new closures: no recompiles)."""
+    The mask functions close over one persistent doc-id buffer of T tokens that `masks()` overwrites
+    (a shorter pack uses its start), so the same function objects serve every pack, whatever its
+    length (compiled code sees no new closures: no recompiles for them)."""
 
     def __init__(self, T: int, device, sliding_window: int | None = None, block: int = BLOCK):
         from torch.nn.attention.flex_attention import BlockMask  # noqa: F401 (fail early if missing)
@@ -163,7 +164,7 @@ class PackedFlexMasks:
 
     def _block_mask(self, mask_mod, dmin, dmax, window):
         from torch.nn.attention.flex_attention import BlockMask
-        nb, B = self.T // self.block, self.block
+        nb, B = len(dmin), self.block
         i = torch.arange(nb, device=dmin.device)[:, None]
         j = torch.arange(nb, device=dmin.device)[None, :]
         # doc ids are non-decreasing, so a block holds the docs dmin..dmax
@@ -184,12 +185,16 @@ class PackedFlexMasks:
         kv_num, kv_idx = ordered(partial)
         full_num, full_idx = ordered(full)
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=B,
-                                        mask_mod=mask_mod, seq_lengths=(self.T, self.T))
+                                        mask_mod=mask_mod, seq_lengths=(nb * B, nb * B))
 
     def masks(self, doc_ids: torch.Tensor) -> dict:
-        """{layer type: BlockMask} for one pack (doc_ids [T] on the mask's device)."""
-        self.doc.copy_(doc_ids)
-        d = self.doc.view(-1, self.block)
+        """{layer type: BlockMask} for one pack (doc_ids [t] on the mask's device, t <= T a multiple of
+        the block). Raises ValueError for another length."""
+        t = len(doc_ids)
+        if t > self.T or t % self.block:
+            raise ValueError(f"pack of {t} tokens: masks serve multiples of {self.block} up to {self.T}")
+        self.doc[:t].copy_(doc_ids)
+        d = self.doc[:t].view(-1, self.block)
         dmin, dmax = d[:, 0], d[:, -1]
         out = {"full_attention": self._block_mask(self.mask_mods["full_attention"], dmin, dmax, None)}
         if "sliding_attention" in self.mask_mods:
@@ -270,8 +275,8 @@ class PackedForward:
     runs the decoder with position ids restarting at every row and attention confined to each row,
     and returns the head's logits [len(rows), num_labels] read at each row's pooling token, in the
     order of `rows`. The mask, by the model's attention implementation at construction:
-      flex_attention   BlockMasks from the row boundaries (one PackedFlexMasks per pack length T,
-                       which must then be a multiple of BLOCK);
+      flex_attention   BlockMasks from the row boundaries (one PackedFlexMasks for every pack: T a
+                       multiple of BLOCK, at most max_tokens rounded up to it, default the first T);
       eager, sdpa, flash_attention_*
                        none passed: attention_mask=None, use_cache=False and the restarting position
                        ids are what make transformers build its packed-sequence mask (with an
@@ -280,7 +285,7 @@ class PackedForward:
     attention implementation."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, device: str | torch.device | None = None,
-                 attn_kwargs: dict | None = None):
+                 attn_kwargs: dict | None = None, max_tokens: int | None = None):
         self.cls, self.decoder, self.head = classifier_parts(model)
         config = self.cls.config
         self.impl = config._attn_implementation
@@ -292,7 +297,7 @@ class PackedForward:
             types = _layer_types(config)
             self.window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
             self.single_mask = types == {"full_attention"}
-            self._flex: dict[int, PackedFlexMasks] = {}
+            self.flex = PackedFlexMasks(_round_up(max_tokens, BLOCK), self.device, self.window) if max_tokens else None
         elif self.impl not in ("eager", "sdpa") and not str(self.impl).startswith("flash_attention"):
             raise NotImplementedError(f"packed batches have no mask for attn_implementation={self.impl!r}")
 
@@ -307,9 +312,9 @@ class PackedForward:
         position_ids = torch.from_numpy(p.position_ids)[None].to(self.device, non_blocking=True)
         attention_mask = None
         if self.impl == "flex_attention":
-            if T not in self._flex:
-                self._flex[T] = PackedFlexMasks(T, self.device, self.window)
-            masks = self._flex[T].masks(torch.from_numpy(p.doc_ids).to(self.device, non_blocking=True))
+            if self.flex is None:
+                self.flex = PackedFlexMasks(T, self.device, self.window)
+            masks = self.flex.masks(torch.from_numpy(p.doc_ids).to(self.device, non_blocking=True))
             attention_mask = masks["full_attention"] if self.single_mask else masks
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, **self.attn_kwargs).last_hidden_state[0]        # [T, hidden]

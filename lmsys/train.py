@@ -218,7 +218,7 @@ class PackedBatches:
                              f"{pack_tokens}: raise pack_tokens to at least text.train_max_length")
         self.impl = training_attention(model, device)
         with self.step():
-            self.forward = PackedForward(model, rows.pad_id, device)
+            self.forward = PackedForward(model, rows.pad_id, device, max_tokens=pack_tokens)
         self.device = self.forward.device
 
     def split(self, group: list[np.ndarray]) -> list[np.ndarray]:

@@ -194,3 +194,41 @@ def test_cuda_packs_run_flex_attention_and_evaluations_the_models_own(tok):
         assert cls.config._attn_implementation == "flex_attention"
         assert PackedForward(model, 0).block == 128
     assert cls.config._attn_implementation == "eager" and PackedForward(model, 0).block == 1
+
+
+def test_one_flex_mask_buffer_serves_every_pack_length(tok):
+    """The trainer's packs vary in length (each its rows rounded up to 128): one PackedFlexMasks (one set of
+    mask functions: compiled flex attention sees no new closure per length) gives each length its own
+    correct masks, and the flex forward of packs of 128 .. 512 tokens gives eager's logits (forward only:
+    flex's backward has no CPU kernel)."""
+    from lmsys.infer_packed import BLOCK, PackedFlexMasks
+    masks = PackedFlexMasks(512, "cpu", sliding_window=100)
+    functions = dict(masks.mask_mods)
+    for lengths in ([300, 129, 1], [90, 20], [200, 180, 100]):
+        T = -(-sum(lengths) // BLOCK) * BLOCK
+        doc = np.repeat(np.arange(len(lengths) + 1), lengths + [T - sum(lengths)])
+        m = masks.masks(torch.from_numpy(doc))
+        for kind, window in (("full_attention", None), ("sliding_attention", 100)):
+            q, kv = np.arange(T)[:, None], np.arange(T)[None, :]
+            dense = (doc[:, None] == doc[None, :]) & (q >= kv) & ((q - kv < window) if window else True)
+            got = m[kind].to_dense()[0, 0].numpy().astype(bool)     # blocks visited
+            nb = T // BLOCK
+            live = dense.reshape(nb, BLOCK, nb, BLOCK).any((1, 3))
+            np.testing.assert_array_equal(got, live)
+            np.testing.assert_array_equal(masks.mask_mods[kind](0, 0, torch.arange(T)[:, None], torch.arange(T)[None, :]).numpy(), dense)
+    assert masks.mask_mods == functions
+    with pytest.raises(ValueError, match="multiples of 128 up to 512"):
+        masks.masks(torch.zeros(640, dtype=torch.long))
+
+    model = trainable_model("tiny-gemma2", tok, window=16, softcap=0.05)
+    rows = step_rows(tok)
+    eager = PackedBatches(model, rows, "cpu", 200)
+    packs = eager.split(GROUP)
+    with torch.inference_mode():
+        want = [eager.logits(p) for p in packs]
+        with attention_implementation(model, "flex_attention"):
+            flex = PackedBatches(model, rows, "cpu", 200)
+            assert flex.forward.block == 128 and {flex.computed_tokens(p) for p in packs} == {128, 256}
+            got = [flex.logits(p) for p in packs]
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
