@@ -24,9 +24,10 @@ from flows.runners import (CPU_RESOURCE, DASK_RUNNERS, check_slurm, gpu_worker_n
                            wait_any)
 from tasks.secrets import use_prefect_secret
 from lmsys.config import ProfileName, load_config
+from lmsys.distributed import step_width
 from lmsys.io import write_json
 from lmsys.paths import Layout
-from lmsys.plan import local_gpu_layout, step_timeout, step_width
+from lmsys.plan import local_gpu_layout, step_timeout
 from lmsys.schedule import DevicePool
 from lmsys.steps.recipe import STEPS, graph, tasks_of, task_label
 from tasks.steps import cached_here, outputs_match, run_step
@@ -56,7 +57,9 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list, dev
                            resources={"GPU": len(devices)}):
             return t.submit(name, cfg, keys, wait_for=wait_for)
     if STEPS[name].gpu and o["runner"] == "slurm":
-        with dask.annotate(resources={"GPU": 1}):        # only GPU workers take it
+        # only GPU workers take it; a data-parallel step holds the GPUs its ranks use (at most a job's)
+        gpus = max(1, min(step_width(cfg, name), int(o["slurm"]["gpus_per_job"])))
+        with dask.annotate(resources={"GPU": gpus}):
             return t.submit(name, cfg, keys, wait_for=wait_for)
     if o["runner"] == "local-gpus" or (o["runner"] == "slurm" and int(o["slurm"].get("cpu_jobs") or 0)):
         with dask.annotate(resources={CPU_RESOURCE: 1}):  # CPU steps on the CPU-only workers

@@ -12,6 +12,8 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
                                    finite [n, 3] logits on the inference path its steps take (packed or
                                    padded: lmsys.infer.route); tiny kinds use a throwaway tokenizer on those rows
   quantize: GPTQ backend           when quantize.enabled
+  ranks: data-parallel start       when a step has orchestration.step_gpus > 1: that many ranks join one
+                                   process group and all-reduce (nccl on the GPUs, gloo on a CPU)
   data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
   slurm: ...                       runner slurm (lmsys/check_slurm.py): commands, partition, GRES,
                                    sbatch --test-only, then one job on the GPU worker type that reports
@@ -90,6 +92,7 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
         if runner == "local-gpus":
             checks.append(local_gpus_check(cfg))
         checks += forward_checks(cfg, rows, loadable)
+        checks += ranks_checks(cfg)
     checks += [Check(f"model {n}: forward", SKIP, "not loaded: fix the lines above first") for n in skipped]
     say("models loaded")
     checks.append(disk_check(cfg, layout, weights))
@@ -510,9 +513,33 @@ def gpu_report(cfg: dict, names: list[str]) -> Check:
                  "orchestration.slurm.prologue")
 
 
+def ranks_checks(cfg: dict) -> list[Check]:
+    """The widest data-parallel step's ranks start here (lmsys.distributed.ping); none without one."""
+    from lmsys import distributed
+    from lmsys.steps.recipe import RECIPE, ranks
+    what = "ranks: data-parallel start"
+    wide = {s.name: distributed.step_width(cfg, s.name) for s in RECIPE if distributed.step_width(cfg, s.name) > 1}
+    if not wide:
+        return []
+    name = max(wide, key=wide.get)
+    try:
+        n = max(ranks(cfg, s) for s in wide)
+        t0 = time.perf_counter()
+        job = tempfile.mkdtemp(prefix="lmsys-ranks-")        # kept when a rank fails: its log is named
+        got = distributed.launch("lmsys.distributed:ping", {}, n, job)
+        shutil.rmtree(job, ignore_errors=True)
+    except (ValueError, RuntimeError) as e:
+        return [Check(what, FAIL, one_line(e), "fix orchestration.step_gpus, or see the rank's log named above")]
+    if got["sum"] != n * (n + 1) / 2:
+        return [Check(what, FAIL, f"{n} ranks all-reduced to {got['sum']}, not {n * (n + 1) // 2}", "see the rank logs")]
+    return [Check(what, OK, f"{n} ranks ({got['backend']}) joined and all-reduced in {time.perf_counter() - t0:.1f} s "
+                            f"(widest: {name}, orchestration.step_gpus.{name}={wide[name]})")]
+
+
 def job_checks(cfg: dict, names: list[str], rows: pd.DataFrame, api_url: str | None) -> list[dict]:
     """What runs on the GPU worker: the GPU report, the Prefect API probe, the forward checks (as dicts)."""
-    checks = [gpu_report(cfg, names), api_check(api_url), *forward_checks(cfg, rows, names)]
+    checks = [gpu_report(cfg, names), api_check(api_url), *forward_checks(cfg, rows, names),
+              *ranks_checks(cfg)]
     if cfg["quantize"]["enabled"]:               # step 7 runs on this worker type: its kernels must load here
         checks.append(gptq_check("quantize: GPTQ backend on the GPU worker"))
     return [asdict(c) for c in checks]

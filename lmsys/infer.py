@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmsys import distributed
 from lmsys.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ def predict_logits_resumable(model: torch.nn.Module, ids: list[list[int]], pad_i
     with the same rows, pad id, batch size, shard size, path and `key` (name the model: e.g. its
     adapter's content hash) loads the finished shards and computes only the rest; anything else in
     work_dir is discarded first. The caller removes work_dir after writing its output.
+    Data-parallel (inside lmsys.distributed ranks): the shards still to compute are dealt to the ranks
+    by tokens (whole shards, each written by the rank that computed it: the bytes one process writes);
+    every rank then reads all of them and returns the full logits.
     info: shards, shards_resumed, rows. Raises ValueError for batch_size or shard_rows < 1 (and as
     predict_logits)."""
     if batch_size < 1 or shard_rows < 1:
@@ -196,21 +200,24 @@ def predict_logits_resumable(model: torch.nn.Module, ids: list[list[int]], pad_i
     n = len(ids)
     lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
     order = np.argsort(-lengths, kind="stable")
-    _open_work_dir(work_dir, _shard_fingerprint(ids, pad_id, batch_size, per_shard, key, path))
-    out = np.empty((n, 3), dtype=np.float32)
-    n_shards, resumed = -(-n // per_shard), 0
-    for s in range(n_shards):
-        idx = order[s * per_shard:(s + 1) * per_shard]
-        shard = work_dir / f"shard-{s:05d}.npy"
-        if shard.exists():
-            out[idx] = np.load(shard)
-            resumed += 1
-            continue
-        z = classify(model, [ids[i] for i in idx], pad_id, batch_size, path, progress_every=progress_every,
+    if distributed.is_main():
+        _open_work_dir(work_dir, _shard_fingerprint(ids, pad_id, batch_size, per_shard, key, path))
+    distributed.barrier()                      # the work dir is settled before any rank looks into it
+    n_shards = -(-n // per_shard)
+    shard = lambda s: order[s * per_shard:(s + 1) * per_shard]             # noqa: E731  (row indices of shard s)
+    shard_file = lambda s: work_dir / f"shard-{s:05d}.npy"                   # noqa: E731
+    todo = distributed.all_objects([s for s in range(n_shards) if not shard_file(s).exists()])[0]   # rank 0's view
+    resumed = n_shards - len(todo)
+    mine = distributed.deal([int(lengths[shard(s)].sum()) for s in todo], distributed.world())[distributed.rank()]
+    for s in sorted(todo[i] for i in mine):
+        z = classify(model, [ids[i] for i in shard(s)], pad_id, batch_size, path, progress_every=progress_every,
                      desc=f"{desc} shard {s + 1}/{n_shards}")
-        with atomic_path(shard) as tmp, open(tmp, "wb") as f:
+        with atomic_path(shard_file(s)) as tmp, open(tmp, "wb") as f:
             np.save(f, z)
-        out[idx] = z
+    distributed.barrier()                      # every rank's shards are written
+    out = np.empty((n, 3), dtype=np.float32)
+    for s in range(n_shards):
+        out[shard(s)] = np.load(shard_file(s))
     if resumed:
         log.warning("%s: resumed %d of %d shards from %s", desc, resumed, n_shards, work_dir)
     return out, {"shards": n_shards, "shards_resumed": resumed, "rows": n}

@@ -16,7 +16,8 @@ Attention, by the model's `config._attn_implementation`:
                    the rows; attention_mask=None); eager and sdpa build a T x T mask, so keep
                    max_tokens small there (tests, CPU).
 Packs have one shape, so `compiled_layers` (regional torch.compile of the decoder layers)
-compiles once per layer kind and is reused for every pack.
+compiles once per layer kind and is reused for every pack. `PackedForward` (one pack through the
+model) is also what the trainer's padding-free micro-batches run (lmsys.train, trainer.packing).
 
 Supports decoder classifiers of the transformers `GenericForSequenceClassification` layout
 (base model under `base_model_prefix`, linear `score` head): Llama, Qwen2, Gemma-2, ...; a peft
@@ -134,11 +135,12 @@ def build_pack(ids: list[list[int]], rows: np.ndarray, T: int, pad_id: int, pool
 # ---------------------------------------------------------------- flex masks (device)
 
 class PackedFlexMasks:
-    """BlockMasks for packs of length T: causal inside each row, nothing across rows, and for
-    sliding-window layers also q - kv < window (transformers' sliding rule).
+    """BlockMasks for packs of length up to T (a multiple of the block): causal inside each row,
+    nothing across rows, and for sliding-window layers also q - kv < window (transformers' sliding rule).
 
-    The mask functions close over one persistent doc-id buffer that `masks()` overwrites, so the
-    same function objects serve every pack (compiled layers see no new closures: no recompiles)."""
+    The mask functions close over one persistent doc-id buffer of T tokens that `masks()` overwrites
+    (a shorter pack uses its start), so the same function objects serve every pack, whatever its
+    length (compiled code sees no new closures: no recompiles for them)."""
 
     def __init__(self, T: int, device, sliding_window: int | None = None, block: int = BLOCK):
         from torch.nn.attention.flex_attention import BlockMask  # noqa: F401 (fail early if missing)
@@ -162,7 +164,7 @@ class PackedFlexMasks:
 
     def _block_mask(self, mask_mod, dmin, dmax, window):
         from torch.nn.attention.flex_attention import BlockMask
-        nb, B = self.T // self.block, self.block
+        nb, B = len(dmin), self.block
         i = torch.arange(nb, device=dmin.device)[:, None]
         j = torch.arange(nb, device=dmin.device)[None, :]
         # doc ids are non-decreasing, so a block holds the docs dmin..dmax
@@ -183,12 +185,16 @@ class PackedFlexMasks:
         kv_num, kv_idx = ordered(partial)
         full_num, full_idx = ordered(full)
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=B,
-                                        mask_mod=mask_mod, seq_lengths=(self.T, self.T))
+                                        mask_mod=mask_mod, seq_lengths=(nb * B, nb * B))
 
     def masks(self, doc_ids: torch.Tensor) -> dict:
-        """{layer type: BlockMask} for one pack (doc_ids [T] on the mask's device)."""
-        self.doc.copy_(doc_ids)
-        d = self.doc.view(-1, self.block)
+        """{layer type: BlockMask} for one pack (doc_ids [t] on the mask's device, t <= T a multiple of
+        the block). Raises ValueError for another length."""
+        t = len(doc_ids)
+        if t > self.T or t % self.block:
+            raise ValueError(f"pack of {t} tokens: masks serve multiples of {self.block} up to {self.T}")
+        self.doc[:t].copy_(doc_ids)
+        d = self.doc[:t].view(-1, self.block)
         dmin, dmax = d[:, 0], d[:, -1]
         out = {"full_attention": self._block_mask(self.mask_mods["full_attention"], dmin, dmax, None)}
         if "sliding_attention" in self.mask_mods:
@@ -207,8 +213,8 @@ def classifier_parts(model: torch.nn.Module):
     decoder = getattr(cls, prefix, None) if prefix else None
     head = getattr(cls, "score", None)
     if decoder is None or head is None or not hasattr(decoder, "layers"):
-        raise TypeError(f"packed inference needs a decoder classifier with a `score` head, "
-                        f"got {type(cls).__name__}")
+        raise TypeError(f"packed inference and training (trainer.packing) need a decoder classifier with a "
+                        f"`score` head, got {type(cls).__name__}")
     return cls, decoder, head
 
 
@@ -259,6 +265,87 @@ def compiled_layers(model: torch.nn.Module, **compile_kwargs):
             layer._compiled_call_impl = None
 
 
+def training_attention(model: torch.nn.Module, device) -> str:
+    """The attention implementation packed training runs with: on CUDA, flex attention in place of
+    eager or sdpa (their packed masks are dense T x T; flex skips the blocks between rows and applies
+    Gemma-2's soft-capping); elsewhere, and for flash attention (packed through the position ids),
+    the model's own."""
+    impl = classifier_parts(model)[0].config._attn_implementation
+    return "flex_attention" if torch.device(device).type == "cuda" and impl in ("eager", "sdpa") else impl
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, impl: str):
+    """Within it, the model runs attention `impl` (transformers' set_attn_implementation); its own
+    afterwards. Nothing changes when it already runs `impl`."""
+    cls = classifier_parts(model)[0]
+    before = cls.config._attn_implementation
+    if impl == before:
+        yield model
+        return
+    cls.set_attn_implementation(impl)
+    try:
+        yield model
+    finally:
+        cls.set_attn_implementation(before)
+
+
+# ---------------------------------------------------------------- one pack through the model
+
+class PackedForward:
+    """The classifier run on one pack at a time ([1, T]): what predict_logits_packed (under
+    inference_mode) and the trainer's packed micro-batches (lmsys.train, with gradients) share.
+
+    `logits(ids, rows, T)` lays rows `rows` of `ids` end to end in a pack of T tokens (build_pack),
+    runs the decoder with position ids restarting at every row and attention confined to each row,
+    and returns the head's logits [len(rows), num_labels] read at each row's pooling token, in the
+    order of `rows`. The mask, by the model's attention implementation at construction:
+      flex_attention   BlockMasks from the row boundaries (one PackedFlexMasks for every pack: T a
+                       multiple of BLOCK, at most max_tokens rounded up to it, default the first T);
+      eager, sdpa, flash_attention_*
+                       none passed: attention_mask=None, use_cache=False and the restarting position
+                       ids are what make transformers build its packed-sequence mask (with an
+                       attention mask or a cache it silently lets the rows attend to each other).
+    Raises TypeError for a model that is not a decoder classifier, NotImplementedError for another
+    attention implementation."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, device: str | torch.device | None = None,
+                 attn_kwargs: dict | None = None, max_tokens: int | None = None):
+        self.cls, self.decoder, self.head = classifier_parts(model)
+        config = self.cls.config
+        self.impl = config._attn_implementation
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.pad_id, self.attn_kwargs = pad_id, attn_kwargs or {}
+        self.pool_pad = config.get_text_config().pad_token_id if hasattr(config, "get_text_config") else config.pad_token_id
+        self.num_labels = config.num_labels
+        if self.impl == "flex_attention":
+            types = _layer_types(config)
+            self.window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
+            self.single_mask = types == {"full_attention"}
+            self.flex = PackedFlexMasks(_round_up(max_tokens, BLOCK), self.device, self.window) if max_tokens else None
+        elif self.impl not in ("eager", "sdpa") and not str(self.impl).startswith("flash_attention"):
+            raise NotImplementedError(f"packed batches have no mask for attn_implementation={self.impl!r}")
+
+    @property
+    def block(self) -> int:
+        """What a pack's length must be a multiple of: flex attention's block, else any length."""
+        return BLOCK if self.impl == "flex_attention" else 1
+
+    def logits(self, ids: list[list[int]], rows: np.ndarray, T: int) -> torch.Tensor:
+        p = build_pack(ids, rows, T, self.pad_id, self.pool_pad)
+        input_ids = torch.from_numpy(p.input_ids)[None].to(self.device, non_blocking=True)
+        position_ids = torch.from_numpy(p.position_ids)[None].to(self.device, non_blocking=True)
+        attention_mask = None
+        if self.impl == "flex_attention":
+            if self.flex is None:
+                self.flex = PackedFlexMasks(T, self.device, self.window)
+            masks = self.flex.masks(torch.from_numpy(p.doc_ids).to(self.device, non_blocking=True))
+            attention_mask = masks["full_attention"] if self.single_mask else masks
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, **self.attn_kwargs).last_hidden_state[0]        # [T, hidden]
+        return self.head(hidden.index_select(0, torch.from_numpy(p.last).to(self.device)))     # [len(rows), C]
+
+
 # ---------------------------------------------------------------- inference
 
 def predict_logits_packed(model: torch.nn.Module, ids: list[list[int]], pad_id: int, max_tokens: int = 8192,
@@ -275,40 +362,16 @@ def predict_logits_packed(model: torch.nn.Module, ids: list[list[int]], pad_id: 
     n = len(ids)
     if n == 0:
         return np.zeros((0, 3), dtype=np.float32)
-    cls, decoder, head = classifier_parts(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    config = cls.config
-    impl = config._attn_implementation
+    forward = PackedForward(model, pad_id, device, attn_kwargs)
     lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
     packs_rows, T = plan_packs(lengths, max_tokens, fixed_length=fixed_length)
-    pool_pad = config.get_text_config().pad_token_id if hasattr(config, "get_text_config") else config.pad_token_id
-    flex = None
-    if impl == "flex_attention":
-        types = _layer_types(config)
-        window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
-        flex = PackedFlexMasks(T, device, window)
-        single_mask = types == {"full_attention"}
-    elif impl not in ("eager", "sdpa") and not str(impl).startswith("flash_attention"):
-        raise NotImplementedError(f"packed inference has no mask for attn_implementation={impl!r}")
-    out = np.empty((n, config.num_labels), dtype=np.float32)
+    out = np.empty((n, forward.num_labels), dtype=np.float32)
     model.eval()
     t0 = time.perf_counter()
     done = 0
     with torch.inference_mode():
         for b, rows in enumerate(packs_rows):
-            p = build_pack(ids, rows, T, pad_id, pool_pad)
-            input_ids = torch.from_numpy(p.input_ids)[None].to(device, non_blocking=True)
-            position_ids = torch.from_numpy(p.position_ids)[None].to(device, non_blocking=True)
-            if flex is not None:
-                masks = flex.masks(torch.from_numpy(p.doc_ids).to(device, non_blocking=True))
-                attention_mask = masks["full_attention"] if single_mask else masks
-            else:
-                attention_mask = None  # transformers derives the packed mask from position_ids
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False, **(attn_kwargs or {})).last_hidden_state[0]
-            last = torch.from_numpy(p.last).to(device)
-            logits = head(hidden.index_select(0, last))
-            out[p.rows] = logits.float().cpu().numpy()
+            out[rows] = forward.logits(ids, rows, T).float().cpu().numpy()
             done += len(rows)
             if progress_every and ((b + 1) % progress_every == 0 or b + 1 == len(packs_rows)):
                 rate = done / max(time.perf_counter() - t0, 1e-9)

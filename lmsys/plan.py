@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 
 from lmsys import schedule, token_model
+from lmsys.distributed import step_width
 from lmsys.paths import Layout
 from lmsys.steps.recipe import STEPS, graph, task_label, tasks_of
 
@@ -57,15 +58,6 @@ def step_timeout(cfg: dict, name: str) -> int:
     """Seconds a step may run: orchestration.timeouts[name], else orchestration.timeout_s."""
     o = cfg["orchestration"]
     return int((o.get("timeouts") or {}).get(name) or o["timeout_s"])
-
-
-def step_width(cfg: dict, name: str) -> int:
-    """GPUs a GPU step's job uses data-parallel: orchestration.step_gpus[name], else 1. Raises
-    ValueError below 1."""
-    n = int((cfg["orchestration"].get("step_gpus") or {}).get(name, 1))
-    if n < 1:
-        raise ValueError(f"orchestration.step_gpus.{name} must be >= 1, got {n}")
-    return n
 
 
 def gpu_widths(cfg: dict, n_devices: int) -> list[int]:

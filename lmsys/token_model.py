@@ -7,12 +7,12 @@ at 2000). A step cuts rows at its max length (text.train_max_length / infer_max_
 costs `min(length, cap)` real tokens.
 
 What a training step computes per row depends on how the trainer forms micro-batches:
-  padded   random micro-batches of batch_size rows, each padded to its longest row (lmsys.train today):
+  padded   random micro-batches of batch_size rows, each padded to its longest row (trainer.packing false):
            computed = real / efficiency, the efficiency simulated on the lengths (0.69 at batch 4 on
            the Kaggle lengths cut at 1024: 624 real tokens a row cost 909);
   packed   each optimizer step's rows (batch_size x grad_accum) laid end to end in packs of at most
-           trainer.pack_tokens, first-fit by decreasing length, each pack rounded up to flex
-           attention's 128-token block: computed ~ real (0.99).
+           trainer.pack_tokens, first-fit by decreasing length (first_fit, the rule lmsys.train packs
+           with), each pack rounded up to flex attention's 128-token block: computed ~ real (0.99).
 Attention's share of the FLOPs (a few % at these lengths) is not modelled: cost is linear in tokens.
 
 `evaluation_passes` is how often lmsys.train evaluates: every `eval_every` optimizer steps and once
@@ -80,21 +80,32 @@ def padded_efficiency(rows: np.ndarray, batch_size: int) -> float:
     return float(batches.sum() / (batches.max(axis=1).sum() * batch_size))
 
 
-def pack_lengths(rows: np.ndarray, pack_tokens: int, block: int = FLEX_BLOCK) -> list[int]:
-    """Computed length of each pack when `rows` (one optimizer step's) are packed first-fit by
-    decreasing length into packs of at most pack_tokens, each rounded up to `block`. Raises
-    ValueError when a row is longer than a pack."""
-    if len(rows) and int(np.max(rows)) > pack_tokens:
-        raise ValueError(f"a row of {int(np.max(rows))} tokens does not fit trainer.pack_tokens={pack_tokens}")
+def first_fit(lengths, pack_tokens: int) -> list[list[int]]:
+    """Positions in `lengths` of the rows of each pack: first-fit by decreasing length (equal lengths
+    in input order) into packs of at most pack_tokens tokens. The one packing rule: lmsys.train packs
+    each optimizer step's rows with it, and pack_lengths prices it. Raises ValueError when a row is
+    longer than a pack."""
+    lengths = [int(x) for x in lengths]
+    if lengths and max(lengths) > pack_tokens:
+        raise ValueError(f"a row of {max(lengths)} tokens does not fit trainer.pack_tokens={pack_tokens}")
     used: list[int] = []
-    for length in sorted((int(x) for x in rows), reverse=True):
-        for i, u in enumerate(used):
-            if u + length <= pack_tokens:
-                used[i] += length
+    packs: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):      # sorted() is stable
+        for p, u in enumerate(used):
+            if u + lengths[i] <= pack_tokens:
+                used[p] += lengths[i]
+                packs[p].append(i)
                 break
         else:
-            used.append(length)
-    return [-(-u // block) * block for u in used]
+            used.append(lengths[i])
+            packs.append([i])
+    return packs
+
+
+def pack_lengths(rows: np.ndarray, pack_tokens: int, block: int = FLEX_BLOCK) -> list[int]:
+    """Computed length of each pack when `rows` (one optimizer step's) are packed by first_fit, each
+    pack rounded up to `block`. Raises ValueError when a row is longer than a pack."""
+    return [-(-sum(int(rows[i]) for i in pack) // block) * block for pack in first_fit(rows, pack_tokens)]
 
 
 def packed_efficiency(rows: np.ndarray, rows_per_step: int, pack_tokens: int, steps: int = 500) -> float:

@@ -4,9 +4,16 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` rows, the last g
 possibly shorter; micro-batch losses are weighted by their share of the group's rows, so a step
 equals one big batch. AdamW, cosine schedule with warmup, gradient clipping at 1.0.
 
+Micro-batches (settings.packing): padded, each of the group's batches padded to its longest row
+(PaddedBatches), or padding-free, the same group's rows re-cut into packs of at most pack_tokens
+tokens laid end to end, one sequence per pack with attention kept inside each row (PackedBatches,
+lmsys.infer_packed.PackedForward). Either way a step trains on the same rows with the same loss;
+packing only stops computing padding (lmsys.token_model prices both).
+
 out_dir layout:
   checkpoint/   every checkpoint_every steps (atomic): trainable.pt, optim.pt (optimizer,
-                scheduler, RNG states), state.json (step, epoch, position, best, loss history)
+                scheduler, every rank's RNG states), state.json (step, epoch, position, best, loss
+                history, real and computed tokens)
   best/         lowest val log loss so far (model.save_pretrained)
   final/        best when val is given, else the last weights
   metrics.json  written last; the checkpoint is deleted after it
@@ -14,17 +21,25 @@ out_dir layout:
 Entry: `train_classifier(model, rows, out_dir=..., settings=..., val=..., loss_fn=..., seed=..., desc=...)`;
 the pipeline's steps call it through lmsys.steps.common.fit (build, encode, resumable work dir).
 
+Data-parallel (inside the ranks of lmsys.distributed): each step's rows are dealt to the ranks by
+tokens and each rank trains on its share; the trainable gradients are summed over the ranks before
+the optimizer step (the loss of every micro-batch counts by its share of the step's rows on all
+ranks, so the sum is the mean over the global batch). Rank 0 writes checkpoints, adapters and
+metrics; each rank's RNG state goes into the checkpoint.
+
 Resume: when checkpoint/ exists and was written by the same run (every setting but
 checkpoint_every, the seed, the token ids, labels, soft targets, sample weights and the trainable
 parameters' names and shapes), training continues exactly where it stopped (same data order: each
 epoch's permutation comes from (seed, epoch)); a checkpoint of another run is discarded with a warning.
 
 Sample weights are an array [N] or a dynamic object (e.g. lmsys.distill.EmaInfoGainWeights) with
-batch(idx) -> [b] weights, observe(idx, probs [b, 3]) after each forward, state_dict /
+batch(idx) -> [b] weights (read once a step, for all its rows, before its first forward),
+observe(idx, probs [b, 3]) (after the step's forwards, every rank's rows), state_dict /
 load_state_dict (saved in checkpoints) and fingerprint().
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,9 +57,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from lmsys import distributed
 from lmsys.infer import model_device, pad_batch, predict_logits
+from lmsys.infer_packed import PackedForward, attention_implementation, training_attention
 from lmsys.io import atomic_dir, write_json
 from lmsys.settings import TrainerSettings
+from lmsys.token_model import first_fit
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +178,87 @@ def _fingerprint(model, rows: TrainSet, settings: TrainerSettings, seed: int) ->
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- micro-batches: padded or packed
+
+class PaddedBatches:
+    """trainer.packing false: the group's micro-batches of batch_size rows as they are, each padded to
+    its longest row (or to pad_to) and run with its attention mask."""
+
+    def __init__(self, model, rows: TrainSet, device, pad_to: int | None = None):
+        self.model, self.rows, self.device, self.pad_to = model, rows, device, pad_to
+
+    def split(self, group: list[np.ndarray]) -> list[np.ndarray]:
+        return list(group)
+
+    def computed_tokens(self, idx: np.ndarray) -> int:
+        return len(idx) * (self.pad_to or max(len(self.rows.ids[i]) for i in idx))
+
+    def step(self):
+        return contextlib.nullcontext()
+
+    def logits(self, idx: np.ndarray) -> torch.Tensor:
+        ids, mask = pad_batch([self.rows.ids[i] for i in idx], self.rows.pad_id, self.pad_to)     # [b, T] each
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits   # [b, 3]
+
+
+class PackedBatches:
+    """trainer.packing: an optimizer step's rows (its epoch_groups group, so the rows of the padded
+    step) re-cut into packs of at most pack_tokens tokens (token_model.first_fit: the rule the plan
+    prices), each pack one sequence [1, T] whose logits are read at each row's last token
+    (infer_packed.PackedForward). T is the pack's real tokens, rounded up to flex attention's block
+    where flex runs: on CUDA the step switches an eager/sdpa model to flex attention
+    (infer_packed.training_attention), and back for evaluations. Raises ValueError when a row is
+    longer than pack_tokens, TypeError for a model that is not a decoder classifier."""
+
+    def __init__(self, model, rows: TrainSet, device, pack_tokens: int):
+        self.model, self.rows, self.pack_tokens = model, rows, pack_tokens
+        self.lengths = np.fromiter((len(r) for r in rows.ids), dtype=np.int64, count=len(rows.ids))
+        if self.lengths.max() > pack_tokens:
+            raise ValueError(f"a training row of {self.lengths.max()} tokens does not fit trainer.pack_tokens="
+                             f"{pack_tokens}: raise pack_tokens to at least text.train_max_length")
+        self.impl = training_attention(model, device)
+        with self.step():
+            self.forward = PackedForward(model, rows.pad_id, device, max_tokens=pack_tokens)
+        self.device = self.forward.device
+
+    def split(self, group: list[np.ndarray]) -> list[np.ndarray]:
+        rows = np.concatenate(group)
+        return [rows[p] for p in first_fit(self.lengths[rows], self.pack_tokens)]
+
+    def computed_tokens(self, idx: np.ndarray) -> int:
+        block = self.forward.block
+        return -(-int(self.lengths[idx].sum()) // block) * block
+
+    def step(self):
+        """The attention implementation of a training step (evaluations run with the model's own)."""
+        return attention_implementation(self.model, self.impl)
+
+    def logits(self, idx: np.ndarray) -> torch.Tensor:
+        return self.forward.logits(self.rows.ids, idx, self.computed_tokens(idx))              # [b, 3]
+
+
+def rank_micro_batches(batches: PaddedBatches | PackedBatches, group: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """This process's micro-batches of one optimizer step. One process: batches.split(group). Ranks:
+    the step's rows dealt to them by tokens (distributed.deal), this rank's share cut into micro-batches
+    of batch_size rows (padded) or packs; a rank may get none when the step has fewer rows than ranks."""
+    if distributed.world() == 1:
+        return batches.split(group)
+    step_rows = np.concatenate(group)
+    lengths = np.fromiter((len(batches.rows.ids[i]) for i in step_rows), dtype=np.int64, count=len(step_rows))
+    mine = step_rows[distributed.deal(lengths, distributed.world())[distributed.rank()]]
+    return batches.split([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]) if len(mine) else []
+
+
+def micro_batches(model, rows: TrainSet, settings: TrainerSettings, device,
+                  pad_to: int | None = None) -> PaddedBatches | PackedBatches:
+    """The trainer's micro-batches under `settings` (packing or not). pad_to: padded only."""
+    if not settings.packing:
+        return PaddedBatches(model, rows, device, pad_to)
+    if pad_to is not None:
+        raise ValueError("pad_to pads micro-batches: set trainer.packing false to use it")
+    return PackedBatches(model, rows, device, settings.pack_tokens)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def _rng_states() -> dict:
@@ -178,13 +277,17 @@ def _set_rng_states(s: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, opt, lr_schedule, state: dict, weights: DynamicWeights | None = None) -> None:
-    """Trainable weights, optimizer, scheduler, RNG, dynamic-weight and loop state, swapped in atomically.
-    Only tensors and plain containers go into the .pt files (numpy arrays as tagged tensors), so
-    load_checkpoint reads them with weights_only=True: no pickled object is ever executed."""
+    """Trainable weights, optimizer, scheduler, RNG (every rank's), dynamic-weight and loop state,
+    swapped in atomically by rank 0 (every rank calls it). Only tensors and plain containers go into
+    the .pt files (numpy arrays as tagged tensors), so load_checkpoint reads them with
+    weights_only=True: no pickled object is ever executed."""
+    rng = distributed.all_objects(_rng_states())                 # [rank 0's, rank 1's, ...]
+    if not distributed.is_main():
+        return
     with atomic_dir(path) as tmp:
         trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
-        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(), "rng": _rng_states(),
+        torch.save(_to_plain({"optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(), "rng": rng,
                               "weights": weights.state_dict() if weights is not None else None}), tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state))
 
@@ -225,49 +328,102 @@ def load_checkpoint(path: Path, model, opt, lr_schedule, weights: DynamicWeights
     rest = _from_plain(torch.load(path / "optim.pt", map_location="cpu", weights_only=True))
     opt.load_state_dict(rest["optimizer"])
     lr_schedule.load_state_dict(rest["scheduler"])
-    _set_rng_states(rest["rng"])
+    rng = rest["rng"] if isinstance(rest["rng"], list) else [rest["rng"]]       # one process wrote a dict
+    _set_rng_states(rng[distributed.rank() % len(rng)])
     if weights is not None:
         weights.load_state_dict(rest["weights"])
     return json.loads((path / "state.json").read_text())
 
 
 def _save_model(model, path: Path) -> None:
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+    """Rank 0 writes the adapter; every rank waits until it has."""
+    if distributed.is_main():
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+    distributed.barrier()
 
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def _train_step(model, group, rows: TrainSet, loss_fn, opt, lr_schedule, device,
-                pad_to: int | None = None) -> tuple[float, dict]:
-    """Forward/backward every micro-batch of one optimizer step, clip, step. Returns the loss."""
-    n_rows = sum(len(b) for b in group)
-    total, parts = 0.0, {}
-    w, dynamic = rows.sample_weight, is_dynamic(rows.sample_weight)
-    as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-    for idx in group:
-        ids, mask = pad_batch([rows.ids[i] for i in idx], rows.pad_id, pad_to)  # [b, T] each
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, 3]
-        labels = torch.as_tensor(rows.labels[idx], dtype=torch.long, device=device)
-        weight = as_t(w.batch(idx) if dynamic else None if w is None else w[idx])     # [b] or None
-        soft = as_t(None if rows.soft_targets is None else rows.soft_targets[idx])
-        loss, step_parts = loss_fn(logits, labels, soft, weight)
-        if dynamic:                           # after the weights of this batch were taken
-            w.observe(idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy())
-        share = len(idx) / n_rows  # micro-batch's share of the step's rows
-        (loss * share).backward()
-        total += loss.item() * share
-        for k, v in step_parts.items():
-            parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
+def _train_step(model, micro: list[np.ndarray], step_rows: np.ndarray, rows: TrainSet, loss_fn, opt, lr_schedule,
+                batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
+    """One optimizer step: the gradients of the step's rows (step_gradients; `micro` this process's
+    micro-batches of them), clipped at 1.0, then AdamW and the schedule. Returns the loss and its parts."""
+    loss, parts = step_gradients(model, micro, step_rows, rows, loss_fn, batches)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     lr_schedule.step()
     opt.zero_grad(set_to_none=True)
-    return total, parts
+    return loss, parts
+
+
+def step_gradients(model, micro: list[np.ndarray], step_rows: np.ndarray, rows: TrainSet, loss_fn,
+                   batches: PaddedBatches | PackedBatches) -> tuple[float, dict]:
+    """The gradients of the mean loss over one optimizer step's rows `step_rows` in every trainable
+    parameter's .grad, on every rank: this process's micro-batches `micro` forward and backward (each
+    micro-batch's loss, a mean over its rows, counts by its share of step_rows), then, with ranks, the
+    gradients summed over them (a rank without rows adds zeros). Dynamic sample weights are read once
+    for all of step_rows before the first forward, and then observe every rank's predictions, so every
+    rank keeps the same weights. Returns the step's loss and its parts (summed over the ranks)."""
+    weight_of = _step_weights(rows, step_rows)
+    loss, parts, seen = 0.0, {}, []
+    device = batches.device
+    as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    for idx in micro:
+        logits = batches.logits(idx).float()                                                    # [b, 3]
+        labels = torch.as_tensor(rows.labels[idx], dtype=torch.long, device=device)
+        soft = as_t(None if rows.soft_targets is None else rows.soft_targets[idx])
+        part_loss, step_parts = loss_fn(logits, labels, soft, as_t(weight_of(idx)))
+        if is_dynamic(rows.sample_weight):
+            seen.append((idx, torch.softmax(logits.detach(), dim=-1).cpu().numpy()))
+        share = len(idx) / len(step_rows)
+        (part_loss * share).backward()
+        loss += part_loss.item() * share
+        for k, v in step_parts.items():
+            parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
+    if distributed.world() > 1:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_sum([p.grad for p in trainable])
+        loss, parts, seen = _summed(distributed.all_objects((loss, parts, seen)))
+    for idx, probs in seen:
+        rows.sample_weight.observe(idx, probs)
+    return loss, parts
+
+
+def _summed(per_rank: list[tuple[float, dict, list]]) -> tuple[float, dict, list]:
+    """Every rank's (loss, parts, observations) of one step as one: losses and parts added, observations joined."""
+    parts: dict = {}
+    for _, p, _ in per_rank:
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + v
+    return sum(loss for loss, _, _ in per_rank), parts, [o for _, _, seen in per_rank for o in seen]
+
+
+def _step_weights(rows: TrainSet, step_rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray | None]:
+    """idx -> the sample weights [b] of rows idx in this step (None without weights). Dynamic weights
+    are read once for all the step's rows, before its first forward: a step's weights do not depend
+    on how it is cut into micro-batches (padded or packed)."""
+    w = rows.sample_weight
+    if w is None or not is_dynamic(w):
+        return lambda idx: None if w is None else w[idx]
+    at = dict(zip(step_rows.tolist(), w.batch(step_rows)))
+    return lambda idx: np.array([at[i] for i in idx], dtype=np.float32)
 
 
 def _evaluate(model, val: ValSet, pad_id: int, batch_size: int, step: int) -> dict:
-    logits = predict_logits(model, val.ids, pad_id, batch_size, desc=f"val@{step}")
+    """Log loss and accuracy on the validation rows; with ranks each predicts the rows dealt to it
+    by tokens and all of them get every row's logits (the same figures on every rank)."""
+    if distributed.world() == 1:
+        logits = predict_logits(model, val.ids, pad_id, batch_size, desc=f"val@{step}")
+    else:
+        mine = distributed.deal([len(r) for r in val.ids], distributed.world())[distributed.rank()]
+        z = predict_logits(model, [val.ids[i] for i in mine], pad_id, batch_size, desc=f"val@{step}")
+        logits = np.empty((len(val.ids), 3), dtype=np.float32)
+        for idx, part in distributed.all_objects((mine, z)):
+            logits[idx] = part
     model.train()
     return {"step": step, **val_metrics(logits, val.labels)}
 
@@ -305,11 +461,23 @@ class Run:
         saved = json.loads((ckpt / "state.json").read_text())
         if saved.get("fingerprint") != self.state["fingerprint"]:
             log.warning("ignoring %s: written by another run (other settings, data, targets, weights or model)", ckpt)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            distributed.barrier()                  # every rank has read it before rank 0 removes it
+            if distributed.is_main():
+                shutil.rmtree(ckpt, ignore_errors=True)
             return None
         self.state.update(load_checkpoint(ckpt, self.model, self.opt, self.lr_schedule, self.weights))
         log.info("resuming from %s at step %d (epoch %d)", ckpt, self.state["global_step"], self.state["epoch"])
         return self.state["global_step"]
+
+    def record_step(self, loss: float, parts: dict, step_rows: np.ndarray, computed_tokens: int) -> None:
+        """Count a finished optimizer step: its loss, and the real and computed tokens of all ranks."""
+        state = self.state
+        state["global_step"] += 1
+        state["step_in_epoch"] += 1
+        state["losses"].append(loss)
+        state["parts"].append(parts)
+        state["real_tokens"] += int(sum(len(self.rows.ids[i]) for i in step_rows))
+        state["computed_tokens"] += sum(distributed.all_objects(computed_tokens))
 
     def after_step(self) -> None:
         """Evaluate (keeping the best adapter), then checkpoint, when their intervals come up."""
@@ -334,15 +502,18 @@ class Run:
         if self.has_val:
             if not state["evals"] or state["evals"][-1]["step"] != state["global_step"]:
                 self.record_eval()
-            with atomic_dir(out_dir / "final") as tmp:
-                shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
+            if distributed.is_main():
+                with atomic_dir(out_dir / "final") as tmp:
+                    shutil.copytree(out_dir / "best", tmp, dirs_exist_ok=True)
             _load_best_into(self.model, out_dir / "best")
         else:
             _save_model(self.model, out_dir / "final")
         metrics = _metrics(state, self.schedule, resumed_from, rows_per_s, train_s, len(self.rows.ids),
                            len(self.val.ids) if self.has_val else 0)
-        write_json(metrics, out_dir / "metrics.json")
-        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        if distributed.is_main():
+            write_json(metrics, out_dir / "metrics.json")
+            shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        distributed.barrier()
         return metrics
 
 
@@ -354,25 +525,27 @@ def train_classifier(model, rows: TrainSet, *, out_dir: str | Path, settings: Tr
     settings: the section's TrainerSettings (lmsys.settings); with `val`, the best checkpoint by its
     log loss is kept (evaluated every settings.eval_every steps and at the end). loss_fn(logits,
     labels, soft, weight) -> (loss, parts), default cross-entropy. pad_to: pad every micro-batch to
-    this many tokens (the recipe's fixed padding, a baseline for benchmarks; default: each micro-batch
-    to its longest row). On return the model holds the final weights. Raises ValueError on an empty
-    training set."""
+    this many tokens (the recipe's fixed padding, a baseline for benchmarks, packing off; default: each
+    micro-batch to its longest row). On return the model holds the final weights. Raises ValueError on
+    an empty training set, or a row longer than settings.pack_tokens when packing."""
     run = _start(model, rows, Path(out_dir), settings, val, seed)
     resumed_from = run.resume()
-    loss_fn, device, state, steps = loss_fn or cross_entropy_loss, model_device(model), run.state, run.schedule
+    loss_fn, state, steps = loss_fn or cross_entropy_loss, run.state, run.schedule
+    batches = micro_batches(model, rows, settings, model_device(model), pad_to)
     model.train()
     t0, done_rows = time.perf_counter(), 0
-    bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step")
+    bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step",
+               disable=True if not distributed.is_main() else None)
     while state["global_step"] < steps.total_steps:
         groups = epoch_groups(len(rows.ids), state["epoch"], seed, steps.batch_size, steps.grad_accum)
         # on resume, skip the steps this epoch already consumed (same seeded order)
         for group in groups[state["step_in_epoch"]:]:
-            loss, parts = _train_step(model, group, rows, loss_fn, run.opt, run.lr_schedule, device, pad_to)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            state["losses"].append(loss)
-            state["parts"].append(parts)
-            done_rows += sum(len(b) for b in group)
+            step_rows = np.concatenate(group)
+            micro = rank_micro_batches(batches, group, steps.batch_size)      # this rank's share of the step
+            with batches.step():
+                loss, parts = _train_step(model, micro, step_rows, rows, loss_fn, run.opt, run.lr_schedule, batches)
+            run.record_step(loss, parts, step_rows, sum(batches.computed_tokens(idx) for idx in micro))
+            done_rows += len(step_rows)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{done_rows / (time.perf_counter() - t0):.1f}")
             run.after_step()
@@ -391,12 +564,13 @@ def _start(model, rows: TrainSet, out_dir: Path, settings: TrainerSettings, val:
     steps = schedule(len(rows.ids), settings)
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + distributed.rank())     # each rank its own dropout; rank 0 as one process
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, steps.total_steps)
     state = {"fingerprint": _fingerprint(model, rows, settings, seed), "global_step": 0, "epoch": 0,
-             "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": []}
+             "step_in_epoch": 0, "best": None, "evals": [], "losses": [], "parts": [], "real_tokens": 0,
+             "computed_tokens": 0}
     return Run(model, settings, steps, rows, val, out_dir, opt, lr_schedule, state)
 
 
@@ -423,4 +597,5 @@ def _metrics(state, steps: Schedule, resumed_from, rows_per_s, train_s, n_train,
         "best_val_log_loss": best.get("log_loss"), "val_accuracy": best.get("accuracy"),
         "best_step": best.get("step"), "evals": state["evals"],
         "samples_per_s": rows_per_s, "train_seconds": train_s, "resumed_from_step": resumed_from,
+        "real_per_computed_token": state["real_tokens"] / max(state["computed_tokens"], 1),
     }

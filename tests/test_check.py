@@ -88,3 +88,16 @@ def test_fingerprint_follows_what_was_checked(tmp_path, demo_dir):
     demo = load_config("tiny")
     assert fingerprint(demo, "local") == fingerprint(load_config("tiny"), "local")  # demo: its parameters
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_data_parallel_ranks_start_or_the_width_is_refused(capsys, tmp_path):
+    """A step of width 2 (orchestration.step_gpus): 2 gloo ranks join and all-reduce; a width on a step that
+    runs in one process is a FAIL naming the key."""
+    code, out, rows = _check(capsys, "--profile", "tiny", "--root", str(tmp_path), "--set",
+                             "orchestration.step_gpus={distill: 2, train-teacher: 2}")
+    assert code == 0 and rows["ranks: data-parallel start"] == "ok", out
+    assert "2 ranks (gloo) joined and all-reduced" in out
+    code, out, rows = _check(capsys, "--profile", "tiny", "--root", str(tmp_path), "--set",
+                             "orchestration.step_gpus={ensemble: 2}")
+    assert code == 2 and rows["ranks: data-parallel start"] == "FAIL", out
+    assert "orchestration.step_gpus.ensemble=2: step ensemble runs in one process" in out

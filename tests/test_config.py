@@ -17,12 +17,15 @@ BEFORE = json.loads((HERE / "data" / "resolved_config_d5c1397.json").read_text()
 # each the effective value before: post_pretrain evaluated only at the end (the step passed
 # eval_every=None), tiny_vocab defaulted to 1024. Issue 19 added the trainer's packing switch, the steps'
 # GPU widths, the recipe's teacher evaluation (full: once, at the end), the inference path (`infer`), the
-# local-gpus runner's devices, and repriced the estimates.
+# local-gpus runner's devices, and repriced the estimates; tiny packs no more than a row (its CPU's dense
+# packed mask), small does not pack (an encoder student, a CPU).
 MADE_EXPLICIT = {"post_pretrain.eval_every": None, "models.tiny_vocab": 1024}
-ISSUE_19 = {**{f"{s}.{k}": v for s in ("trainer", "post_pretrain", "train_teacher", "distill")
-               for k, v in (("packing", True), ("pack_tokens", 4096))}, "orchestration.step_gpus": "per profile",
+TRAINING = ("trainer", "post_pretrain", "train_teacher", "distill")
+ISSUE_19 = {**{f"{s}.{k}": v for s in TRAINING for k, v in (("packing", True), ("pack_tokens", 4096))},
+            "orchestration.step_gpus": "per profile",
             "infer.packed": "auto", "infer.pack_tokens": 16384, "infer.verified_capabilities": ["9.0"],
             "orchestration.local_gpus": "auto"}
+ISSUE_19_PROFILES = {"tiny": {f"{s}.pack_tokens": 256 for s in TRAINING}, "small": {f"{s}.packing": False for s in TRAINING}}
 REPRICED = "orchestration.estimate."               # lmsys plan's figures (tests/test_plan.py checks them)
 
 
@@ -55,7 +58,8 @@ def test_every_profile_resolves_as_before(profile):
     if profile == "full":
         later.add("train_teacher.eval_every")
         assert changed["train_teacher.eval_every"] == (400, None)
-    assert all(changed[k][1] == ISSUE_19[k] for k in later if k in ISSUE_19 and k != "orchestration.step_gpus")
+    issue_19 = {**ISSUE_19, **ISSUE_19_PROFILES.get(profile, {})}
+    assert all(changed[k][1] == issue_19[k] for k in later if k in ISSUE_19 and k != "orchestration.step_gpus")
     assert {k: v for k, v in changed.items() if k not in later} == \
         {k: (before.get(k, "<absent>"), v) for k, v in MADE_EXPLICIT.items()}
 

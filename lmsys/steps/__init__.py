@@ -31,6 +31,7 @@ class Step:
     params: tuple[str, ...]                    # params.yaml keys (or sections) it reads
     fan_out: tuple[str, ...] = ()              # () | ("fold",) | ("model",) | ("model", "fold")
     gpu: bool = False                          # needs a GPU worker on the slurm runner
+    data_parallel: bool = False                # may run as orchestration.step_gpus ranks (lmsys.distributed)
     also: tuple[str, ...] = ()                 # further recipe numbers this step carries out (predict: 8.5)
     cli: str | None = None                     # its command line (dvc.yaml's cmd); default `lmsys <name>`
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lmsys import distributed
 from lmsys.data.folds import fold_split
 from lmsys.data.transforms import with_swaps
 from lmsys.io import atomic_dir
@@ -28,8 +29,9 @@ def spec(cfg: dict, name: str) -> dict:
 # DVC and Prefect can list and hash the steps without paying several seconds of imports.
 
 def device():
+    """This process's device: its current CUDA device (a data-parallel rank's own), else the CPU."""
     import torch
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def dtype():
@@ -92,28 +94,32 @@ def fit(cfg: dict, layout: Layout, *, model: str, out: Path, section: str, train
     checkpoint by its log loss on `val`, and publish it as `out` (training_dir). Both row sets are
     encoded at text.train_max_length. soft_targets [N, n_teachers, 3], sample_weight and loss_fn go
     to the trainer (lmsys.train.train_classifier); before_publish(net, tok, work_dir), when given,
-    writes more files into the run before it is published. Returns the trainer's metrics."""
+    writes more files into the run before it is published. In data-parallel ranks every rank trains
+    and rank 0 alone publishes. Returns the trainer's metrics."""
     from lmsys.settings import training_settings
     from lmsys.train import TrainSet, ValSet, train_classifier
     tok, net = build(cfg, layout, model, init_adapter=init_adapter)
     length = cfg["text"]["train_max_length"]
     rows = TrainSet(encode(cfg, train, tok, length), labels(train), tok.pad_token_id, soft_targets, sample_weight)
     held_out = ValSet(encode(cfg, val, tok, length), labels(val))
-    with training_dir(out) as work:
+    with training_dir(out, publish=distributed.is_main()) as work:
         metrics = train_classifier(net, rows, out_dir=work, settings=training_settings(cfg, section), val=held_out,
                                    loss_fn=loss_fn, seed=seed, desc=desc)
-        if before_publish is not None:
+        if before_publish is not None and distributed.is_main():
             before_publish(net, tok, work)
     return metrics
 
 
 @contextmanager
-def training_dir(out: Path):
+def training_dir(out: Path, publish: bool = True):
     """Train in `<out>.partial/` (kept across kills so the trainer resumes from its checkpoint),
-    then publish final/ as `out/adapter` plus every top-level file (metrics.json, ...) in one rename."""
+    then publish final/ as `out/adapter` plus every top-level file (metrics.json, ...) in one rename
+    (publish=False: leave that to another rank)."""
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     yield work
+    if not publish:
+        return
     with atomic_dir(out) as tmp:
         shutil.copytree(work / "final", tmp / "adapter")
         for f in work.iterdir():

@@ -11,12 +11,18 @@ for: those that write a file or directory it reads (derived from inputs/outputs,
 """
 from __future__ import annotations
 
+import logging
+import shutil
 import sys
+from pathlib import Path
 
+from lmsys import distributed
 from lmsys.config import for_step
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult
 from lmsys.steps import folds, prepare, serve, student, teachers
+
+log = logging.getLogger(__name__)
 
 
 def _data(layout: Layout) -> list:
@@ -54,11 +60,11 @@ RECIPE: tuple[Step, ...] = (
     Step("1", "post-pretrain", teachers.run_post_pretrain,
          inputs=lambda cfg, layout, model: [layout.prepared / "ut.parquet", layout.tokenizer],
          outputs=lambda cfg, layout, model: [layout.post_pretrain(model)],
-         params=("post_pretrain", *_TRAIN), fan_out=("model",), gpu=True),
+         params=("post_pretrain", *_TRAIN), fan_out=("model",), gpu=True, data_parallel=True),
     Step("1", "post-pretrain-student", student.run_post_pretrain_student,
          inputs=lambda cfg, layout: [layout.prepared / "ut.parquet", layout.tokenizer],
          outputs=lambda cfg, layout: [layout.post_pretrain(_student(cfg))],
-         params=("post_pretrain", *_TRAIN), gpu=True),
+         params=("post_pretrain", *_TRAIN), gpu=True, data_parallel=True),
     Step("2", "folds", folds.run_folds,
          inputs=lambda cfg, layout: _data(layout),
          outputs=lambda cfg, layout: [layout.folds_csv.parent],
@@ -67,7 +73,7 @@ RECIPE: tuple[Step, ...] = (
          inputs=lambda cfg, layout, model: [*_data(layout), layout.tokenizer, layout.post_pretrain(model)],
          outputs=lambda cfg, layout, model: [layout.filter_scores(model)],
          params=("models", "text", "teacher_logits.batch_size", "teacher_logits.progress_every",
-                 "orchestration.shard_rows", "infer", "seed"), fan_out=("model",), gpu=True),
+                 "orchestration.shard_rows", "infer", "seed"), fan_out=("model",), gpu=True, data_parallel=True),
     Step("2.5", "filter-argmax", teachers.run_filter_argmax,
          inputs=lambda cfg, layout, fold: [*_data(layout), layout.folds_csv,
                                            layout.filter_scores(teachers.filter_model(cfg))],
@@ -77,13 +83,13 @@ RECIPE: tuple[Step, ...] = (
          inputs=lambda cfg, layout, model, fold: [*_data(layout), layout.folds_csv, layout.tokenizer,
                                                   layout.filtered(fold), layout.post_pretrain(model)],
          outputs=lambda cfg, layout, model, fold: [layout.teacher(model, fold)],
-         params=("train_teacher", *_TRAIN), fan_out=("model", "fold"), gpu=True),
+         params=("train_teacher", *_TRAIN), fan_out=("model", "fold"), gpu=True, data_parallel=True),
     Step("4", "teacher-logits", teachers.run_teacher_logits,
          inputs=lambda cfg, layout, model, fold: [*_data(layout), layout.folds_csv, layout.tokenizer,
                                                   layout.filtered(fold), layout.teacher(model, fold)],
          outputs=lambda cfg, layout, model, fold: [layout.logits(model, fold)],
          params=("teacher_logits", "train_teacher.subset_size", "orchestration.shard_rows", "infer", *_TRAIN),
-         fan_out=("model", "fold"), gpu=True),
+         fan_out=("model", "fold"), gpu=True, data_parallel=True),
     Step("4.5", "calibrate", student.run_calibrate,
          inputs=lambda cfg, layout, model: [layout.logits(model, k) for k in folds.active_folds(cfg)],
          outputs=lambda cfg, layout, model: [layout.calibration(model), layout.calibrated_logits(model, 0).parent],
@@ -93,7 +99,7 @@ RECIPE: tuple[Step, ...] = (
                                            layout.post_pretrain(_student(cfg)), *_student_logits(cfg, layout, fold)],
          outputs=lambda cfg, layout, fold: [layout.student(fold)],
          params=("distill", "train_teacher.subset_size", "calibrate.enabled", "predict.batch_size", "infer", *_TRAIN),
-         fan_out=("fold",), gpu=True),
+         fan_out=("fold",), gpu=True, data_parallel=True),
     Step("6", "ensemble", student.run_ensemble,
          inputs=lambda cfg, layout: [layout.tokenizer, layout.prepared / "train.parquet", layout.prepared / "ut.parquet",
                                      *_all_folds(cfg, lambda k: [layout.student(k)])],
@@ -197,9 +203,13 @@ def graph(cfg: dict) -> dict[str, list[str]]:
 def run_step(name: str, cfg: dict, layout: Layout, **keys) -> StepResult:
     """Run step `name` on the part of `cfg` it declares (lmsys.config.for_step: reading any other key
     raises); on a GPU its metrics also get gpu_peak_gib (peak memory allocated by torch during the
-    step; nothing is added on a CPU). Raises KeyError for an unknown step."""
+    step; nothing is added on a CPU). A step of width > 1 (orchestration.step_gpus) runs as that many
+    ranks (run_ranks). Raises KeyError for an unknown step."""
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; known: {list(STEPS)}")
+    n = ranks(cfg, name)
+    if n > 1:
+        return run_ranks(name, cfg, layout, keys, n)
     cuda = _cuda()
     if cuda is not None:
         cuda.reset_peak_memory_stats()
@@ -208,6 +218,40 @@ def run_step(name: str, cfg: dict, layout: Layout, **keys) -> StepResult:
     if cuda is not None:
         result.metrics = {**result.metrics, "gpu_peak_gib": cuda.max_memory_allocated() / 2**30}
     return result
+
+
+def ranks(cfg: dict, name: str) -> int:
+    """How many ranks step `name` runs as from here: its width (orchestration.step_gpus), at most the
+    GPUs this process sees on CUDA (a job given fewer GPUs runs narrower, with a warning); 1 inside a
+    rank. Raises ValueError for a width > 1 on a step that cannot run data-parallel."""
+    n = distributed.step_width(cfg, name)
+    if n == 1 or distributed.world() > 1:
+        return 1
+    if not STEPS[name].data_parallel:
+        raise ValueError(f"orchestration.step_gpus.{name}={n}: step {name} runs in one process; data-parallel "
+                         f"steps: {', '.join(s.name for s in RECIPE if s.data_parallel)}")
+    import torch
+    if torch.cuda.is_available() and torch.cuda.device_count() < n:
+        log.warning("%s: orchestration.step_gpus.%s=%d but this job sees %d GPU(s): running %d ranks", name, name, n,
+                    torch.cuda.device_count(), torch.cuda.device_count())
+        return torch.cuda.device_count()
+    return n
+
+
+def run_ranks(name: str, cfg: dict, layout: Layout, keys: dict, n: int) -> StepResult:
+    """Step `name` as n torch.distributed ranks (lmsys.distributed.launch; each runs run_rank):
+    rank 0's result, with `ranks` in its metrics. The ranks' logs are kept when one fails."""
+    job_dir = layout.art / ".ranks" / task_label(name, keys)
+    out = distributed.launch("lmsys.steps.recipe:run_rank", {"name": name, "cfg": cfg, "keys": keys}, n, job_dir)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return StepResult(outputs=[Path(p) for p in out["outputs"]], metrics={**out["metrics"], "ranks": n})
+
+
+def run_rank(job: dict) -> dict:
+    """Inside one rank: the step, as one process would run it (the library splits the work)."""
+    cfg = job["cfg"]
+    result = run_step(job["name"], cfg, Layout.of(cfg), **job["keys"])
+    return {"outputs": [str(p) for p in result.outputs], "metrics": result.metrics}
 
 
 def _cuda():

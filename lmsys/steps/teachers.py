@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lmsys import distributed
 from lmsys.io import atomic_dir, write_json, write_table
 from lmsys.metrics import softmax
 from lmsys.paths import Layout
@@ -137,6 +138,8 @@ def run_filter_score(cfg: dict, layout: Layout, model: str) -> StepResult:
     ids = common.encode(cfg, rows, tok, cfg["text"]["train_max_length"])
     logits, path = resumable_logits(cfg, model, net, tok, ids, out, adapter, cfg["teacher_logits"]["batch_size"],
                                     f"filter-score {model}", cfg["teacher_logits"]["progress_every"])
+    if not distributed.is_main():              # data-parallel: the ranks computed the shards, rank 0 writes
+        return StepResult(outputs=[out])
     probs = softmax(logits)
     write_table(pd.DataFrame({"id": rows["id"], "label": common.labels(rows), "p_a": probs[:, 0], "p_b": probs[:, 1],
                               "p_tie": probs[:, 2]}), out)
@@ -221,6 +224,8 @@ def run_teacher_logits(cfg: dict, layout: Layout, model: str, fold: int) -> Step
     ids = logit_inputs(cfg, rows, tok)
     logits, path = resumable_logits(cfg, model, net, tok, ids, layout.logits(model, fold), adapter, c["batch_size"],
                                     f"logits {model} fold{fold}", c["progress_every"])   # resumable shards
+    if not distributed.is_main():              # data-parallel: the ranks computed the shards, rank 0 writes
+        return StepResult(outputs=[layout.logits(model, fold)])
     if not np.isfinite(logits).all():
         raise FloatingPointError(f"teacher {model} fold {fold}: non-finite logits")
     out = pd.DataFrame({"id": rows["id"], "swapped": rows["swapped"], "split": rows["split"],
