@@ -124,10 +124,12 @@ def deal(tokens, n: int) -> list[np.ndarray]:
 
 # ---------------------------------------------------------------- launching ranks
 
-def launch(target: str, payload: dict, n: int, job_dir: str | Path, poll_s: float = 0.2) -> dict:
+def launch(target: str, payload: dict, n: int, job_dir: str | Path, poll_s: float = 0.2,
+           devices: list[str] | None = None) -> dict:
     """Run `target` ("module:function", called with `payload`) in n ranks and return what rank 0's
-    call returned (a JSON-able dict). Each rank logs to job_dir/rank-R.log. Raises RuntimeError naming
-    the first rank that failed (with its log's tail); the other ranks are killed then."""
+    call returned (a JSON-able dict). `devices`: the GPUs the ranks see (CUDA_VISIBLE_DEVICES; rank r
+    uses the r-th); default what this process sees. Each rank logs to job_dir/rank-R.log. Raises
+    RuntimeError naming the first rank that failed (with its log's tail); the other ranks are killed then."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.json").write_text(json.dumps({"target": target, "payload": payload}, default=str))
@@ -139,6 +141,8 @@ def launch(target: str, payload: dict, n: int, job_dir: str | Path, poll_s: floa
     for r in range(n):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": threads}
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         with open(job_dir / f"rank-{r}.log", "wb") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "lmsys.distributed", str(job_dir), str(os.getpid())],
                                           env=env, stdout=log, stderr=subprocess.STDOUT))

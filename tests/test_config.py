@@ -58,6 +58,10 @@ def test_every_profile_resolves_as_before(profile):
     if profile == "full":
         later.add("train_teacher.eval_every")
         assert changed["train_teacher.eval_every"] == (400, None)
+        node = {"orchestration.slurm.gpus_per_job": (1, 8), "orchestration.slurm.max_jobs": (8, 1),
+                "orchestration.slurm.cores": (16, 64), "orchestration.slurm.memory": ("128GB", "1000GB")}
+        assert {k: changed[k] for k in node} == node                   # one 8-GPU node job for data-parallel steps
+        later |= set(node)
     issue_19 = {**ISSUE_19, **ISSUE_19_PROFILES.get(profile, {})}
     assert all(changed[k][1] == issue_19[k] for k in later if k in ISSUE_19 and k != "orchestration.step_gpus")
     assert {k: v for k, v in changed.items() if k not in later} == \

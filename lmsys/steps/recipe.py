@@ -208,6 +208,10 @@ def run_step(name: str, cfg: dict, layout: Layout, **keys) -> StepResult:
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; known: {list(STEPS)}")
     n = ranks(cfg, name)
+    if STEPS[name].gpu and shares_gpus(n):      # a job of more GPUs than the step: its own, in its own processes
+        from lmsys.devices import claimed_devices
+        with claimed_devices(n) as devices:
+            return run_ranks(name, cfg, layout, keys, n, devices)
     if n > 1:
         return run_ranks(name, cfg, layout, keys, n)
     cuda = _cuda()
@@ -238,11 +242,22 @@ def ranks(cfg: dict, name: str) -> int:
     return n
 
 
-def run_ranks(name: str, cfg: dict, layout: Layout, keys: dict, n: int) -> StepResult:
-    """Step `name` as n torch.distributed ranks (lmsys.distributed.launch; each runs run_rank):
-    rank 0's result, with `ranks` in its metrics. The ranks' logs are kept when one fails."""
+def shares_gpus(n: int) -> bool:
+    """Does this process (not a rank) see more GPUs than a step of n uses? Then other steps run beside it
+    in the same job (orchestration.slurm.gpus_per_job > a step's width) and it must keep to its own."""
+    if distributed.world() > 1:
+        return False
+    import torch
+    return torch.cuda.is_available() and torch.cuda.device_count() > n
+
+
+def run_ranks(name: str, cfg: dict, layout: Layout, keys: dict, n: int, devices: list[str] | None = None) -> StepResult:
+    """Step `name` as n torch.distributed ranks (lmsys.distributed.launch; each runs run_rank) on
+    `devices` (default the process's): rank 0's result, with `ranks` in its metrics. The ranks' logs are
+    kept when one fails."""
     job_dir = layout.art / ".ranks" / task_label(name, keys)
-    out = distributed.launch("lmsys.steps.recipe:run_rank", {"name": name, "cfg": cfg, "keys": keys}, n, job_dir)
+    out = distributed.launch("lmsys.steps.recipe:run_rank", {"name": name, "cfg": cfg, "keys": keys}, n, job_dir,
+                             devices=devices)
     shutil.rmtree(job_dir, ignore_errors=True)
     return StepResult(outputs=[Path(p) for p in out["outputs"]], metrics={**out["metrics"], "ranks": n})
 
