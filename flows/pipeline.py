@@ -21,6 +21,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from flows.check import preflight
 from flows.console import Progress, previous_seconds
+from flows.interrupt import stop_on_signal
+from flows.lease import hold_root
 from flows.runners import check_slurm, make_task_runner, wait_any
 from flows.secrets import use_prefect_secret
 from lmsys.config import load_config
@@ -129,11 +131,21 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
     params = dict(locals())                     # the flow's parameters, as given: the subflow reuses them
     cfg = flow_config(**params)
     logger = get_run_logger()
+    flow_run_id = str(FlowRunContext.get().flow_run.id)
+    # the root's lease for the whole run (deployment runs too; within `lmsys run` the CLI's lease, now
+    # naming this flow run), and Ctrl-C / SIGTERM that stop the local workers before Prefect unwinds
+    with hold_root(Layout.of(cfg).root, flow_run_id, logger.warning) as held, stop_on_signal(flow_run_id):
+        return _pipeline(params, cfg, held)
+
+
+def _pipeline(params: dict, cfg: dict, held) -> dict:
+    """The flow's body, with the root's lease `held` (checked after each batch of finished tasks)."""
+    logger = get_run_logger()
     use_prefect_secret()
     task_runner = FlowRunContext.get().task_runner
     if cfg["orchestration"]["runner"] == "slurm":      # settings no worker could run: before any job, the check's too
         check_slurm(cfg, [task_label(n, k) for n, k in plan(cfg) if STEPS[n].gpu])
-    if check:
+    if params["check"]:
         preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
     if cfg["orchestration"]["runner"] == "slurm" and type(task_runner).__name__ != "DaskTaskRunner":
         logger.info("runner slurm: running the pipeline as a subflow on SLURM workers")
@@ -146,6 +158,7 @@ def pipeline(profile: Literal["tiny", "small", "full", "gpu-smoke"] = "tiny",
     sched, t0, last = Scheduler(cfg, task_runner, console), time.perf_counter(), [time.perf_counter()]
 
     def report_progress():
+        held.check()                            # LeaseLost: another process took the root over
         if time.perf_counter() - last[0] >= PROGRESS_EVERY_S or len(sched.records) == len(labels):
             update_progress_artifact(progress, 100.0 * len(sched.records) / len(labels))
             last[0] = time.perf_counter()
@@ -222,8 +235,8 @@ def run_from_cli(args) -> int:
     """`lmsys run`: the flow with the CLI's profile / runner / --set overrides."""
     from lmsys.config import parse_override
     if getattr(args, "params", None):
-        raise SystemExit("lmsys run reads the repo's params.yaml (the flow's workers must see the same file); "
-                         "change values with --set KEY=VALUE")
+        raise ValueError("lmsys run reads the repo's params.yaml (the flow's workers must see the same file): "
+                         f"--params {args.params} is not taken; change values with --set KEY=VALUE")
     overrides = dict(parse_override(o) for o in (args.set or []))
     cfg = load_config(args.profile, overrides)
     out = run_pipeline(profile=cfg["profile"], runner=args.runner, overrides=overrides, root=args.root)

@@ -8,16 +8,28 @@ Exit codes, the same for every command:
      dvc repro runs these commands and would fail the stage on 1
   2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks
   3  internal error (a bug or the machine): the message says so
+  130  stopped by Ctrl-C (SIGINT); 143  stopped by SIGTERM (`kill`, `timeout`, SLURM's `scancel`):
+     the local workers are stopped first, the flow run is marked Crashed, one `error:` line says so;
+     finished steps are kept and a rerun resumes (training from its last checkpoint)
 Errors are one line on stderr, `error: <file>: row <n> ...: <reason>` where a file and row are
 known; no traceback unless `--debug` (anywhere on the command line) or LMSYS_DEBUG=1.
+
+A run root is held by one command at a time: `lmsys run` and every step command take its lease
+(<root>/artifacts/.lease.json, lmsys.lease) and refuse, exit 2, while another live process holds
+it, naming that process (host, pid, command, flow run). A lease whose holder died (its pid gone on
+this machine; elsewhere 30 s without a heartbeat) is taken over with a warning, and the dead run's
+flow run, which nothing else would end, is marked Crashed (flows.lease).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -37,7 +49,14 @@ class UsageError(ValueError):
 
 def _config(args) -> dict:
     overrides = dict(parse_override(o) for o in (getattr(args, "set", None) or []))
-    return load_config(getattr(args, "profile", None), overrides, getattr(args, "params", None))
+    cfg = load_config(getattr(args, "profile", None), overrides, getattr(args, "params", None))
+    if getattr(args, "root", None):
+        cfg["root"] = str(args.root)
+    return cfg
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
@@ -133,9 +152,12 @@ def step_keys(args) -> dict:
 
 
 def cmd_step(args) -> int:
+    """A pipeline step on the root's lease (lmsys.lease): never beside a run writing the same root."""
+    from flows.lease import hold_root
     from lmsys.steps.recipe import run_step
     cfg = _config(args)
-    result = run_step(args.step, cfg, Layout.of(cfg), **step_keys(args))
+    with hold_root(Layout.of(cfg).root, say=_warn):
+        result = run_step(args.step, cfg, Layout.of(cfg), **step_keys(args))
     print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
                      indent=2, default=str))
     warn = {k: result.metrics.get(k) for k in ("rows_quarantined", "fallback_rows") if result.metrics.get(k)}
@@ -220,11 +242,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """`lmsys run`: on the root's lease (a second run on the root exits 2 naming the holder), against
+    a Prefect server that answers (started here when none does: flows.server.api_for_run)."""
+    if args.params:
+        raise UsageError(f"lmsys run reads the repo's params.yaml (the flow's workers must see the same file): "
+                         f"--params {args.params} is not taken; change values with --set KEY=VALUE")
     if not (args.verbose or args.run_verbose):
         from flows.console import quiet_console
         quiet_console()                         # before Prefect is imported: one line per task on the console
-    from flows.pipeline import run_from_cli
-    return run_from_cli(args)
+    from lmsys import lease
+    with lease.hold(Layout.of(_config(args)).root):     # the flow holds it again, adding its flow-run id
+        from flows.server import api_for_run
+        api_for_run(say=lambda line: print(line, file=sys.stderr, flush=True))   # before Prefect is imported
+        from flows.pipeline import run_from_cli
+        return run_from_cli(args)
 
 
 def cmd_ablate(args) -> int:
@@ -266,6 +297,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="params file (default: the repo's params.yaml)")
 
 
+def _add_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="the run's root the step reads and writes (data/, artifacts/, reports/; "
+                                  "default: the repo), held on its lease while the step runs")
+
+
 def cmd_steps(args) -> int:
     """`lmsys steps`: the recipe table, numbered, in order."""
     from lmsys.steps.recipe import format_recipe
@@ -293,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".")
     p.add_argument("--external", action="append")
     _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_folds, step="folds")
 
     p = sub.add_parser("convert-ut", help="the public UltraFeedback release (openbmb or binarized) -> competition format")
@@ -316,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit: default vector; apply: must match the params file's method when given")
     p.add_argument("--model", help="pipeline step: the teacher to calibrate")
     _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_calibrate, step="calibrate")
 
     p = sub.add_parser("predict", help="steps 8/8.5: submission for a test CSV (TTA), or the pipeline step without --test")
@@ -324,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
     p.add_argument("--no-tta", action="store_true", help="original order only")
     _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_predict, step="predict")
 
     p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
@@ -331,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="id + label, or id + the three winner columns (default: the preds file's label column)")
     p.add_argument("--bins", type=int, default=15)
     _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_evaluate, step="evaluate")
 
     for name, step in STEPS.items():
@@ -339,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (step.run.__doc__ or name).strip().splitlines()[0].replace("%", "%%")
         p = sub.add_parser(name, help=f"pipeline step {step.number}: {doc}")
         _add_config_args(p)
+        _add_root_arg(p)
         if "fold" in step.fan_out:
             p.add_argument("--fold", type=int, required=True)
         if "model" in step.fan_out:
@@ -353,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int)
     p.add_argument("--model")
     _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the recipe table (--check: exit 1 when stale)")
     p.add_argument("--check", action="store_true")
@@ -420,12 +462,47 @@ def main(argv: list[str] | None = None) -> int:
     use_prefect_secret()                        # hf_token() may fall back on the Prefect Secret block
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _sigterm_raises():
+        try:
+            return args.func(args)
+        except (KeyboardInterrupt, Terminated) as e:
+            return _stopped(e, debug)
+        except INPUT_ERRORS as e:
+            return _error(e, EXIT_INPUT, debug)
+        except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
+            return _error(e, EXIT_INTERNAL, debug)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what `timeout`, `kill` and SLURM's `scancel` send first), raised like KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated in the main thread for the block (a flow run puts Prefect's handler,
+    and flows.interrupt's, in front of it while it runs, and passes the signal on)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+    before = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return args.func(args)
-    except INPUT_ERRORS as e:
-        return _error(e, EXIT_INPUT, debug)
-    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
-        return _error(e, EXIT_INTERNAL, debug)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _stopped(e: BaseException, debug: bool) -> int:
+    """Ctrl-C -> exit 130, SIGTERM -> 143 (128 + the signal, as a shell reports a process killed by
+    it), with one line: what finished is kept, a rerun resumes."""
+    from flows.interrupt import message
+    if debug:
+        traceback.print_exc()
+    signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+    print(message(signum), file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 def _error(e: BaseException, code: int, debug: bool) -> int:
