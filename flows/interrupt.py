@@ -9,8 +9,9 @@ front of the one it replaces (Prefect's, or Python's KeyboardInterrupt):
 1. the local worker processes are stopped (SIGTERM, then SIGKILL after WORKER_GRACE_S); they
    ignore SIGINT themselves (flows.runners.local_worker_setup), so a Ctrl-C that the terminal
    sends to the whole process group reaches them only this way;
-2. the signal goes on to the replaced handler, so Prefect marks the flow run Crashed and the
-   command ends (`lmsys run`: one `error:` line, exit 130 / 143);
+2. the console is silenced (Prefect's crash lines still reach the UI) and the signal goes on to
+   the replaced handler, so Prefect marks the flow run Crashed and the command ends (`lmsys run`:
+   one `error:` line, exit 130 / 143);
 3. a deadline bounds the rest: if the process still runs DEADLINE_S after the signal (a task in a
    thread of the thread runner cannot be stopped; a server that does not answer), the flow run is
    marked Crashed through the API, the root's lease released and the process exits 128 + signal.
@@ -20,6 +21,7 @@ A second signal exits at once (after stopping the workers again).
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -57,6 +59,16 @@ def stop_local_workers(grace_s: float = WORKER_GRACE_S) -> int:
     return len(children)
 
 
+def silence_console() -> None:
+    """After a stop signal the console gets one line, the command's: every logger's stream handler
+    (the CLI's, Prefect's console) is silenced; Prefect's API handler still sends the crash to the UI."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.CRITICAL + 1)
+
+
 def _exit_after(signum: int, flow_run_id: str | None, deadline_s: float) -> None:
     """The deadline: still running `deadline_s` after the signal -> mark, release, exit."""
     time.sleep(deadline_s)
@@ -85,6 +97,7 @@ def stop_on_signal(flow_run_id: str | None = None, deadline_s: float = DEADLINE_
             return
         again = fired.is_set()
         fired.set()
+        silence_console()
         stop_local_workers()
         if again:
             print(message(signum), file=sys.stderr, flush=True)

@@ -32,12 +32,25 @@ def make_task_runner(cfg: dict, runner: str | None = None):
         n = int(cfg["orchestration"].get("local_workers", 1))
         if n > 1:
             from prefect.task_runners import ProcessPoolTaskRunner
+            quiet_resource_tracker()
             return ProcessPoolTaskRunner(max_workers=n, initializer=local_worker_setup,
                                          initargs=(os.environ.get("TQDM_DISABLE") == "1",))
         return ThreadPoolTaskRunner(max_workers=1)
     if runner == "slurm":
         return slurm_task_runner(cfg)
     raise ValueError(f"unknown runner {runner!r}; choose local or slurm")
+
+
+def quiet_resource_tracker() -> None:
+    """A run stopped by Ctrl-C or SIGTERM stops its workers (flows.interrupt) before the pool can
+    close its queues' semaphores; multiprocessing's resource tracker, a separate process started
+    with the pool, then removes them, as it should, but also warns on the console ("leaked
+    semaphore objects") after the run's one closing line. It inherits this environment: that one
+    warning is turned off there (and in the workers), nothing else."""
+    rule = "ignore:resource_tracker:UserWarning"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if rule not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, rule]))
 
 
 def local_worker_setup(quiet: bool) -> None:

@@ -111,7 +111,9 @@ def describe(rec: dict, now: float | None = None) -> str:
     now = time.time() if now is None else now
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(rec.get("started", now))))
     run = f", flow run {rec['flow_run_id']}" if rec.get("flow_run_id") else ""
-    return (f"pid {rec.get('pid')} on {rec.get('host')} (`{rec.get('command', '?')}`{run}, since {since}, "
+    command = str(rec.get("command", "?"))
+    command = command if len(command) <= 60 else command[:57] + "..."
+    return (f"pid {rec.get('pid')} on {rec.get('host')} (`{command}`{run}, since {since}, "
             f"last heartbeat {now - float(rec.get('heartbeat', now)):.0f} s ago)")
 
 
