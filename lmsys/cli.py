@@ -6,8 +6,10 @@ Exit codes, the same for every command:
      the fallback (predict --test), an input with no rows. A pipeline step command (`lmsys prepare`,
      `lmsys predict` without --test, ...) that completes exits 0 and names its warnings on stderr:
      dvc repro runs these commands and would fail the stage on 1
-  2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks
-  3  internal error (a bug or the machine): the message says so
+  2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks,
+     an --out that is a directory or whose suffix is not .csv / .csv.gz / .parquet, a read-only
+     --root / --out, a root another run holds (its lease names it)
+  3  internal error (a bug or the machine): the message says so; a full disk names the file
   130  stopped by Ctrl-C (SIGINT); 143  stopped by SIGTERM (`kill`, `timeout`, SLURM's `scancel`):
      the local workers are stopped first, the flow run is marked Crashed, one `error:` line says so;
      finished steps are kept and a rerun resumes (training from its last checkpoint)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -108,6 +111,7 @@ def cmd_folds(args) -> int:
             first = v.quarantine["row"].head(5).tolist()
             print(f"warning: {path}: {rep['rows_quarantined']} of {rep['rows_in']} rows quarantined, left out of "
                   f"folds.csv {rep['reasons']} (first rows: {first}; see `lmsys validate`)", file=sys.stderr)
+    _refuse_shared_ids(files, checked)
     ext = [v.clean for v in checked[1:]]
     folds = make_folds(checked[0].clean, args.n_folds, args.seed, pd.concat(ext, ignore_index=True) if ext else None)
     write_table(folds, Path(args.out) / "folds.csv")
@@ -116,22 +120,40 @@ def cmd_folds(args) -> int:
     return EXIT_WARN if quarantined else EXIT_OK
 
 
+def _refuse_shared_ids(files: list, checked: list) -> None:
+    """folds.csv maps each id to one fold: an id in two of the files (`--external` naming the
+    competition file itself) would be in two folds. Raises ValueError naming the files and ids."""
+    first: dict[str, str] = {}
+    for path, v in zip(files, checked):
+        ids = v.clean["id"].astype(str)
+        shared = sorted(set(ids) & first.keys())
+        if shared:
+            other = first[shared[0]]
+            raise ValueError(f"{path}: {len(shared)} id(s) already in {other} (first: {', '.join(shared[:5])}): "
+                             f"{'the same file twice? ' if str(other) == str(path) else ''}folds.csv maps each id "
+                             "to one fold")
+        first.update({i: path for i in ids})
+
+
 def cmd_convert_ut(args) -> int:
     """`lmsys convert-ut RAW --out FILE`: the public UltraFeedback release in the competition format
     (rule: lmsys.data.ultrafeedback); exit 1 when some rows could not be converted."""
     from lmsys.data.ultrafeedback import convert_ultrafeedback
     from lmsys.data.validate import read_raw
-    from lmsys.io import write_table
+    from lmsys.io import check_output_table, write_table
+    check_output_table(args.out)
     out, info = convert_ultrafeedback(read_raw(args.path), tie_margin=args.tie_margin)
+    skipped = "; ".join(f"{reason}: {n} (first rows: {', '.join(map(str, info['skipped_rows'][reason]))})"
+                        for reason, n in info["skipped"].items())
     if not len(out):
-        print(f"error: {args.path}: no battle could be converted {info['skipped']}", file=sys.stderr)
+        print(f"error: {args.path}: no battle could be converted: {skipped or 'no rows'}", file=sys.stderr)
         return EXIT_WARN
     write_table(out, args.out)
     labels = out[["winner_model_a", "winner_model_b", "winner_tie"]].sum().tolist()
     print(f"{args.path}: {info['schema']} schema, {info['rows_in']} rows -> {info['battles']} battles "
           f"(A/B/tie {labels[0]}/{labels[1]}/{labels[2]}); wrote {args.out}")
     if info["skipped"]:
-        print(f"warning: {args.path}: skipped {info['skipped']}", file=sys.stderr)
+        print(f"warning: {args.path}: skipped {sum(info['skipped'].values())}: {skipped}", file=sys.stderr)
     return EXIT_WARN if info["skipped"] else EXIT_OK
 
 
@@ -176,8 +198,14 @@ def cmd_calibrate(args) -> int:
     missing = ["--" + n.replace("_", "-") for n in need if getattr(args, n) is None]
     if missing:
         raise UsageError(f"calibrate {args.action} needs {' and '.join(missing)}")
+    if args.action == "apply":
+        from lmsys.io import check_output_table
+        check_output_table(args.out)
     if args.action == "fit":
         p = calibrate_fit_file(args.preds, args.out, args.method or "vector")
+        if p.get("reason"):                    # refused: the identity, flagged in the file
+            print(f"warning: {args.preds}: {p['reason']} (wrote {args.out}, fallback: true)", file=sys.stderr)
+            return EXIT_WARN
         print(f"{p['method']} scaling fitted on {p['fitted_on']}: log loss {p['nll_before']:.4f} -> "
               f"{p['nll_after']:.4f} on {p['n']} rows; wrote {args.out}")
     else:
@@ -191,11 +219,14 @@ def cmd_predict(args) -> int:
     warning (exit 1)."""
     if args.test is None:                       # the pipeline step
         return cmd_step(args)
+    from lmsys.io import check_output_table
     from lmsys.steps.serve import predict_file
+    check_output_table(args.out)
     sub, fallback = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None,
                                  _config(args), tta=not args.no_tta)
     for r in fallback.head(20).itertuples(index=False):
-        print(f"warning: {args.test}: row {r.row} (id {r.id}): {r.reason}: answered with the class prior",
+        rid = f"id {r.id}" if r.id != "" else "no id: answered as id ''"
+        print(f"warning: {args.test}: row {r.row} ({rid}): {r.reason}: answered with the class prior",
               file=sys.stderr)
     if len(fallback) > 20:
         print(f"warning: ... and {len(fallback) - 20} more rows answered with the class prior", file=sys.stderr)
@@ -457,18 +488,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LMSYS_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
-    from flows.secrets import use_prefect_secret
-    use_prefect_secret()                        # hf_token() may fall back on the Prefect Secret block
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = None
     with _sigterm_raises():
         try:
+            args = build_parser().parse_args(argv)
+            from flows.secrets import use_prefect_secret
+            use_prefect_secret()                # hf_token() may fall back on the Prefect Secret block
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return args.func(args)
         except (KeyboardInterrupt, Terminated) as e:
             return _stopped(e, debug)
         except INPUT_ERRORS as e:
             return _error(e, EXIT_INPUT, debug)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                return _disk_error(e, args, debug)
+            return _error(e, EXIT_INTERNAL, debug)
         except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
             return _error(e, EXIT_INTERNAL, debug)
 
@@ -503,6 +539,21 @@ def _stopped(e: BaseException, debug: bool) -> int:
     signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
     print(message(signum), file=sys.stderr, flush=True)
     return 128 + signum
+
+
+def _disk_error(e: OSError, args, debug: bool) -> int:
+    """A full disk (exit 3: the machine) or a read-only one (exit 2: a --root or --out to change), in
+    one line naming the file (lmsys.io.NoSpace names it where the OS error does not)."""
+    if debug:
+        traceback.print_exc()
+    if e.errno == errno.EROFS:
+        print(f"error: {e.filename or getattr(args, 'root', None) or 'the output'}: read-only file system: "
+              "use a writable --root / --out", file=sys.stderr)
+        return EXIT_INPUT
+    where = e.filename or f"a file under {getattr(args, 'root', None) or 'the repo'}"
+    text = str(e) if e.filename and where in str(e) else f"no space left on the device writing {where} ({e.strerror})"
+    print(f"error: {text}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _error(e: BaseException, code: int, debug: bool) -> int:

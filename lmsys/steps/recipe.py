@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from lmsys.data.crosscheck import skips_predict
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult
 from lmsys.steps import folds as F
@@ -159,10 +160,12 @@ def format_recipe() -> str:
 
 def plan(cfg: dict) -> list[tuple[str, dict]]:
     """The tasks of a run of `cfg` as (step, keys), in table order: optional steps follow
-    params.yaml (demo data when data.train is null, calibrate / quantize / evaluate .enabled)."""
+    params.yaml (demo data when data.train is null, calibrate / quantize / evaluate .enabled,
+    predict unless data.test is none)."""
     folds, teachers = F.active_folds(cfg), T.teachers(cfg)
     skip = {"demo-data": not P.uses_demo(cfg), "calibrate": not cfg["calibrate"]["enabled"],
-            "quantize": not cfg["quantize"]["enabled"], "evaluate": not cfg["evaluate"]["enabled"]}
+            "quantize": not cfg["quantize"]["enabled"], "evaluate": not cfg["evaluate"]["enabled"],
+            "predict": skips_predict(cfg)}
     fan = {(): [{}], ("fold",): [{"fold": k} for k in folds], ("model",): [{"model": m} for m in teachers],
            ("model", "fold"): [{"model": m, "fold": k} for m in teachers for k in folds]}
     out = []
