@@ -108,9 +108,9 @@ def check_output_table(path: str | Path) -> Path:
     """For a command's --out, before any work: a table name (table_format) that is not a directory.
     Raises ValueError naming the path."""
     path = Path(path)
-    table_format(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; --out names the file to write (e.g. {path / 'submission.csv'})")
+    table_format(path)
     return path
 
 
