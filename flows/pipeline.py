@@ -26,6 +26,7 @@ from flows.lease import hold_root
 from flows.runners import check_slurm, make_task_runner, wait_any
 from flows.secrets import use_prefect_secret
 from lmsys.config import load_config
+from lmsys.data.crosscheck import skips_predict
 from lmsys.io import write_json
 from lmsys.paths import Layout
 from lmsys.plan import step_timeout
@@ -241,6 +242,6 @@ def run_from_cli(args) -> int:
     cfg = load_config(args.profile, overrides)
     out = run_pipeline(profile=cfg["profile"], runner=args.runner, overrides=overrides, root=args.root)
     print(f"pipeline done in {out['seconds']:.1f} s: {out['tasks']} tasks, {out['cached']} cached")
-    print(f"submission: {out['submission']}")
+    print(f"submission: {'none (data.test: none)' if skips_predict(cfg) else out['submission']}")
     print(f"report:     {out['report']}")
     return 0

@@ -23,8 +23,8 @@ class NoSpace(OSError):
     """The disk (or quota) filled while writing `path`: the OS error names no file, this does."""
 
     def __init__(self, path: Path, e: OSError):
-        super().__init__(e.errno, f"no space left on the device writing {path} ({e.strerror}): free space there, "
-                                  "or use --root on a larger disk", str(path))
+        super().__init__(e.errno, f"no space left on the device writing {path} ({e.strerror or e}): free space "
+                                  "there, or use --root on a larger disk", str(path))
 
     def __str__(self) -> str:
         return self.strerror
@@ -69,8 +69,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        with _naming_a_full_disk(path):
-            yield tmp
+        try:
+            with _naming_a_full_disk(path):
+                yield tmp
+        except NoSpace as e:                   # a file of the staged set: named where it would have been published
+            raise NoSpace(Path(str(e.filename).replace(str(tmp), str(path))), e.__cause__ or e) from e.__cause__
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
