@@ -452,8 +452,9 @@ def case_read_only_root(command):
 # ---------------------------------------------------------------- run-level faults (findings 1, 2, 3)
 
 def start_run(root: Path, log: Path, env: dict | None = None, over: dict | None = None) -> subprocess.Popen:
+    """`lmsys run` in its own session; stderr to `log`, stdout to `log` + ".out"."""
     return subprocess.Popen([sys.executable, "-m", "lmsys.cli", "run", "--root", str(root), *sets({**SMALL, **(over or {})})],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env, cwd=REPO, start_new_session=True)
+                            stdout=open(f"{log}.out", "w"), stderr=open(log, "w"), env=env, cwd=REPO, start_new_session=True)
 
 
 def alive(pid: int) -> bool:
@@ -463,7 +464,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_task(root: Path, run: subprocess.Popen, prefix: str = "", timeout: float = 600) -> tuple[set[int], str]:
+def wait_for_task(root: Path, run: subprocess.Popen, prefix: str = "", timeout: float = 600,
+                  every: float = 0.1) -> tuple[set[int], str]:
     """(worker pids, task label) once a worker runs a task whose label starts with `prefix`."""
     running = root / "artifacts" / "tiny" / ".running"
     deadline = time.monotonic() + timeout
@@ -477,7 +479,7 @@ def wait_for_task(root: Path, run: subprocess.Popen, prefix: str = "", timeout: 
                 kids = subprocess.run(["pgrep", "-P", str(run.pid), "-f", "multiprocessing.spawn"],
                                       capture_output=True, text=True).stdout.split()
                 return {int(k) for k in kids} | {rec["pid"]}, rec["task"]
-        time.sleep(0.1)
+        time.sleep(every)
     return set(), ""
 
 
@@ -516,6 +518,11 @@ def flow_runs(url: str, root: Path) -> list[dict]:
     return [r for r in runs if (r.get("parameters") or {}).get("root") == str(root)]
 
 
+def running_task_runs(url: str, run_id: str) -> list[str]:
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    return [t["name"] for t in tasks if t["state"]["type"] in ("RUNNING", "PENDING")]
+
+
 def final_state(url: str, run_id: str, settle_s: float = 10) -> str:
     deadline = time.monotonic() + settle_s
     while True:
@@ -545,10 +552,11 @@ def stop_case(sig: int, group: bool, name: str):
         left = left_after(workers)
         runs = flow_runs(ctx.api, root)
         state = final_state(ctx.api, runs[0]["id"]) if runs else "none"
+        tasks = running_task_runs(ctx.api, runs[0]["id"]) if runs else []
         r = subprocess.CompletedProcess(p.args, rc, "", log.read_text())
-        o = outcome(r, f"stopped in {took:.1f} s during {task}; workers left: {left or 'none'}; flow run {state}",
-                    not left and state == "CRASHED" and rc is not None, work_dirs(root))
-        return o
+        return outcome(r, f"stopped in {took:.1f} s during {task}; workers left: {left or 'none'}; flow run {state}, "
+                          f"task runs left Running: {tasks or 'none'}",
+                       not left and not tasks and state == "CRASHED" and rc is not None, work_dirs(root))
     return run
 
 
@@ -582,10 +590,11 @@ def case_sigkill(ctx):
     left_dirs = work_dirs(root)
     r = cli("prepare", "--root", root, *sets(SMALL))
     after = final_state(ctx.api, run["id"], settle_s=0)
+    tasks = running_task_runs(ctx.api, run["id"])
     line = next((x for x in r.stderr.splitlines() if x.startswith("warning: took over")), said(r))
     return Outcome(r.returncode, line, f"workers gone {gone:.1f} s after the kill ({task}; left: {left or 'none'}); "
-                   f"flow run {before} until the next command, then {after}", left_dirs,
-                   not left and before == "RUNNING" and after == "CRASHED")
+                   f"flow run {before} until the next command, then {after}; task runs left Running: {tasks or 'none'}",
+                   left_dirs, not left and not tasks and before == "RUNNING" and after == "CRASHED")
 
 
 def case_no_server(ctx):
@@ -609,6 +618,19 @@ def case_no_server(ctx):
             os.killpg(int((d / "home" / "server.pid").read_text()), signal.SIGTERM)
 
 
+def resumable_work(root: Path, step: str, wait_s: float = 20) -> None:
+    """Wait (at most `wait_s`) until the running `step` has work a kill would leave to resume: a
+    checkpoint in a training step's `.partial` dir, a finished shard of an inference step; other
+    steps are killed at once."""
+    art = root / "artifacts" / "tiny"
+    pattern = {"post-pretrain": "post_pretrain/*.partial/checkpoint", "train-teacher": "teachers/*/*.partial/checkpoint",
+               "distill": "students/*.partial/checkpoint", "filter-score": "filter_scores/.*.shards/*",
+               "teacher-logits": "logits/*/.*.shards/*"}.get(step)
+    deadline = time.monotonic() + wait_s
+    while pattern and not list(art.glob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def case_kill_each_long_step(ctx) -> list[tuple[str, Outcome]]:
     """One root; per long step a run SIGKILLed once that step runs (shards of 16 rows, a checkpoint
     every 2 steps, so there is work to resume), the next run taking over; then a run to the end."""
@@ -620,14 +642,14 @@ def case_kill_each_long_step(ctx) -> list[tuple[str, Outcome]]:
     for step in LONG_STEPS:
         t0 = time.monotonic()
         p = start_run(root, d / f"{step}.log", over=over)
-        workers, task = wait_for_task(root, p, step, timeout=900)
+        workers, task = wait_for_task(root, p, step, timeout=900, every=0.02)
         if not workers:
             rc = p.wait()
             text = (d / f"{step}.log").read_text()
             rows.append((step, Outcome(rc, said(subprocess.CompletedProcess([], rc, "", text)),
                                        "the run ended before the step started (cached or too fast)", "-", False)))
             continue
-        time.sleep(1.5 if step in ("train-teacher", "distill", "post-pretrain") else 0.3)
+        resumable_work(root, step)
         p.send_signal(signal.SIGKILL)
         p.wait()
         left = left_after(workers)
@@ -639,7 +661,7 @@ def case_kill_each_long_step(ctx) -> list[tuple[str, Outcome]]:
     t0 = time.monotonic()
     p = start_run(root, d / "final.log", over=over)
     rc, took = wait_exit(p, 1800)
-    text = (d / "final.log").read_text()
+    text = (d / "final.log.out").read_text() + (d / "final.log").read_text()
     sub = root / "artifacts/tiny/predictions/submission.csv"
     ids = set(pd.read_csv(sub, dtype={"id": str})["id"]) if sub.exists() else set()
     expected = set(raw_ids(root / "data/demo/test.csv"))

@@ -8,7 +8,8 @@ front of the one it replaces (Prefect's, or Python's KeyboardInterrupt):
 
 1. the local worker processes are stopped (SIGTERM, then SIGKILL after WORKER_GRACE_S); they
    ignore SIGINT themselves (flows.runners.local_worker_setup), so a Ctrl-C that the terminal
-   sends to the whole process group reaches them only this way;
+   sends to the whole process group reaches them only this way; the task runs they were running,
+   which nothing else would end, are set Crashed (flows.lease.crash_task_runs, TASK_RUNS_S at most);
 2. the console is silenced (Prefect's crash lines still reach the UI) and the signal goes on to
    the replaced handler, so Prefect marks the flow run Crashed and the command ends (`lmsys run`:
    one `error:` line, exit 130 / 143);
@@ -16,7 +17,7 @@ front of the one it replaces (Prefect's, or Python's KeyboardInterrupt):
    thread of the thread runner cannot be stopped; a server that does not answer), the flow run is
    marked Crashed through the API, the root's lease released and the process exits 128 + signal.
 
-A second signal exits at once (after stopping the workers again).
+A second signal exits at once (after stopping the workers again, briefly).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import time
 from typing import Iterator
 
 WORKER_GRACE_S = 3.0
+TASK_RUNS_S = 5.0               # at most this long to mark the stopped workers' task runs Crashed
 DEADLINE_S = 10.0
 NAMES = {signal.SIGINT: "interrupted (Ctrl-C, SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}
 
@@ -74,7 +76,7 @@ def _exit_after(signum: int, flow_run_id: str | None, deadline_s: float) -> None
     time.sleep(deadline_s)
     stop_local_workers(0.5)
     if flow_run_id:
-        from flows.crashed import mark_crashed
+        from flows.lease import mark_crashed
         mark_crashed(flow_run_id, f"{NAMES.get(signum, signum)}: the run did not end within {deadline_s:g} s")
     from lmsys import lease
     lease.release_all()
@@ -98,12 +100,19 @@ def stop_on_signal(flow_run_id: str | None = None, deadline_s: float = DEADLINE_
         again = fired.is_set()
         fired.set()
         silence_console()
-        stop_local_workers()
         if again:
+            stop_local_workers(0.5)
             print(message(signum), file=sys.stderr, flush=True)
             os._exit(128 + signum)
         threading.Thread(target=_exit_after, args=(signum, flow_run_id, deadline_s), daemon=True,
                          name="lmsys-signal-deadline").start()
+        stop_local_workers()
+        if flow_run_id:                             # the tasks the stopped workers ran: nothing else reports them
+            from flows.lease import crash_task_runs
+            marking = threading.Thread(target=crash_task_runs, args=(flow_run_id, f"{NAMES[signum]}: its worker "
+                                       "was stopped"), daemon=True, name="lmsys-crash-task-runs")
+            marking.start()
+            marking.join(TASK_RUNS_S)
         before = replaced[signum]
         if callable(before):
             before(signum, frame)                   # Prefect's TerminationSignal, Python's KeyboardInterrupt

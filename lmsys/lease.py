@@ -13,7 +13,7 @@ command, since when) and a heartbeat that a thread of the holder refreshes every
   stale: its process is gone (same host, boot and pid namespace: the pid is checked at once) or, on
   another machine, its heartbeat is older than MISSED_HEARTBEATS intervals (the nodes' clocks must
   agree to a few seconds, as NTP keeps them). A stale lease is taken over; `Lease.took_over` is the
-  dead holder's record, so the caller can warn and mark its flow run Crashed (flows.crashed).
+  dead holder's record, so the caller can warn and mark its flow run Crashed (flows.lease).
 - Reentrant within a process: `lmsys run` takes the lease before the flow starts, and the flow
   (which deployment runs start without the CLI) takes it again, adding its flow-run id.
 - The heartbeat thread checks that the lease is still its own before each refresh; when another

@@ -432,3 +432,33 @@ def test_local_workers_exit_when_the_run_is_killed(tmp_path):
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert left == []
+
+
+HANGING = """
+import sys, threading, time
+from flows.interrupt import stop_on_signal
+from lmsys import lease
+with lease.hold(sys.argv[1]), stop_on_signal(None, deadline_s=2):
+    try:
+        print("ready", flush=True)
+        time.sleep(600)
+    finally:
+        threading.Event().wait(600)      # like a task thread the thread runner waits for: the unwinding hangs
+"""
+
+
+def test_a_stopped_run_whose_unwinding_hangs_ends_at_the_deadline(tmp_path):
+    """Ctrl-C during a run that cannot unwind (a task in a thread of the thread runner): the process
+    still ends within seconds (flows.interrupt's deadline), exit 130, one line, its lease released."""
+    p = subprocess.Popen([sys.executable, "-c", HANGING, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and time.monotonic() - t0 < 10, err
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]] and err.startswith("error: interrupted (Ctrl-C")
+    assert not (tmp_path / "artifacts" / ".lease.json").exists()

@@ -116,6 +116,13 @@ def state_of(url: str, run_id: str, settle_s: float = 10.0) -> str:
         time.sleep(0.5)
 
 
+def running_task_runs(url: str, run_id: str) -> list[str]:
+    """The task runs of a flow run still Running or Pending (asserting it has task runs at all)."""
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    assert tasks
+    return [t["name"] for t in tasks if t["state"]["type"] in ("RUNNING", "PENDING")]
+
+
 def one_error_line(log: Path, what: str) -> str:
     """The run's stderr after the stop: exactly one line, an `error:` line naming `what`, no traceback."""
     text = log.read_text()
@@ -147,6 +154,7 @@ def test_a_second_run_on_one_root_is_refused_and_sigterm_ends_the_first(prefect_
         assert workers_left(workers) == []
         one_error_line(tmp_path / "first.log", "terminated (SIGTERM)")
         assert state_of(prefect_server, run["id"]) == "CRASHED"
+        assert running_task_runs(prefect_server, run["id"]) == []          # the stopped workers' tasks too
         assert not (root / "artifacts" / ".lease.json").exists()           # released: the next run may start
     finally:
         if first.poll() is None:
@@ -164,7 +172,9 @@ def test_ctrl_c_stops_the_run_and_its_workers(prefect_server, tmp_path):
         assert rc == 130, f"exit {rc} after {took:.1f} s"
         assert workers_left(workers) == []
         one_error_line(tmp_path / "run.log", "interrupted (Ctrl-C, SIGINT)")
-        assert state_of(prefect_server, flow_run_of(prefect_server, root)["id"]) == "CRASHED"
+        flow_run = flow_run_of(prefect_server, root)
+        assert state_of(prefect_server, flow_run["id"]) == "CRASHED"
+        assert running_task_runs(prefect_server, flow_run["id"]) == []
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -185,8 +195,7 @@ def test_sigkill_takes_the_workers_along_and_the_next_command_marks_the_flow_run
     assert nxt.returncode == 0, nxt.stderr[-3000:]
     assert f"took over the run lease of pid {run.pid}" in nxt.stderr and "marked Crashed" in nxt.stderr
     assert state_of(prefect_server, flow_run["id"], settle_s=0) == "CRASHED"   # ... until the next command
-    tasks = api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
-    assert tasks and not [t for t in tasks if t["state"]["type"] in ("RUNNING", "PENDING")]
+    assert running_task_runs(prefect_server, flow_run["id"]) == []
 
 
 def _free_port() -> int:
