@@ -20,10 +20,13 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from flows.check import preflight
 from flows.console import Progress, previous_seconds
+from flows.interrupt import stop_on_signal
+from flows.lease import hold_root
 from flows.runners import (CPU_RESOURCE, DASK_RUNNERS, check_slurm, gpu_worker_name, is_dask, make_task_runner,
                            wait_any)
 from tasks.secrets import use_prefect_secret
 from lmsys.config import ProfileName, load_config
+from lmsys.data.crosscheck import skips_predict
 from lmsys.distributed import step_width
 from lmsys.io import write_json
 from lmsys.paths import Layout
@@ -183,12 +186,22 @@ def pipeline(profile: ProfileName = "tiny",
     params = dict(locals())                     # the flow's parameters, as given: the subflow reuses them
     cfg = flow_config(**params)
     logger = get_run_logger()
+    flow_run_id = str(FlowRunContext.get().flow_run.id)
+    # the root's lease for the whole run (deployment runs too; within `lmsys run` the CLI's lease, now
+    # naming this flow run), and Ctrl-C / SIGTERM that stop the local workers before Prefect unwinds
+    with hold_root(Layout.of(cfg).root, flow_run_id, logger.warning) as held, stop_on_signal(flow_run_id):
+        return _pipeline(params, cfg, held)
+
+
+def _pipeline(params: dict, cfg: dict, held) -> dict:
+    """The flow's body, with the root's lease `held` (checked after each batch of finished tasks)."""
+    logger = get_run_logger()
     use_prefect_secret()
     task_runner = FlowRunContext.get().task_runner
     runner = cfg["orchestration"]["runner"]
     if runner == "slurm":                       # settings no worker could run: before any job, the check's too
         check_slurm(cfg, [task_label(n, k) for n, k in tasks_of(cfg) if STEPS[n].gpu])
-    if check:
+    if params["check"]:
         preflight(cfg)                          # raises PreflightFailed when a check fails; cached otherwise
     if runner in DASK_RUNNERS and not is_dask(task_runner):
         logger.info("runner %s: running the pipeline as a subflow on its Dask workers", runner)
@@ -201,6 +214,7 @@ def pipeline(profile: ProfileName = "tiny",
     sched, t0, last = Scheduler(cfg, task_runner, console), time.perf_counter(), [time.perf_counter()]
 
     def report_progress():
+        held.check()                            # LeaseLost: another process took the root over
         if time.perf_counter() - last[0] >= PROGRESS_EVERY_S or len(sched.records) == len(labels):
             update_progress_artifact(progress, 100.0 * len(sched.records) / len(labels))
             last[0] = time.perf_counter()
@@ -279,11 +293,12 @@ def run_from_cli(args) -> int:
     """`lmsys run`: the flow with the CLI's profile / runner / --set overrides."""
     from lmsys.config import parse_override
     if getattr(args, "params", None):
-        raise SystemExit("lmsys run reads the repo's params.yaml (the flow's workers must see the same file); "
-                         "change values with --set KEY=VALUE")
+        raise ValueError("lmsys run reads the repo's params.yaml (the flow's workers must see the same file): "
+                         f"--params {args.params} is not taken; change values with --set KEY=VALUE")
     overrides = dict(parse_override(o) for o in (args.set or []))
     out = run_pipeline(profile=args.profile, runner=args.runner, overrides=overrides, root=args.root)
+    cfg = load_config(args.profile, overrides)                  # the run's own resolution (kept by load_config)
     print(f"pipeline done in {out['seconds']:.1f} s: {out['tasks']} tasks, {out['cached']} cached")
-    print(f"submission: {out['submission']}")
+    print(f"submission: {'none (data.test: none)' if skips_predict(cfg) else out['submission']}")
     print(f"report:     {out['report']}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ def make_task_runner(cfg: dict, runner: str | None = None):
         n = int(cfg["orchestration"].get("local_workers", 1))
         if n > 1:
             from prefect.task_runners import ProcessPoolTaskRunner
+            quiet_resource_tracker()
             return ProcessPoolTaskRunner(max_workers=n, initializer=local_worker_setup,
                                          initargs=(os.environ.get("TQDM_DISABLE") == "1",))
         return ThreadPoolTaskRunner(max_workers=1)
@@ -56,13 +58,47 @@ def make_task_runner(cfg: dict, runner: str | None = None):
     raise ValueError(f"unknown runner {runner!r}; choose local, local-gpus or slurm")
 
 
+def quiet_resource_tracker() -> None:
+    """A run stopped by Ctrl-C or SIGTERM stops its workers (flows.interrupt) before the pool can
+    close its queues' semaphores; multiprocessing's resource tracker, a separate process started
+    with the pool, then removes them, as it should, but also warns on the console ("leaked
+    semaphore objects") after the run's one closing line. It inherits this environment: that one
+    warning is turned off there (and in the workers), nothing else."""
+    rule = "ignore:resource_tracker:UserWarning"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if rule not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, rule]))
+
+
 def local_worker_setup(quiet: bool) -> None:
     """In each local worker process, before torch is imported: one intra-op thread; the console
-    filters of `lmsys run` when it runs without --verbose."""
+    filters of `lmsys run` when it runs without --verbose. A worker ignores Ctrl-C (the terminal
+    sends SIGINT to the whole process group: the flow's process stops its workers itself,
+    flows.interrupt) and exits when the flow's process is gone (watch_parent)."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(os.getppid())
     if quiet:
         from lmsys.console import quiet_console
         quiet_console()
+
+
+PARENT_POLL_S = 1.0
+
+
+def watch_parent(parent: int, every_s: float = PARENT_POLL_S) -> threading.Thread:
+    """Exit this process within `every_s` of process `parent` ending (SIGKILL included: nothing
+    of the parent runs then). A thread polls the parent pid, which changes when the process is
+    re-parented: PR_SET_PDEATHSIG would fire when the parent's *thread* that spawned this worker
+    ends, not the parent, so it cannot be used alone; a killed run's workers otherwise finish
+    their task for a dead flow and then wait forever (issue 22)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+    t = threading.Thread(target=watch, name="lmsys-parent-watchdog", daemon=True)
+    t.start()
+    return t
 
 
 def prefect_api_url() -> str | None:

@@ -6,6 +6,8 @@ Supported methods:
 Both are fitted by NLL with L-BFGS (strong Wolfe line search) on held-out logits [N, 3] and labels
 [N]. The fit starts at the identity; if it ends with a higher NLL than it started (or a non-finite
 one), the identity is returned instead, so fitting never raises NLL on the data it was fitted on.
+Fewer than MIN_FIT_ROWS rows, or one class, are not fitted at all (fit_or_identity: the identity,
+flagged with the reason; `lmsys calibrate fit` exits 1, the pipeline step records it per fold).
 
 Files: predictions CSVs carry `id` plus either the logit columns (logit_a, logit_b, logit_tie) or
 the probability columns (winner_model_a, winner_model_b, winner_tie, turned into logits by log,
@@ -152,6 +154,35 @@ def fit_calibration(logits, labels, method: str = "vector", max_iter: int = 200)
             "nll_fit": nll_fit if np.isfinite(nll_fit) else None, "n": int(len(y)), "fallback": not fitted}
 
 
+# Fewer rows than this, or labels of one class only, are no basis for a fit: 6 free parameters
+# (vector scaling) fitted on a handful of rows, or on one class, drive the biases to +-15 and a
+# normal file's log loss from 0.78 to 9.99 (issue 22). Such a fit is refused: the identity, flagged.
+MIN_FIT_ROWS = 50
+
+
+def refusal(labels) -> str | None:
+    """Why `labels` are no basis for a calibration fit (fewer than MIN_FIT_ROWS rows, fewer than two
+    classes), or None."""
+    y = np.asarray(labels)
+    if len(y) < MIN_FIT_ROWS:
+        return f"{len(y)} rows, fewer than the {MIN_FIT_ROWS} a fit needs"
+    if len(np.unique(y)) < 2:
+        return f"every label is {int(y[0])}: a fit needs at least two classes"
+    return None
+
+
+def fit_or_identity(logits, labels, method: str = "vector") -> dict:
+    """fit_calibration, unless `refusal(labels)`: then the identity, with fallback True and the
+    reason (nll_before = nll_after, nll_fit None: nothing was fitted). Raises as fit_calibration."""
+    z, y = _check(logits, labels)
+    why = refusal(y)
+    if why is None:
+        return fit_calibration(z, y, method)
+    nll = float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(y)))
+    return {**identity_params(method), "nll_before": nll, "nll_after": nll, "nll_fit": None, "n": int(len(y)),
+            "fallback": True, "reason": f"not fitted: {why}; the identity is used"}
+
+
 # ---------------------------------------------------------------- files
 
 def _bad_row(path, df: pd.DataFrame, cols: list[str], reason_of) -> None:
@@ -220,12 +251,13 @@ def read_predictions_kind(csv) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
 
 def calibrate_fit_file(preds_csv, out_json, method: str = "vector") -> dict:
     """Fit on a labelled predictions CSV and write the params JSON atomically (with `fitted_on`:
-    the kind of columns it was fitted on); returns the params. Raises ValueError when the file has
-    no labels (or as read_predictions / fit_calibration)."""
+    the kind of columns it was fitted on); returns the params: the identity, flagged (`fallback`,
+    `reason`), when the file is no basis for a fit (fit_or_identity). Raises ValueError when the
+    file has no labels (or as read_predictions / fit_calibration)."""
     _, logits, labels, kind = read_predictions_kind(preds_csv)
     if labels is None:
         raise ValueError(f"{preds_csv}: calibration needs a `label` column (0/1/2)")
-    params = {**fit_calibration(logits, labels, method), "fitted_on": kind}
+    params = {**fit_or_identity(logits, labels, method), "fitted_on": kind}
     write_json(params, out_json)
     return params
 

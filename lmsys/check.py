@@ -18,12 +18,14 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
   slurm: ...                       runner slurm (lmsys/check_slurm.py): commands, partition, GRES,
                                    sbatch --test-only, then one job on the GPU worker type that reports
                                    its host and GPU, reaches the Prefect API and runs the forward checks
-  runner local-gpus: devices       runner local-gpus: orchestration.local_gpus exist here; the worker groups
+  runner local-gpus: devices       runner local-gpus: the devices of orchestration.local_gpus exist here
+  data: across files               ids shared where they must not be, no test file, an unlabelled training
+                                   file (lmsys.data.crosscheck: prepare refuses the same)
+  root: writable                   a probe file under the artifact root (a read-only mount has free space too)
   disk                             free space under the artifact root against an estimate of the run's size
 
 Each line is a lmsys.check_table.Check; exit code (`exit_code`): 2 when a check failed, 1 with warnings
-only, 0 when all passed. No Prefect
-import here: the flow's task (flows/check.py) wraps `run_checks`. The SLURM job runs
+only, 0 when all passed. No Prefect import here: the flow's task (flows/check.py) wraps `run_checks`. The SLURM job runs
 `python -m lmsys.check job DIR`.
 """
 from __future__ import annotations
@@ -95,7 +97,7 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
         checks += ranks_checks(cfg)
     checks += [Check(f"model {n}: forward", SKIP, "not loaded: fix the lines above first") for n in skipped]
     say("models loaded")
-    checks.append(disk_check(cfg, layout, weights))
+    checks += [root_check(layout), disk_check(cfg, layout, weights)]
     return checks
 
 
@@ -353,7 +355,8 @@ def data_checks(cfg: dict, layout: Layout, n_rows: int = N_ROWS) -> tuple[list[C
     """(one line per input file, up to n_rows clean rows of the test file, else of the train file).
     Validates as `lmsys prepare` reads them; writes nothing (demo data not generated yet goes to a
     temporary directory)."""
-    from lmsys.data.validate import UnusableFile, validate_file
+    from lmsys.data import crosscheck
+    from lmsys.data.validate import UnusableFile, fallback_rows, validate_file
     from lmsys.steps.prepare import data_files, uses_demo
     tmp = None
     if uses_demo(cfg) and not all(p.exists() for p in _demo_paths(layout)):
@@ -362,7 +365,7 @@ def data_checks(cfg: dict, layout: Layout, n_rows: int = N_ROWS) -> tuple[list[C
         d, layout = cfg["demo"], Layout(cfg["profile"], tmp.name)
         make_demo_data(layout.demo_dir, rows=d["rows"], test_rows=d["test_rows"], external_rows=d["external_rows"],
                        ut_rows=d["ut_rows"], seed=d["seed"])
-    lines, clean = [], {}
+    lines, clean, seen = [], {}, {"ids": {}, "labelled": {}}
     try:
         files = data_files(cfg, layout)
         for table, paths in files.items():
@@ -375,10 +378,15 @@ def data_checks(cfg: dict, layout: Layout, n_rows: int = N_ROWS) -> tuple[list[C
                     continue
                 lines.append(_data_line(table, p, v, tmp is not None))
                 clean.setdefault(table, []).append(v.clean)
+                fallback = fallback_rows(v) if table == "test" else None
+                seen["ids"].setdefault(table, []).append((str(p), crosscheck.file_ids(v.clean, fallback)))
+                seen["labelled"].setdefault(table, []).append((str(p), crosscheck.has_labels(v.clean)))
         if not files["train"]:
             lines.append(Check("data train", FAIL, "data.train is empty", "set data.train (or null for the demo data)"))
         elif not sum(len(t) for t in clean.get("train", [])):
             lines.append(Check("data train", FAIL, "no usable competition training row", "see the quarantine reasons above"))
+        lines += [Check("data: across files", FAIL, problem, "fix data.train / data.test / data.external (prepare "
+                        "refuses the same)") for problem in crosscheck.problems(cfg, seen["ids"], seen["labelled"])]
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -556,6 +564,23 @@ def job_main(job_dir: str) -> int:
 
 # ---------------------------------------------------------------- disk
 
+def root_check(layout: Layout) -> Check:
+    """The run can write its root: a probe file created and removed where artifacts/<profile> is (or
+    its nearest existing parent: a new root is made by the run). Free space alone says nothing of a
+    read-only mount or a directory of another user."""
+    where = layout.art
+    while not where.exists():
+        where = where.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmsys-check-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return Check("root: writable", FAIL, f"{where}: cannot create a file: {e.strerror}",
+                     "run with --root on a writable disk, or fix the directory's permissions / mount")
+    return Check("root: writable", OK, f"{where}: a probe file was created and removed")
+
+
 def disk_check(cfg: dict, layout: Layout, weight_bytes: dict[str, int]) -> Check:
     """Free space under the artifact root against the run's estimated size: lmsys.plan's estimate when
     it has one, else 1 GiB + 3 x the data files + the merged and quantized student (2 x its weights)."""
@@ -605,7 +630,8 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
             if runner == "slurm" else None,
             "local_gpus": cfg["orchestration"]["local_gpus"] if runner == "local-gpus" else None,
             "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
-                                                      "devices.py", "infer.py", "infer_packed.py", "data/validate.py")]}
+                                                      "devices.py", "infer.py", "infer_packed.py", "data/validate.py",
+                                                      "data/crosscheck.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -6,18 +6,33 @@ Exit codes, the same for every command:
      the fallback (predict --test), an input with no rows. A pipeline step command (`lmsys prepare`,
      `lmsys predict` without --test, ...) that completes exits 0 and names its warnings on stderr:
      dvc repro runs these commands and would fail the stage on 1
-  2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks
-  3  internal error (a bug or the machine): the message says so
+  2  bad input or usage: an unusable file, a bad parameter, a params file that fails its checks,
+     an --out that is a directory or whose suffix is not .csv / .csv.gz / .parquet, a read-only
+     --root / --out, a root another run holds (its lease names it)
+  3  internal error (a bug or the machine): the message says so; a full disk names the file
+  130  stopped by Ctrl-C (SIGINT); 143  stopped by SIGTERM (`kill`, `timeout`, SLURM's `scancel`):
+     the local workers are stopped first, the flow run is marked Crashed, one `error:` line says so;
+     finished steps are kept and a rerun resumes (training from its last checkpoint)
 Errors are one line on stderr, `error: <file>: row <n> ...: <reason>` where a file and row are
 known; no traceback unless `--debug` (anywhere on the command line) or LMSYS_DEBUG=1.
+
+A run root is held by one command at a time: `lmsys run` and every step command take its lease
+(<root>/artifacts/.lease.json, lmsys.lease) and refuse, exit 2, while another live process holds
+it, naming that process (host, pid, command, flow run). A lease whose holder died (its pid gone on
+this machine; elsewhere 30 s without a heartbeat) is taken over with a warning, and the dead run's
+flow run, which nothing else would end, is marked Crashed (flows.lease).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -43,6 +58,10 @@ def _config(args) -> dict:
     if getattr(args, "root", None):
         cfg["root"] = str(args.root)
     return cfg
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
@@ -94,6 +113,7 @@ def cmd_folds(args) -> int:
             first = v.quarantine["row"].head(5).tolist()
             print(f"warning: {path}: {rep['rows_quarantined']} of {rep['rows_in']} rows quarantined, left out of "
                   f"folds.csv {rep['reasons']} (first rows: {first}; see `lmsys validate`)", file=sys.stderr)
+    _refuse_shared_ids(files, checked)
     ext = [v.clean for v in checked[1:]]
     folds = make_folds(checked[0].clean, args.n_folds, args.seed, pd.concat(ext, ignore_index=True) if ext else None)
     write_table(folds, Path(args.out) / "folds.csv")
@@ -102,22 +122,40 @@ def cmd_folds(args) -> int:
     return EXIT_WARN if quarantined else EXIT_OK
 
 
+def _refuse_shared_ids(files: list, checked: list) -> None:
+    """folds.csv maps each id to one fold: an id in two of the files (`--external` naming the
+    competition file itself) would be in two folds. Raises ValueError naming the files and ids."""
+    first: dict[str, str] = {}
+    for path, v in zip(files, checked):
+        ids = v.clean["id"].astype(str)
+        shared = sorted(set(ids) & first.keys())
+        if shared:
+            other = first[shared[0]]
+            raise ValueError(f"{path}: {len(shared)} id(s) already in {other} (first: {', '.join(shared[:5])}): "
+                             f"{'the same file twice? ' if str(other) == str(path) else ''}folds.csv maps each id "
+                             "to one fold")
+        first.update({i: path for i in ids})
+
+
 def cmd_convert_ut(args) -> int:
     """`lmsys convert-ut RAW --out FILE`: the public UltraFeedback release in the competition format
     (rule: lmsys.data.ultrafeedback); exit 1 when some rows could not be converted."""
     from lmsys.data.ultrafeedback import convert_ultrafeedback
     from lmsys.data.validate import read_raw
-    from lmsys.io import write_table
+    from lmsys.io import check_output_table, write_table
+    check_output_table(args.out)
     out, info = convert_ultrafeedback(read_raw(args.path), tie_margin=args.tie_margin)
+    skipped = "; ".join(f"{reason}: {n} (first rows: {', '.join(map(str, info['skipped_rows'][reason]))})"
+                        for reason, n in info["skipped"].items())
     if not len(out):
-        print(f"error: {args.path}: no battle could be converted {info['skipped']}", file=sys.stderr)
+        print(f"error: {args.path}: no battle could be converted: {skipped or 'no rows'}", file=sys.stderr)
         return EXIT_WARN
     write_table(out, args.out)
     labels = out[["winner_model_a", "winner_model_b", "winner_tie"]].sum().tolist()
     print(f"{args.path}: {info['schema']} schema, {info['rows_in']} rows -> {info['battles']} battles "
           f"(A/B/tie {labels[0]}/{labels[1]}/{labels[2]}); wrote {args.out}")
     if info["skipped"]:
-        print(f"warning: {args.path}: skipped {info['skipped']}", file=sys.stderr)
+        print(f"warning: {args.path}: skipped {sum(info['skipped'].values())}: {skipped}", file=sys.stderr)
     return EXIT_WARN if info["skipped"] else EXIT_OK
 
 
@@ -138,9 +176,12 @@ def step_keys(args) -> dict:
 
 
 def cmd_step(args) -> int:
+    """A pipeline step on the root's lease (lmsys.lease): never beside a run writing the same root."""
+    from flows.lease import hold_root
     from lmsys.steps.recipe import run_step
     cfg = _config(args)
-    result = run_step(args.step, cfg, Layout.of(cfg), **step_keys(args))
+    with hold_root(Layout.of(cfg).root, say=_warn):
+        result = run_step(args.step, cfg, Layout.of(cfg), **step_keys(args))
     print(json.dumps({"outputs": [str(p) for p in result.outputs], "metrics": result.metrics},
                      indent=2, default=str))
     warn = {k: result.metrics.get(k) for k in ("rows_quarantined", "fallback_rows") if result.metrics.get(k)}
@@ -159,8 +200,14 @@ def cmd_calibrate(args) -> int:
     missing = ["--" + n.replace("_", "-") for n in need if getattr(args, n) is None]
     if missing:
         raise UsageError(f"calibrate {args.action} needs {' and '.join(missing)}")
+    if args.action == "apply":
+        from lmsys.io import check_output_table
+        check_output_table(args.out)
     if args.action == "fit":
         p = calibrate_fit_file(args.preds, args.out, args.method or "vector")
+        if p.get("reason"):                    # refused: the identity, flagged in the file
+            print(f"warning: {args.preds}: {p['reason']} (wrote {args.out}, fallback: true)", file=sys.stderr)
+            return EXIT_WARN
         print(f"{p['method']} scaling fitted on {p['fitted_on']}: log loss {p['nll_before']:.4f} -> "
               f"{p['nll_after']:.4f} on {p['n']} rows; wrote {args.out}")
     else:
@@ -174,11 +221,14 @@ def cmd_predict(args) -> int:
     warning (exit 1)."""
     if args.test is None:                       # the pipeline step
         return cmd_step(args)
+    from lmsys.io import check_output_table
     from lmsys.steps.serve import predict_file
+    check_output_table(args.out)
     sub, fallback = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None,
                                  _config(args), tta=not args.no_tta)
     for r in fallback.head(20).itertuples(index=False):
-        print(f"warning: {args.test}: row {r.row} (id {r.id}): {r.reason}: answered with the class prior",
+        rid = f"id {r.id}" if r.id != "" else "no id: answered as id ''"
+        print(f"warning: {args.test}: row {r.row} ({rid}): {r.reason}: answered with the class prior",
               file=sys.stderr)
     if len(fallback) > 20:
         print(f"warning: ... and {len(fallback) - 20} more rows answered with the class prior", file=sys.stderr)
@@ -225,11 +275,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """`lmsys run`: on the root's lease (a second run on the root exits 2 naming the holder), against
+    a Prefect server that answers (started here when none does: flows.server.api_for_run)."""
+    if args.params:
+        raise UsageError(f"lmsys run reads the repo's params.yaml (the flow's workers must see the same file): "
+                         f"--params {args.params} is not taken; change values with --set KEY=VALUE")
     if not (args.verbose or args.run_verbose):
         from lmsys.console import quiet_console
         quiet_console()                         # before Prefect is imported: one line per task on the console
-    from flows.pipeline import run_from_cli
-    return run_from_cli(args)
+    from lmsys import lease
+    with lease.hold(Layout.of(_config(args)).root):     # the flow holds it again, adding its flow-run id
+        from flows.server import api_for_run
+        api_for_run(say=lambda line: print(line, file=sys.stderr, flush=True))   # before Prefect is imported
+        from flows.pipeline import run_from_cli
+        return run_from_cli(args)
 
 
 def cmd_ablate(args) -> int:
@@ -285,12 +344,10 @@ def cmd_check(args) -> int:
     return main_check(cfg, runner, api_url)
 
 
-def _add_config_args(p: argparse.ArgumentParser, step: bool = False) -> None:
+def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, help="default: params.yaml's profile")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train_teacher.lr=1e-4")
     p.add_argument("--params", help="params file (default: the repo's params.yaml)")
-    if step:
-        p.add_argument("--root", help="the run's root: data/, artifacts/ and reports/ (default: the repo)")
 
 
 def cmd_config(args) -> int:
@@ -310,6 +367,11 @@ def cmd_config(args) -> int:
     for key in args.keys:
         print("\n".join(explain(key, args.profile, overrides, args.params)))
     return EXIT_OK
+
+
+def _add_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="the run's root the step reads and writes (data/, artifacts/, reports/; "
+                                  "default: the repo), held on its lease while the step runs")
 
 
 def cmd_steps(args) -> int:
@@ -338,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--out", default=".")
     p.add_argument("--external", action="append")
-    _add_config_args(p, step=True)
+    _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_folds, step="folds")
 
     p = sub.add_parser("convert-ut", help="the public UltraFeedback release (openbmb or binarized) -> competition format")
@@ -361,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("vector", "temperature"),
                    help="fit: default vector; apply: must match the params file's method when given")
     p.add_argument("--model", help="pipeline step: the teacher to calibrate")
-    _add_config_args(p, step=True)
+    _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_calibrate, step="calibrate")
 
     p = sub.add_parser("predict", help="steps 8/8.5: submission for a test CSV (TTA), or the pipeline step without --test")
@@ -369,14 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv")
     p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
     p.add_argument("--no-tta", action="store_true", help="original order only")
-    _add_config_args(p, step=True)
+    _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_predict, step="predict")
 
     p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
     p.add_argument("--preds")
     p.add_argument("--labels", help="id + label, or id + the three winner columns (default: the preds file's label column)")
     p.add_argument("--bins", type=int, default=15)
-    _add_config_args(p, step=True)
+    _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_evaluate, step="evaluate")
 
     for name, step in STEPS.items():
@@ -384,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         doc = (step.run.__doc__ or name).strip().splitlines()[0].replace("%", "%%")
         p = sub.add_parser(name, help=f"pipeline step {step.number}: {doc}")
-        _add_config_args(p, step=True)
+        _add_config_args(p)
+        _add_root_arg(p)
         if "fold" in step.fan_out:
             p.add_argument("--fold", type=int, required=True)
         if "model" in step.fan_out:
@@ -403,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("step", choices=list(STEPS))
     p.add_argument("--fold", type=int)
     p.add_argument("--model")
-    _add_config_args(p, step=True)
+    _add_config_args(p)
+    _add_root_arg(p)
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the recipe table (--check: exit 1 when stale)")
     p.add_argument("--check", action="store_true")
@@ -473,20 +541,75 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LMSYS_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
-    if not args.verbose and args.func not in (cmd_run, cmd_ablate):   # those two quiet their own console
-        from lmsys.console import quiet_console
-        quiet_console(progress_bars=sys.stderr.isatty())   # before torch is imported; bars only on a terminal
-    from tasks.secrets import use_prefect_secret
-    use_prefect_secret()                        # hf_token() may fall back on the Prefect Secret block
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = None
+    with _sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+            if not args.verbose and args.func not in (cmd_run, cmd_ablate):   # those two quiet their own console
+                from lmsys.console import quiet_console
+                quiet_console(progress_bars=sys.stderr.isatty())   # before torch is imported; bars only on a terminal
+            from tasks.secrets import use_prefect_secret
+            use_prefect_secret()                # hf_token() may fall back on the Prefect Secret block
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return args.func(args)
+        except (KeyboardInterrupt, Terminated) as e:
+            return _stopped(e, debug)
+        except INPUT_ERRORS as e:
+            return _error(e, EXIT_INPUT, debug)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                return _disk_error(e, args, debug)
+            return _error(e, EXIT_INTERNAL, debug)
+        except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
+            return _error(e, EXIT_INTERNAL, debug)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what `timeout`, `kill` and SLURM's `scancel` send first), raised like KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated in the main thread for the block (a flow run puts Prefect's handler,
+    and flows.interrupt's, in front of it while it runs, and passes the signal on)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+    before = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return args.func(args)
-    except INPUT_ERRORS as e:
-        return _error(e, EXIT_INPUT, debug)
-    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
-        return _error(e, EXIT_INTERNAL, debug)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _stopped(e: BaseException, debug: bool) -> int:
+    """Ctrl-C -> exit 130, SIGTERM -> 143 (128 + the signal, as a shell reports a process killed by
+    it), with one line: what finished is kept, a rerun resumes."""
+    from flows.interrupt import message
+    if debug:
+        traceback.print_exc()
+    signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+    print(message(signum), file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def _disk_error(e: OSError, args, debug: bool) -> int:
+    """A full disk (exit 3: the machine) or a read-only one (exit 2: a --root or --out to change), in
+    one line naming the file (lmsys.io.NoSpace names it where the OS error does not)."""
+    if debug:
+        traceback.print_exc()
+    if e.errno == errno.EROFS:
+        print(f"error: {e.filename or getattr(args, 'root', None) or 'the output'}: read-only file system: "
+              "use a writable --root / --out", file=sys.stderr)
+        return EXIT_INPUT
+    where = e.filename or f"a file under {getattr(args, 'root', None) or 'the repo'}"
+    text = str(e) if e.filename and where in str(e) else f"no space left on the device writing {where} ({e.strerror})"
+    print(f"error: {text}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _error(e: BaseException, code: int, debug: bool) -> int:

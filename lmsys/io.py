@@ -4,6 +4,7 @@ os.replace; directories are built in a sibling temp dir, then swapped in."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,32 +16,64 @@ from typing import Iterator
 import pandas as pd
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpace(OSError):
+    """The disk (or quota) filled while writing `path`: the OS error names no file, this does."""
+
+    def __init__(self, path: Path, e: OSError):
+        super().__init__(e.errno, f"no space left on the device writing {path} ({e.strerror or e}): free space "
+                                  "there, or use --root on a larger disk", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_SPACE and not isinstance(e, NoSpace):
+            raise NoSpace(path, e) from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it is renamed onto `path`."""
+    """Yield a temp path beside `path`; on success it is renamed onto `path`. A full disk raises
+    NoSpace naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; artifacts are ordinary files
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _naming_a_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; artifacts are ordinary files
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temp directory beside `path`; on success it replaces `path` whole."""
+    """Yield an empty temp directory beside `path`; on success it replaces `path` whole. A full disk
+    raises NoSpace naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _naming_a_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        try:
+            with _naming_a_full_disk(path):
+                yield tmp
+        except NoSpace as e:                   # a file of the staged set: named where it would have been published
+            raise NoSpace(Path(str(e.filename).replace(str(tmp), str(path))), e.__cause__ or e) from e.__cause__
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
@@ -59,14 +92,40 @@ def write_json(obj, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write csv or parquet by suffix, atomically."""
+TABLE_FORMATS = ("csv.gz", "csv", "parquet")     # a table's format is its suffix, any case (longest first)
+
+
+def table_format(path: str | Path) -> str:
+    """"csv", "csv.gz" or "parquet" from the suffix of `path`, case-insensitive (x.PARQUET, x.Csv.Gz).
+    Raises ValueError naming the path for any other suffix: a table is never written in a format
+    its name does not say (the project's readers go by the name)."""
+    name = Path(path).name.lower()
+    for fmt in TABLE_FORMATS:
+        if name.endswith("." + fmt):
+            return fmt
+    raise ValueError(f"{path}: a table is written as .csv, .csv.gz or .parquet (the suffix picks the format), "
+                     f"not {''.join(Path(path).suffixes) or 'a name without a suffix'}")
+
+
+def check_output_table(path: str | Path) -> Path:
+    """For a command's --out, before any work: a table name (table_format) that is not a directory.
+    Raises ValueError naming the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; --out names the file to write (e.g. {path / 'submission.csv'})")
+    table_format(path)
+    return path
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write csv, gzipped csv or parquet by suffix (table_format), atomically."""
+    path = Path(path)
+    fmt = table_format(path)
     with atomic_path(path) as tmp:
-        if path.suffix == ".parquet":
+        if fmt == "parquet":
             df.to_parquet(tmp, index=False)
         else:
-            df.to_csv(tmp, index=False)
+            df.to_csv(tmp, index=False, compression="gzip" if fmt == "csv.gz" else None)
     return path
 
 

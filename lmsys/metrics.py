@@ -112,8 +112,11 @@ def summarize(probs, labels, n_bins: int = 15) -> dict:
 def read_labels(csv) -> pd.Series:
     """Labels keyed by id (ids as text). Accepts `id` + `label` (0/1/2) or `id` + the three winner
     columns (0/1 each, exactly one 1 per row). Raises ValueError naming the missing columns or the
-    first bad row (0-based data row and its reason), or a duplicated id."""
-    df = pd.read_csv(csv, dtype={"id": str})
+    first bad row (0-based data row and its reason), a duplicated id, or an empty file."""
+    try:
+        df = pd.read_csv(csv, dtype={"id": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv}: empty file ({Path(csv).stat().st_size} bytes): no header, no labels") from None
     if "id" not in df.columns:
         raise ValueError(f"{csv}: no `id` column (columns: {list(df.columns)})")
     if "label" in df.columns:

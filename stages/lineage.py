@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from lmsys.config import ROOT, get_dotted, load_config, param_sources
+from lmsys.data.schema import WINNER_COLUMNS
 from lmsys.io import file_sha256, write_json
 from lmsys.paths import Layout
 from lmsys.revision import git_rev
@@ -46,6 +47,7 @@ REPORT_PLOTS = {"fold_losses.csv": {"x": "fold", "y": "log_loss", "title": "stud
                 "fold_losses.png": None, "reliability.png": None, "confusion.png": None}
 SENTINEL = {"fold": "${item.fold}", "model": "${item.model}"}
 KINDS = ("train", "external", "ut", "test")
+LABELLED_KINDS = ("train", "external", "ut")      # the tables a model learns from: their rows need labels
 
 
 class LineageError(RuntimeError):
@@ -331,6 +333,9 @@ def add_data(src: str | Path, kind: str = "auto", allow_quarantine: bool = False
     kind = infer_kind(v) if kind == "auto" else kind
     if kind not in KINDS:
         return 2, {"error": f"unknown kind {kind!r}; choose from {KINDS}"}
+    if kind in LABELLED_KINDS and not bool((v.clean["label"] >= 0).all()):
+        return 2, {"error": f"{src}: unlabelled (no winner columns), so it cannot be added as {kind}: a {kind} file "
+                            f"needs {', '.join(WINNER_COLUMNS)}; add it as test (--as test)"}
     sha = file_sha256(src)
     dest_dir = root / "data" / "added"
     dest = dest_dir / src.name

@@ -338,7 +338,8 @@ def test_convert_ut_openbmb_and_binarized(tmp_path):
          "completions": [comp("m1", "1 2", 3.0), comp("m2", "one, two", 9.0), comp("m5", "", 1.0)]},
         {"source": "x", "instruction": "", "models": [], "completions": []}])
     out, info = convert_ultrafeedback(raw)
-    assert info == {"schema": "openbmb", "rows_in": 3, "battles": 3, "skipped": {"no_instruction": 1}}
+    assert info == {"schema": "openbmb", "rows_in": 3, "battles": 3, "skipped": {"no_instruction": 1},
+                    "skipped_rows": {"no_instruction": [2]}}
     assert out[schema.WINNER_COLUMNS].to_numpy().tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
     assert out["model_a"].tolist() == ["m1", "m3", "m1"]
     out.to_csv(tmp_path / "ut.csv", index=False)

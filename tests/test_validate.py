@@ -377,7 +377,7 @@ def test_fallback_rows_and_raw_ids(tmp_path):
     rows = [{"id": "1", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'},
             {"id": " 02 ", "prompt": "[bad", "response_a": '["a"]', "response_b": '["b"]'},       # bad_json -> "2"
             {"id": "x9 ", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'},       # bad_id -> "x9"
-            {"id": "", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'},          # missing id: left out
+            {"id": "", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'},          # missing id: answered as ""
             {"id": "1", "prompt": "[bad", "response_a": '["a"]', "response_b": '["b"]'},         # a clean row's id: left out
             {"id": "2", "prompt": '["p"]', "response_a": "[]", "response_b": '["b"]'},            # "2" again: first row answers
             {"id": "3", "prompt": '["p"]', "response_a": '["a"]', "response_b": '["b"]'},
@@ -388,9 +388,10 @@ def test_fallback_rows_and_raw_ids(tmp_path):
     assert list(fb.columns) == ["id", "row", "reason", "detail"]
     assert fb.to_dict("records") == [
         {"id": "2", "row": 1, "reason": "bad_json", "detail": "prompt: Expecting value at char 1"},
-        {"id": "x9", "row": 2, "reason": "bad_id", "detail": "id 'x9' is not an integer"}]
-    assert list(fb.index) == [0, 1]
-    assert raw_ids(tmp_path / "t.csv") == ["1", "2", "x9", "3"]
+        {"id": "x9", "row": 2, "reason": "bad_id", "detail": "id 'x9' is not an integer"},
+        {"id": "", "row": 3, "reason": "missing_id", "detail": "id is empty"}]
+    assert list(fb.index) == [0, 1, 2]
+    assert raw_ids(tmp_path / "t.csv") == ["1", "2", "x9", "", "3"]
     clean = validate_file(tmp_path / "t.csv")
     clean.quarantine = clean.quarantine.iloc[:0]
     assert fallback_rows(clean).empty and list(fallback_rows(clean).columns) == ["id", "row", "reason", "detail"]
@@ -403,9 +404,9 @@ def test_fallback_rows_and_raw_ids(tmp_path):
     assert fallback_rows(v)[["id", "row", "reason"]].to_dict("records") == [
         {"id": "q2", "row": 1, "reason": "bad_label"}, {"id": "q3", "row": 2, "reason": "bad_label"}]
     pd.DataFrame({"id": ["5.0", None, "6", "  ", " 7", "5"]}).to_parquet(tmp_path / "ids.parquet")
-    assert raw_ids(tmp_path / "ids.parquet") == ["5", "6", "7"]
+    assert raw_ids(tmp_path / "ids.parquet") == ["5", "", "6", "7"]
     pd.DataFrame({"id": [5.0, float("nan"), 6.0]}).to_parquet(tmp_path / "f.parquet")
-    assert raw_ids(tmp_path / "f.parquet") == ["5", "6"]
+    assert raw_ids(tmp_path / "f.parquet") == ["5", "", "6"]
     p = tmp_path / "s.csv"
     p.write_bytes(b'id,prompt\n1,x\nz\xe9,y\n')
     assert raw_ids(p) == ["1", "z\\udce9"]
@@ -424,16 +425,17 @@ def test_fallback_rows_edges(tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")       # a Kaggle file that also carries a question_id
     v = validate_file(tmp_path / "t.parquet")
     assert dict(zip(v.quarantine["row"], v.quarantine["reason"])) == {0: "missing_id", 1: "bad_json"}
-    assert fallback_rows(v)[["id", "row", "reason"]].to_dict("records") == [{"id": "5", "row": 1, "reason": "bad_json"}]
+    assert fallback_rows(v)[["id", "row", "reason"]].to_dict("records") == [
+        {"id": "", "row": 0, "reason": "missing_id"}, {"id": "5", "row": 1, "reason": "bad_json"}]   # not 'None'/'nan'
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
         _arena("007", winner="nobody"), _arena(None, winner="nobody"), _arena("8")]))
     v = validate_file(tmp_path / "a.jsonl")
-    assert fallback_rows(v)["id"].tolist() == ["007"]                                    # 33k ids are text
+    assert fallback_rows(v)["id"].tolist() == ["007", ""]                                # 33k ids are text
     write_csv(tmp_path / "d.csv", [{"id": "1", **GOOD}, {"id": "1", **GOOD}])
     fb = fallback_rows(validate_file(tmp_path / "d.csv"))                               # only a repeated id
     assert fb.empty and list(fb.columns) == ["id", "row", "reason", "detail"]
     pd.DataFrame({"id": [5.0, 5.5, float("nan")]}).to_parquet(tmp_path / "f.parquet")
-    assert raw_ids(tmp_path / "f.parquet") == ["5", "5.5"]                              # a non-integer float kept as text
+    assert raw_ids(tmp_path / "f.parquet") == ["5", "5.5", ""]                          # a non-integer float kept as text
 
 
 def test_readers_by_suffix_keep_ids_as_text(tmp_path):

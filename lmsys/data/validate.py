@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,12 @@ def read_raw(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise UnusableFile(f"{path}: no such file")
+    if path.is_dir():
+        raise UnusableFile(f"{path}: is a directory, not a data file")
+    if path.stat().st_size == 0:
+        raise UnusableFile(f"{path}: empty file (0 bytes)")
     name = path.name.lower()
+    check_encoding(path)
     try:
         if name.endswith(".parquet"):
             return pd.read_parquet(path)
@@ -72,9 +78,29 @@ def read_raw(path: str | Path) -> pd.DataFrame:
             return pd.read_json(path, dtype=False)
         # csv: bytes decoded per cell later, so one bad cell quarantines one row, not the file
         return pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[],
-                           encoding="utf-8", encoding_errors="surrogateescape")
+                           encoding="utf-8-sig", encoding_errors="surrogateescape")   # -sig: a UTF-8 BOM is not text
     except Exception as e:  # noqa: BLE001 - any parser failure means the file is unusable
         raise UnusableFile(f"{path}: cannot read as {path.suffix or 'csv'}: {e}") from e
+
+
+BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+        (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"))
+
+
+def check_encoding(path: Path) -> None:
+    """Text files are read as UTF-8 (a UTF-8 byte-order mark is skipped): raise UnusableFile naming
+    the encoding of a UTF-16 / UTF-32 file (by its byte-order mark, or the NUL bytes of one without),
+    which would otherwise read as garbage columns. Parquet and gzip files are binary: not checked."""
+    if path.name.lower().endswith((".parquet", ".gz")):
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    found = next((name for bom, name in BOMS if head.startswith(bom)), None)
+    if found is None and b"\x00" in head:
+        found = "UTF-16 or UTF-32 (NUL bytes, no byte-order mark)"
+    if found:
+        raise UnusableFile(f"{path}: text encoded as {found}; save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8 "
+                           f"{path.name} > {path.stem}.utf8{path.suffix}`)")
 
 
 def detect_format(df: pd.DataFrame, path: Path) -> str:
@@ -105,6 +131,9 @@ def check_columns(df: pd.DataFrame, fmt: str, path: Path) -> bool:
     winners = [c for c in schema.WINNER_COLUMNS if c in df.columns]
     if winners and len(winners) != 3:
         raise UnusableFile(f"{path}: has {winners} but not all of {schema.WINNER_COLUMNS}")
+    if not winners and "label" in df.columns:      # labelled, but not in the competition's columns
+        raise UnusableFile(f"{path}: has a `label` column but not the winner columns {schema.WINNER_COLUMNS}: write the "
+                           "label as those three 0/1 columns, or drop `label` for an unlabelled (test) file")
     return bool(winners)
 
 
@@ -232,18 +261,20 @@ def _check_bytes(r: dict) -> None:
                 raise RowError("bad_utf8", f"{col}: bytes are not valid UTF-8") from None
 
 
+# An integer id as the Kaggle files write it: ASCII digits, optionally with the `.0` tail of an id
+# that pandas wrote as a float. Not int()'s wider rule: it reads Arabic-Indic or full-width digits,
+# `1_000` and `+42` as numbers, which then collide with genuine ids (`١٢٣` would answer for 123).
+INTEGER_ID = re.compile(r"[0-9]+(\.0+)?")
+
+
 def _row_id(raw_id, integer: bool) -> str:
     if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)) or str(raw_id).strip() == "":
         raise RowError("missing_id", "id is empty")
     text = str(raw_id).strip()
     if integer:
-        try:
-            value = float(text) if "." in text else int(text)
-        except ValueError:
-            raise RowError("bad_id", f"id {text!r} is not an integer") from None
-        if isinstance(value, float) and not value.is_integer():
+        if not INTEGER_ID.fullmatch(text):
             raise RowError("bad_id", f"id {text!r} is not an integer")
-        text = str(int(value))
+        text = str(int(text.split(".")[0]))
     return text
 
 
@@ -296,8 +327,9 @@ def _printable(v):
 def fallback_rows(v: Validated) -> pd.DataFrame:
     """Quarantined rows that still need an answer (a test row unusable as text still needs a row in
     the submission): id (as a clean row's id would read; a non-integer id as its stripped text),
-    row, reason, detail. Left out: rows without an id (nothing to answer) and repeated ids (the
-    first row answers them). Empty frame when nothing is quarantined."""
+    row, reason, detail. A row without an id is answered as id "" (so every row of the file has an
+    answer, and the warning names it); repeated ids are left out (the first row answers them).
+    Empty frame when nothing is quarantined."""
     cols = ["id", "row", "reason", "detail"]
     q = v.quarantine
     id_col = "question_id" if "question_id" in q.columns and "id" not in q.columns else "id"
@@ -305,22 +337,26 @@ def fallback_rows(v: Validated) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     out = []
     for r in q.to_dict("records"):
-        if r["reason"] in ("duplicate_id", "missing_id"):
+        if r["reason"] == "duplicate_id":
             continue
         try:
             rid = _row_id(r[id_col], integer=v.fmt != "arena33k")
         except RowError:
-            rid = str(r[id_col]).strip()
-        if rid:
-            out.append({"id": _printable(rid), "row": int(r["row"]), "reason": r["reason"], "detail": r["detail"]})
+            rid = _raw_text(r[id_col])
+        out.append({"id": _printable(rid), "row": int(r["row"]), "reason": r["reason"], "detail": r["detail"]})
     df = pd.DataFrame(out, columns=cols)
     return df[~df["id"].isin(set(v.clean["id"]))].drop_duplicates("id").reset_index(drop=True)
 
 
+def _raw_text(value) -> str:
+    """An id cell that is not a valid id, as text: "" for an empty cell (None, NaN, blanks)."""
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+
+
 def raw_ids(path: str | Path) -> list[str]:
-    """The distinct non-empty ids of a Kaggle-schema file read straight from its `id` column, as a
-    clean row's id would read (a non-integer id as its stripped text), first occurrence order.
-    Independent of row validation: the final check of a submission compares against these.
+    """The distinct ids of a Kaggle-schema file read straight from its `id` column, as a clean row's
+    id would read (a non-integer id as its stripped text; an empty cell as ""), first occurrence
+    order. Independent of row validation: the final check of a submission compares against these.
     Raises UnusableFile when the file cannot be read or has no `id` column."""
     raw = read_raw(path)
     if "id" not in raw.columns:
@@ -330,7 +366,6 @@ def raw_ids(path: str | Path) -> list[str]:
         try:
             rid = _row_id(value, integer=True)
         except RowError:
-            rid = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
-        if rid:
-            out.setdefault(_printable(rid), None)
+            rid = _raw_text(value)
+        out.setdefault(_printable(rid), None)
     return list(out)

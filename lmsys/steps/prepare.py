@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmsys.data import demo, transforms
+from lmsys.data import crosscheck, demo, transforms
 from lmsys.data.schema import empty_table, prompt_key
 from lmsys.data.validate import fallback_rows, validate_file
-from lmsys.io import write_json, write_table
+from lmsys.io import atomic_dir, write_json, write_table
 from lmsys.paths import Layout
 from lmsys.steps import StepResult
 
@@ -50,7 +50,7 @@ def data_files(cfg: dict, layout: Layout) -> dict[str, list[Path]]:
 
     def as_list(v):
         return [] if v is None else [Path(x) for x in (v if isinstance(v, list) else [v])]
-    return {"train": as_list(d["train"]), "test": as_list(d["test"]),
+    return {"train": as_list(d["train"]), "test": [] if crosscheck.skips_predict(cfg) else as_list(d["test"]),
             "external": as_list(d["external"]), "ut": as_list(d["ut"])}
 
 
@@ -62,7 +62,9 @@ def run_demo_data(cfg: dict, layout: Layout) -> StepResult:
     return StepResult(outputs=[layout.demo_dir], metrics={"files": {k: str(v) for k, v in paths.items()}})
 
 
-def _read_table(files: list[Path], name: str, out: Path, report: dict) -> pd.DataFrame:
+def _read_table(files: list[Path], name: str, out: Path, report: dict, seen: dict) -> pd.DataFrame:
+    """The clean rows of table `name`'s files; quarantine files written to `out`; each file's ids and
+    whether it is labelled added to `seen` (for the checks across files, lmsys.data.crosscheck)."""
     parts, fallback = [], []
     for f in files:
         source = {"train": "kaggle", "test": "kaggle", "ut": "ultrafeedback"}.get(name)
@@ -72,8 +74,11 @@ def _read_table(files: list[Path], name: str, out: Path, report: dict) -> pd.Dat
             write_table(v.quarantine, out / f"quarantine_{name}_{Path(f).stem}.csv")
             log.warning("%s: %d rows quarantined %s", f, len(v.quarantine), v.report()["reasons"])
         parts.append(v.clean)
-        if name == "test":
-            fallback.append(fallback_rows(v).assign(file=str(f)))
+        fb = fallback_rows(v) if name == "test" else None
+        if fb is not None:
+            fallback.append(fb.assign(file=str(f)))
+        seen["ids"].setdefault(name, []).append((str(f), crosscheck.file_ids(v.clean, fb)))
+        seen["labelled"].setdefault(name, []).append((str(f), crosscheck.has_labels(v.clean)))
     if name == "test":
         _write_test_fallback(fallback, out, report)
     return pd.concat(parts, ignore_index=True) if parts else empty_table()
@@ -99,13 +104,31 @@ def dedupe_prompts(external: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def run_prepare(cfg: dict, layout: Layout) -> StepResult:
+    """Step D2, its outputs written as one set: everything goes to a staged directory that replaces
+    prepared/ whole when all is written (lmsys.io.atomic_dir), so a stopped prepare leaves the last
+    complete set, and nothing of an earlier run (a quarantine file of a file no longer listed)
+    survives a new one. Raises ValueError for problems across the files (lmsys.data.crosscheck) and
+    when no competition training row is usable, before anything is published."""
     check_demo_allowed(cfg)
-    out = layout.prepared
+    with atomic_dir(layout.prepared) as staged:
+        result = _prepare(cfg, layout, staged)
+    return StepResult(outputs=[layout.prepared], metrics=result)
+
+
+def _prepare(cfg: dict, layout: Layout, out: Path) -> dict:
+    """run_prepare's work, writing into `out` (the staged directory); returns the step's metrics."""
     files = data_files(cfg, layout)
     report: dict = {"files": {}, "removed": {}}
-    tables = {name: _read_table(files[name], name, out, report) for name in TABLES}
+    seen: dict = {"ids": {}, "labelled": {}}
+    tables = {name: _read_table(files[name], name, out, report, seen) for name in TABLES}
+    clashes = crosscheck.problems(cfg, seen["ids"], seen["labelled"])
+    if clashes:
+        raise ValueError("; ".join(clashes))
     if not len(tables["train"]):
-        raise ValueError("no usable competition training rows; see the quarantine files in " + str(out))
+        per_file = "; ".join(f"{f}: {r['rows_in']} rows, {r['reasons'] or 'none quarantined'}"
+                             for f, r in report["files"].items() if f in map(str, files["train"]))
+        raise ValueError(f"no usable competition training rows ({per_file or 'data.train lists no file'}); "
+                         "`lmsys validate FILE` lists each row's reason")
     removed = []
     for name in ("train", "external", "ut"):
         if len(tables[name]):
@@ -129,5 +152,4 @@ def run_prepare(cfg: dict, layout: Layout) -> StepResult:
         write_table(t, out / f"{name}.parquet")
     write_json(report, out / "report.json")
     quarantined = sum(f["rows_quarantined"] for f in report["files"].values())
-    return StepResult(outputs=[out], metrics={**report["rows_used"], "rows_quarantined": quarantined,
-                                              "test_fallback_rows": report["test_fallback"]["rows"]})
+    return {**report["rows_used"], "rows_quarantined": quarantined, "test_fallback_rows": report["test_fallback"]["rows"]}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmsys import distributed
 from lmsys.config import for_step
+from lmsys.data.crosscheck import skips_predict
 from lmsys.paths import Layout
 from lmsys.steps import Step, StepResult
 from lmsys.steps import folds, prepare, serve, student, teachers
@@ -161,10 +162,12 @@ def format_recipe() -> str:
 
 def tasks_of(cfg: dict) -> list[tuple[str, dict]]:
     """The tasks of a run of `cfg` as (step, keys), in table order: optional steps follow
-    params.yaml (demo data when data.train is null, calibrate / quantize / evaluate .enabled)."""
+    params.yaml (demo data when data.train is null, calibrate / quantize / evaluate .enabled,
+    predict unless data.test is none)."""
     fold_ids, teacher_names = folds.active_folds(cfg), teachers.teacher_names(cfg)
     skip = {"demo-data": not prepare.uses_demo(cfg), "calibrate": not cfg["calibrate"]["enabled"],
-            "quantize": not cfg["quantize"]["enabled"], "evaluate": not cfg["evaluate"]["enabled"]}
+            "quantize": not cfg["quantize"]["enabled"], "evaluate": not cfg["evaluate"]["enabled"],
+            "predict": skips_predict(cfg)}
     fan = {(): [{}], ("fold",): [{"fold": k} for k in fold_ids], ("model",): [{"model": m} for m in teacher_names],
            ("model", "fold"): [{"model": m, "fold": k} for m in teacher_names for k in fold_ids]}
     out = []

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lmsys import metrics
+from lmsys.data.crosscheck import skips_predict
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
@@ -36,7 +37,22 @@ def final_model_dir(cfg: dict, layout: Layout) -> Path:
 
 
 def load_final(model_dir: Path):
-    """(tokenizer, eval model) of a merged or quantized model dir (its tokenizer is saved inside)."""
+    """(tokenizer, eval model) of a merged or quantized model dir (its tokenizer is saved inside).
+    Raises FileNotFoundError naming a missing dir, ValueError naming weights that cannot be read
+    (a truncated or corrupt copy)."""
+    from safetensors import SafetensorError
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model directory")
+    try:
+        return _load_final(model_dir)
+    except SafetensorError as e:
+        files = ", ".join(p.name for p in sorted(model_dir.glob("*.safetensors"))) or "no *.safetensors"
+        raise ValueError(f"{model_dir}: its weights ({files}) cannot be read: {e} (truncated or corrupt: copy the "
+                         "model again, or rerun the step that wrote it)") from None
+
+
+def _load_final(model_dir: Path):
     from transformers import AutoTokenizer
 
     from lmsys.models import load_for_inference
@@ -118,7 +134,7 @@ def run_predict(cfg: dict, layout: Layout) -> StepResult:
     model_dir = final_model_dir(cfg, layout)
     tok, model = load_final(model_dir)
     test = common.table(layout, "test")
-    fallback = pd.read_csv(layout.prepared / "test_fallback.csv", dtype={"id": str})
+    fallback = pd.read_csv(layout.prepared / "test_fallback.csv", dtype={"id": str}, keep_default_na=False)  # "" stays ""
     path = inference_path(model, cfg)
     p, plain = predict_probs(model, tok, test, cfg["text"], cfg["text"]["infer_max_length"],
                              cfg["predict"]["batch_size"], cfg["predict"]["tta"], path)
@@ -167,6 +183,8 @@ def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dic
             raise FileNotFoundError(f"no model given and no pipeline run of profile {cfg['profile']!r} "
                                     f"({layout.last_run} missing): run `lmsys run` or pass --model")
         model_dir = Path(json.loads(layout.last_run.read_text())["model"])
+    if not Path(model_dir).is_dir():                # before any work: not a hub name to look up, a path
+        raise FileNotFoundError(f"{model_dir}: no such model directory (--model names the final model's dir)")
     v = validate_file(test_csv)
     if not v.report()["rows_in"]:
         raise ValueError(f"{test_csv}: no rows")
@@ -242,12 +260,13 @@ def run_evaluate(cfg: dict, layout: Layout) -> StepResult:
             res["teachers"][m]["calibrated"] = _pooled(_oof_teacher(cfg, layout, m, True), bins)
     student = {"plain": _oof_student(cfg, layout, False), "tta": _oof_student(cfg, layout, True)}
     res["student"] = {k: _pooled(v, bins) for k, v in student.items()}
-    probs = pd.read_parquet(layout.predictions / "test_probs.parquet")
+    predicted = layout.predictions / "test_probs.parquet"
+    probs = pd.read_parquet(predicted) if not skips_predict(cfg) else pd.DataFrame({"id": [], "fallback_reason": []})
     reasons = probs["fallback_reason"] if "fallback_reason" in probs else pd.Series([], dtype=str)
     res["fallback"] = {"test_rows": len(probs), "answered_by_fallback": int((reasons != "").sum()),
                        "reasons": {k: int(n) for k, n in reasons[reasons != ""].value_counts().items()}}
     labels = known_test_labels(cfg, layout)
-    if labels is not None:
+    if labels is not None and len(probs):
         y = labels.reindex(probs["id"].astype(str)).to_numpy()
         res["test"] = {"final_model": final_model_dir(cfg, layout).name,
                        "tta": metrics.summarize(probs[["p_a", "p_b", "p_tie"]].to_numpy(), y, bins)}

@@ -67,7 +67,8 @@ def run_calibrate(cfg: dict, layout: Layout, model: str) -> StepResult:
         before.append((softmax(v[LOGIT_COLUMNS].to_numpy()), v["label"].to_numpy()))
         after.append((softmax(cv[LOGIT_COLUMNS].to_numpy()), cv["label"].to_numpy()))
     pooled = lambda parts: log_loss(np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]))  # noqa: E731
-    metrics = {"model": model, "heldout_log_loss_before": pooled(before), "heldout_log_loss_after": pooled(after)}
+    metrics = {"model": model, "heldout_log_loss_before": pooled(before), "heldout_log_loss_after": pooled(after),
+               "fallback_folds": [int(k) for k, p in per_fold.items() if p.get("fallback")]}
     write_json({**metrics, "method": method, "fitted_on": "logits", "cross_fitted": True, "folds": per_fold,
                 "oof_rows": int(sum(len(v) for v in oof.values()))}, layout.calibration(model))
     return StepResult(outputs=[layout.calibration(model), layout.calibrated_logits(model, folds[0]).parent],
@@ -77,13 +78,15 @@ def run_calibrate(cfg: dict, layout: Layout, model: str) -> StepResult:
 def _fit_without(oof: dict[int, pd.DataFrame], k: int, method: str) -> dict:
     """Calibration params for fold k, fitted on the validation logits of every other fold (never
     fold k's labels); the identity (fallback, with the reason) when there is no other fold."""
-    from lmsys.calibration import fit_calibration, identity_params
+    from lmsys.calibration import fit_or_identity, identity_params
     others = [j for j in oof if j != k]
     rows = pd.concat([oof[j] for j in others], ignore_index=True) if others else None
     if rows is None or not len(rows):
         return {**identity_params(method), "fallback": True, "fitted_on_folds": [],
                 "reason": f"no out-of-fold rows without fold {k} (one active fold): identity"}
-    params = fit_calibration(rows[LOGIT_COLUMNS].to_numpy(), rows["label"].to_numpy(), method)
+    params = fit_or_identity(rows[LOGIT_COLUMNS].to_numpy(), rows["label"].to_numpy(), method)
+    if params.get("reason"):
+        log.warning("calibrate fold %d: %s", k, params["reason"])
     return {**params, "fitted_on_folds": others}
 
 
