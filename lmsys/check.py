@@ -95,7 +95,7 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
     checks += data_lines
     say("data validated")
     if cfg["quantize"]["enabled"]:
-        checks.append(gptq_check())
+        checks += [gptq_check(), *gptq_kernel_checks(cfg)]
     skipped = [n for n in model_names(cfg) if n not in loadable]
     if runner == "slurm":
         checks += slurm_checks(cfg, layout, api_url, rows, loadable, in_job)
@@ -333,6 +333,16 @@ def gptq_check(name: str = "quantize: GPTQ backend") -> Check:
         return Check(name, FAIL, _one_line(e), "install gptqmodel and optimum as requirements.lock pins them, or set "
                      "quantize.enabled=false")
     return Check(name, OK, f"gptqmodel {importlib.metadata.version('gptqmodel')} imports")
+
+
+def gptq_kernel_checks(cfg: dict) -> list[Check]:
+    """The GPTQ kernel steps 7-8 load here and on serve.cards, FAIL where it would need an absent compiler
+    (lmsys.kernels: nothing is compiled inside a step)."""
+    from lmsys.kernels import kernel_lines
+    try:
+        return [Check(*line) for line in kernel_lines(cfg)]
+    except ValueError as e:                      # a bad serve.cards / serve.dtype
+        return [Check("serve: target", FAIL, str(e), "fix serve.cards / serve.dtype in params.yaml")]
 
 
 # ---------------------------------------------------------------- data
@@ -729,7 +739,9 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
             "sources": {n: _source_stamp(s or {}) for n, s in specs.items()}, "data": data, "text": cfg["text"],
             "quantize": cfg["quantize"]["enabled"], "runner": runner, "api": api_url if runner == "slurm" else None,
             "slurm": cfg["orchestration"]["slurm"] if runner == "slurm" else None,
-            "code": [(here / f).read_text() for f in ("check.py", "models.py", "data/validate.py")]}
+            "kernels": [cfg["quantize"]["backend"], cfg["serve"]["cards"], cfg["serve"]["dtype"]],
+            "code": [(here / f).read_text() for f in ("check.py", "models.py", "data/validate.py", "kernels.py",
+                                                      "target.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 

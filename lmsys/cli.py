@@ -247,8 +247,16 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed."""
+    """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed.
+    --build-kernels first builds gptqmodel's Marlin kernels here (lmsys.kernels.build_marlin), outside
+    any step, and prints the time; a failed build is exit 2."""
     from lmsys.check import main_check
+    if args.build_kernels:
+        from lmsys.kernels import FAIL, build_marlin
+        status, detail, fix = build_marlin()
+        print(f"{status:<4}  build kernels: {detail}" + (f"\n      fix: {fix}" if fix else ""))
+        if status == FAIL:
+            return EXIT_INPUT
     cfg = _config(args)
     if args.root:
         cfg["root"] = str(args.root)
@@ -392,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--runner", choices=("local", "slurm"), help="default: orchestration.runner")
     p.add_argument("--root", help="the run's root (artifacts, demo data; default: the repo)")
+    p.add_argument("--build-kernels", action="store_true",
+                   help="first build gptqmodel's Marlin kernels here (needs a GPU and nvcc; minutes, once), so "
+                        "quantize.backend auto may use them; steps never compile")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plan", help="every task with its job, timeout, estimated wall time and GPU-hours, and the "
