@@ -166,12 +166,29 @@ def cmd_calibrate(args) -> int:
 
 def cmd_predict(args) -> int:
     """`lmsys predict --test CSV`: every id answered; unreadable rows get the class prior, named in a
-    warning (exit 1)."""
+    warning (exit 1). With --model an exported bundle (`lmsys export`) it reads the bundle alone: no
+    params.yaml, no pipeline root; package versions that differ from the exporting machine's are noted."""
+    from lmsys.export import is_bundle, predict_bundle
+    if args.model and is_bundle(Path(args.model)):
+        if args.test is None or args.profile or args.params:
+            raise UsageError("a bundle carries its own settings: give --test CSV (and --set KEY=VALUE of its "
+                             "settings.json), not --profile or --params")
+        overrides = dict(parse_override(o) for o in args.set or [])
+        sub, fallback, notes = predict_bundle(Path(args.model), Path(args.test), Path(args.out), overrides,
+                                              tta=not args.no_tta)
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+        return _predicted(args, sub, fallback)
     if args.test is None:                       # the pipeline step
         return cmd_step(args)
     from lmsys.steps.serve import predict_file
     sub, fallback = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None,
                                  _config(args), tta=not args.no_tta)
+    return _predicted(args, sub, fallback)
+
+
+def _predicted(args, sub, fallback) -> int:
+    """The lines of a finished `lmsys predict --test`: a warning per row answered by the fallback."""
     for r in fallback.head(20).itertuples(index=False):
         print(f"warning: {args.test}: row {r.row} (id {r.id}): {r.reason}: answered with the class prior",
               file=sys.stderr)
@@ -179,6 +196,24 @@ def cmd_predict(args) -> int:
         print(f"warning: ... and {len(fallback) - 20} more rows answered with the class prior", file=sys.stderr)
     print(f"wrote {args.out}: {len(sub)} rows ({len(fallback)} answered by fallback)")
     return EXIT_WARN if len(fallback) else EXIT_OK
+
+
+def cmd_export(args) -> int:
+    """`lmsys export --out DIR`: the final model, its settings, manifest and wheels as one offline bundle
+    (lmsys/export.py); exit 1 when a wheel could not be had offline (named, with the reason)."""
+    from lmsys.export import export_bundle
+    cfg = _config(args)
+    if args.root:
+        cfg["root"] = str(args.root)
+    m = export_bundle(cfg, Path(args.out), Path(args.model) if args.model else None, tuple(args.wheel or ()),
+                      wheels=not args.no_wheels)
+    size = sum(f["bytes"] for f in m["files"].values())
+    print(f"wrote {args.out}: model {m['model']['source']} ({'GPTQ, ' if m['model']['quantized'] else ''}"
+          f"{m['model']['serving']['dtype']} for {m['model']['serving']['cards'] or 'the device it was made on'}), "
+          f"{len(m['files'])} files, {size / 2**20:.1f} MiB, wheels: {', '.join(w['file'] for w in m['wheels']) or 'none'}")
+    for w in m["missing_wheels"]:
+        print(f"warning: no wheel of {w['dist']} {w['version'] or ''}: {w['reason']}", file=sys.stderr)
+    return EXIT_WARN if m["missing_wheels"] else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -329,10 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="steps 8/8.5: submission for a test CSV (TTA), or the pipeline step without --test")
     p.add_argument("--test", help="Kaggle test.csv")
     p.add_argument("--out", default="submission.csv")
-    p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
+    p.add_argument("--model", help="model dir or exported bundle (default: the last pipeline run's final model)")
     p.add_argument("--no-tta", action="store_true", help="original order only")
     _add_config_args(p)
     p.set_defaults(func=cmd_predict, step="predict")
+
+    p = sub.add_parser("export", help="the final model, its text/TTA/serving settings, a manifest and the wheels a stock "
+                                      "Kaggle image lacks, as one bundle that `lmsys predict --model DIR` runs offline")
+    p.add_argument("--out", required=True, help="the bundle's directory (replaced whole)")
+    p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
+    p.add_argument("--root", help="the pipeline run's root (default: the repo)")
+    p.add_argument("--wheel", action="append", metavar="DIST", help="also bundle this installed distribution's wheel")
+    p.add_argument("--no-wheels", action="store_true", help="leave the wheels out")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
     p.add_argument("--preds")
