@@ -108,7 +108,8 @@ def logits_by_order(model_dir: Path, ids_by_order: dict[str, list[list[int]]], p
     out = {o: np.full((len(ids), 3), np.nan, dtype=np.float32) for o, ids in ids_by_order.items()}
     for u, z in results.items():
         out[u.order][sorted_rows(ids_by_order[u.order])[u.start:u.stop]] = z
-    assert all(np.isfinite(z).all() for z in out.values()), "a row was left without logits"
+    if not all(np.isfinite(z).all() for z in out.values()):       # the units must cover every row once
+        raise RuntimeError("predict: a row was left without logits (lmsys.predict_workers.plan_units)")
     return out, {"devices": device_list, "units": [[asdict(u) for u in us] for us in per_device],
                  "nonfinite_rows": sum(i["nonfinite_rows"] for i in infos),
                  "recomputed_fp32": sum(i["recomputed_fp32"] for i in infos), "workers": infos}

@@ -246,7 +246,8 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
             "log_loss_change": None if eval_fn is None else loss_after - loss_before,
             "max_abs_logit_diff": float((probe_after - probe_before).abs().max()),
             "quantize_seconds": quantize_seconds, "reload_seconds": reload_seconds,
-            "first_call_seconds": first_call_seconds, "dtype": str(getattr(reloaded, HEAD_NAME).weight.dtype).removeprefix("torch."),
+            "first_call_seconds": first_call_seconds,
+            "dtype": str(getattr(reloaded, HEAD_NAME).weight.dtype).removeprefix("torch."),
             "size_mb_before": _weights_mb(model_dir), "size_mb_after": _weights_mb(stage),
         }
         write_json(metrics, stage / METRICS_FILE)

@@ -70,6 +70,7 @@ def load_model(model_dir: Path, device=None, backend: str = "auto", nonfinite: s
     if quantized:
         from lmsys.quantize import load_quantized
         chosen, why = kernels.choose_here(backend, dtype, device)       # the kernel runs on the real device
+        log.info("%s: GPTQ kernel %s (%s)", model_dir, chosen, why)
         model = load_quantized(model_dir, device, chosen, target.torch_dtype(dtype))
     else:
         model = load_for_inference(model_dir, {}, load_tokenizer_of(model_dir), device=device,
@@ -77,7 +78,8 @@ def load_model(model_dir: Path, device=None, backend: str = "auto", nonfinite: s
     t0 = time.perf_counter()
     with torch.inference_mode():
         model(input_ids=torch.ones((1, 8), dtype=torch.long, device=device))
-    info = {"dtype": dtype, "dtype_warning": warning, "backend": chosen, "first_call_s": round(time.perf_counter() - t0, 3)}
+    info = {"dtype": dtype, "dtype_warning": warning, "backend": chosen,
+            "first_call_s": round(time.perf_counter() - t0, 3)}
     fp32 = None
     if nonfinite == "recompute" and dtype != "float32":
         fp32 = lambda: load_model(model_dir, device, kernels.TORCH, "fail", "float32")[0]  # noqa: E731
@@ -116,11 +118,13 @@ def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: in
     With TTA the output is exactly symmetric: swapping A/B in `rows` exchanges p_A and p_B."""
     from lmsys.infer import predict_logits_guarded
     ids = encode_orders(rows, tok, text_cfg, max_length, tta)
-    z = {o: predict_logits_guarded(model, v, tok.pad_token_id, batch_size, desc=f"predict {o}")[0] for o, v in ids.items()}
+    z = {o: predict_logits_guarded(model, v, tok.pad_token_id, batch_size, desc=f"predict {o}")[0]
+         for o, v in ids.items()}
     return probs_of(z, tta)
 
 
-def predict_rows(model_dir: Path, rows: pd.DataFrame, settings: dict, tta: bool) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def predict_rows(model_dir: Path, rows: pd.DataFrame, settings: dict, tta: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(probabilities, plain probabilities or None, info) of the model at `model_dir` on `rows`, on the
     devices of predict.devices (lmsys.predict_workers: one process per device, the same bytes as one).
     settings: the sections text, predict, serve and quantize.backend (a pipeline config or a bundle's)."""
