@@ -248,7 +248,7 @@ def test_served_dtype_through_merge_quantize_and_predict(tiny_run, tmp_path, mon
     assert list(sub["id"]) == list(fp32["id"])
     diff = np.abs(sub[SUBMISSION_COLUMNS[1:]].to_numpy() - fp32[SUBMISSION_COLUMNS[1:]].to_numpy()).max()
     print(f"{dtype}: max |p - p_fp32| over the submission {diff:.2e}")
-    assert 0 < diff < 2e-2
+    assert 0 < diff < 5e-3                      # measured: 4.6e-4 (float16), 1.1e-3 (bfloat16)
     ext = tmp_path / "ext"
     assert not ext.exists() or not [p for p in ext.rglob("*") if p.is_file()], sorted(ext.rglob("*"))
     if dtype == "bfloat16":
@@ -257,17 +257,18 @@ def test_served_dtype_through_merge_quantize_and_predict(tiny_run, tmp_path, mon
         assert info["dtype"] == "float16" and "no bf16 tensor cores" in info["dtype_warning"]
 
 
-FP16_LOGIT_TOLERANCE = 5e-3      # max |logit_fp16 - logit_fp32| of the tiny student on the test rows
+FP16_LOGIT_TOLERANCE = 5e-3      # max |logit_fp16 - logit_fp32| of the tiny student (measured: 4.5e-4, |logit| < 0.6)
 
 
 def test_fp16_logits_of_the_tiny_student_within_tolerance(tiny_run):
-    """The run's merged tiny Gemma-2 student loaded in float16 and in float32: on every test row, in both
-    A/B orders, the logits differ by less than FP16_LOGIT_TOLERANCE (and do differ: the cast is real)."""
+    """The run's merged tiny Gemma-2 student loaded in float16 and in float32: on 64 test rows (float16
+    matmuls are slow on a CPU), in both A/B orders, the logits differ by less than FP16_LOGIT_TOLERANCE
+    (and do differ: the cast is real)."""
     from lmsys.infer import predict_logits
     from lmsys.steps.serve import encode_orders, load_model, load_tokenizer_of
     cfg, layout, _, _ = tiny_run
     tok = load_tokenizer_of(layout.ensemble)
-    test = pd.read_parquet(layout.prepared / "test.parquet")
+    test = pd.read_parquet(layout.prepared / "test.parquet").iloc[:64]
     ids = encode_orders(test, tok, cfg["text"], cfg["text"]["infer_max_length"], tta=True)
     models = {dt: load_model(layout.ensemble, "cpu", dtype=dt)[0] for dt in ("float16", "float32")}
     for order, rows in ids.items():
