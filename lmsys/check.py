@@ -11,6 +11,8 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
                                    handful of rows of the configured test file in both A/B orders give
                                    finite [n, 3] logits; tiny kinds use a throwaway tokenizer on those rows
   quantize: GPTQ backend           when quantize.enabled
+  quantize: GPTQ kernel here       the kernel steps 7-8 load here, and on serve.cards (lmsys.kernels: FAIL
+  serve: GPTQ kernel on <cards>    where it would need an absent compiler; nothing is built in a step)
   data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
   slurm: ...                       runner slurm: commands, partition, GRES, sbatch --test-only, then one
                                    job on the GPU worker type that reports its host and GPU, reaches the

@@ -1,9 +1,10 @@
 """`lmsys export --out DIR`: the final model as one bundle that predicts offline, with no pipeline root.
 
     DIR/
-      lmsys-bundle.json   the manifest: every file's sha256 and size, the exact package versions, the
-                          recipe and profile (its resolved parameters), the pipeline's own metrics, the
-                          git revision, and each wheel with where it came from (or why it is missing)
+      lmsys-bundle.json   the manifest: every file's sha256 and size, the exact package versions (the
+                          serving stack's, compared at predict, and every installed one), the recipe and
+                          profile (its resolved parameters), the pipeline's own metrics, the git
+                          revision, and each wheel with where it came from (or why it is missing)
       settings.json       what predict needs besides the model: text (template, word and token
                           budgets), predict (tta, batch_size, devices), serve (cards, dtype, nonfinite),
                           quantize.backend, the class prior (for unreadable test rows) and the
@@ -99,7 +100,8 @@ def export_bundle(cfg: dict, out: Path, model_dir: Path | None = None, extra_dis
                               "ensemble": _json_or_none(model_dir / "ensemble.json")},
                     "metrics": _json_or_none(layout.reports / "metrics.json"),
                     "python": sys.version.split()[0], "interpreter_tag": _interpreter_tag(),
-                    "packages": packages, "wheels": found, "missing_wheels": missing,
+                    "packages": packages, "environment": _environment(), "wheels": found,
+                    "missing_wheels": missing,
                     "files": file_table(tmp)}
         write_json(manifest, tmp / MANIFEST)
     return manifest
@@ -137,6 +139,12 @@ def installed_versions(names=PREDICT_STACK) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[n] = None
     return out
+
+
+def _environment() -> dict[str, str]:
+    """Every distribution installed where the bundle was made, name -> version (the exact stack)."""
+    return dict(sorted({d.metadata["Name"]: d.version for d in importlib.metadata.distributions()
+                        if d.metadata["Name"]}.items()))
 
 
 def file_table(root: Path) -> dict[str, dict]:
