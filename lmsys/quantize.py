@@ -183,7 +183,8 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     `backend`: the gptqmodel kernel the quantised model runs with (see `load_quantized`); saved
     with the checkpoint and used for the reload check. `dtype`: of the unquantised tensors (embeddings,
     norms, the `score` head) and of the computation ("auto": model_dir's own, which step 6 wrote in the
-    serving target's dtype). The files of SIDECARS in model_dir (serving.json) are copied beside it.
+    serving target's dtype). The files of SIDECARS in model_dir (serving.json, ensemble.json) are copied
+    beside it.
 
     Returns metrics: bits, backend, group_size (used), group_size_requested, group_size_fallback,
     n_calibration, log_loss_unquantized / log_loss_quantized / log_loss_change (eval_fn(model, tok)

@@ -243,19 +243,20 @@ def run_quantize(cfg: dict, layout: Layout) -> StepResult:
     """Step 7: GPTQ of the merged student via transformers' GPTQConfig (gptqmodel backend), in the dtype
     step 6 recorded (serving.json, carried over); saved, reloaded with the kernel chosen for this device
     (nothing compiled: lmsys.kernels), and its log-loss change against the unquantised model measured
-    on training rows. quantize.json also names the kernel a fresh machine of serve.cards would load."""
+    on training rows. Its metrics also name the kernel a fresh machine of serve.cards would load (checked
+    first: a backend the target cannot load without a build fails here, before quantising)."""
     from lmsys import kernels, target
     from lmsys.quantize import quantize_gptq
     q = cfg["quantize"]
     dtype = target.read_record(layout.ensemble)["dtype"]
     backend, why = kernels.choose_here(q["backend"], dtype, C.device())
+    on_target = serve_backend(cfg, dtype)
     log.info("quantize: kernel %s (%s)", backend, why)
     texts = calibration_texts(cfg, layout, q["n_calibration"])
     metrics = quantize_gptq(layout.ensemble, layout.quantized, texts, bits=q["bits"], group_size=q["group_size"],
                             model_seqlen=q["model_seqlen"], backend=backend, dtype=target.torch_dtype(dtype),
                             device=C.device(), eval_fn=partial(_eval_model, cfg, layout))
-    return StepResult(outputs=[layout.quantized], metrics={**metrics, "backend_why": why,
-                                                           "serve_backend": serve_backend(cfg, dtype)})
+    return StepResult(outputs=[layout.quantized], metrics={**metrics, "backend_why": why, "serve_backend": on_target})
 
 
 def serve_backend(cfg: dict, dtype: str) -> str | None:
