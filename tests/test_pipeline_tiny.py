@@ -4,7 +4,9 @@
 One run is shared by the assertions (session fixture): it takes a few minutes on 2 cores.
 The steps run in the flow's order (lmsys.steps.recipe.plan) but without Prefect, each on a config
 that logs the keys it reads (lmsys.config.ReadLog: every key must be declared in the recipe table); the Prefect flow
-itself is tested in tests/orchestration/.
+itself is tested in tests/orchestration/. The serving checks of issue 20 (steps 6-8 in float16 and
+bfloat16, predict on two worker processes, `lmsys export` and predict from the bundle in a fresh
+virtualenv) reuse the same run, on copies of its root.
 """
 from __future__ import annotations
 
