@@ -14,6 +14,8 @@ Checks, one line each (ok / warn / FAIL / skip, with the fix for every warn and 
   quantize: GPTQ backend           when quantize.enabled
   ranks: data-parallel start       when a step has orchestration.step_gpus > 1: that many ranks join one
                                    process group and all-reduce (nccl on the GPUs, gloo on a CPU)
+  quantize: GPTQ kernel here       the kernel steps 7-8 load here, and on serve.cards (lmsys.kernels: FAIL
+  serve: GPTQ kernel on <cards>    where it would need an absent compiler; nothing is built in a step)
   data <table>: <file>             counts and reasons as `lmsys validate` prints them (nothing written)
   slurm: ...                       runner slurm (lmsys/check_slurm.py): commands, partition, GRES,
                                    sbatch --test-only, then one job on the GPU worker type that reports
@@ -86,7 +88,7 @@ def run_checks(cfg: dict, runner: str | None = None, api_url: str | None = None,
     checks += data_lines
     say("data validated")
     if cfg["quantize"]["enabled"]:
-        checks.append(gptq_check())
+        checks += [gptq_check(), *gptq_kernel_checks(cfg)]
     skipped = [n for n in model_names(cfg) if n not in loadable]
     if runner == "slurm":
         checks += slurm_checks(cfg, layout, api_url, rows, loadable, in_job)
@@ -347,6 +349,16 @@ def gptq_check(name: str = "quantize: GPTQ backend") -> Check:
         return Check(name, FAIL, one_line(e), "install gptqmodel and optimum as requirements.lock pins them, or set "
                      "quantize.enabled=false")
     return Check(name, OK, f"gptqmodel {importlib.metadata.version('gptqmodel')} imports")
+
+
+def gptq_kernel_checks(cfg: dict) -> list[Check]:
+    """The GPTQ kernel steps 7-8 load here and on serve.cards, FAIL where it would need an absent compiler
+    (lmsys.kernels: nothing is compiled inside a step)."""
+    from lmsys.kernels import kernel_lines
+    try:
+        return [Check(*line) for line in kernel_lines(cfg)]
+    except ValueError as e:                      # a bad serve.cards / serve.dtype
+        return [Check("serve: target", FAIL, str(e), "fix serve.cards / serve.dtype in params.yaml")]
 
 
 # ---------------------------------------------------------------- data
@@ -629,9 +641,10 @@ def fingerprint(cfg: dict, runner: str | None = None, api_url: str | None = None
             "slurm": {k: v for k, v in cfg["orchestration"]["slurm"].items() if k not in SCALING_KEYS}
             if runner == "slurm" else None,
             "local_gpus": cfg["orchestration"]["local_gpus"] if runner == "local-gpus" else None,
+            "kernels": [cfg["quantize"]["backend"], cfg["serve"]["cards"], cfg["serve"]["dtype"]],
             "code": [(here / f).read_text() for f in ("check.py", "check_slurm.py", "check_table.py", "models.py",
                                                       "devices.py", "infer.py", "infer_packed.py", "data/validate.py",
-                                                      "data/crosscheck.py")]}
+                                                      "data/crosscheck.py", "kernels.py", "target.py")]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 

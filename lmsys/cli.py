@@ -218,7 +218,19 @@ def cmd_calibrate(args) -> int:
 
 def cmd_predict(args) -> int:
     """`lmsys predict --test CSV`: every id answered; unreadable rows get the class prior, named in a
-    warning (exit 1)."""
+    warning (exit 1). With --model an exported bundle (`lmsys export`) it reads the bundle alone: no
+    params.yaml, no pipeline root; package versions that differ from the exporting machine's are noted."""
+    from lmsys.export import is_bundle, predict_bundle
+    if args.model and is_bundle(Path(args.model)):
+        if args.test is None or args.profile or args.params:
+            raise UsageError("a bundle carries its own settings: give --test CSV (and --set KEY=VALUE of its "
+                             "settings.json), not --profile or --params")
+        overrides = dict(parse_override(o) for o in args.set or [])
+        sub, fallback, notes = predict_bundle(Path(args.model), Path(args.test), Path(args.out), overrides,
+                                              tta=not args.no_tta)
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+        return _predicted(args, sub, fallback)
     if args.test is None:                       # the pipeline step
         return cmd_step(args)
     from lmsys.io import check_output_table
@@ -226,6 +238,11 @@ def cmd_predict(args) -> int:
     check_output_table(args.out)
     sub, fallback = predict_file(Path(args.test), Path(args.out), Path(args.model) if args.model else None,
                                  _config(args), tta=not args.no_tta)
+    return _predicted(args, sub, fallback)
+
+
+def _predicted(args, sub, fallback) -> int:
+    """The lines of a finished `lmsys predict --test`: a warning per row answered by the fallback."""
     for r in fallback.head(20).itertuples(index=False):
         rid = f"id {r.id}" if r.id != "" else "no id: answered as id ''"
         print(f"warning: {args.test}: row {r.row} ({rid}): {r.reason}: answered with the class prior",
@@ -234,6 +251,24 @@ def cmd_predict(args) -> int:
         print(f"warning: ... and {len(fallback) - 20} more rows answered with the class prior", file=sys.stderr)
     print(f"wrote {args.out}: {len(sub)} rows ({len(fallback)} answered by fallback)")
     return EXIT_WARN if len(fallback) else EXIT_OK
+
+
+def cmd_export(args) -> int:
+    """`lmsys export --out DIR`: the final model, its settings, manifest and wheels as one offline bundle
+    (lmsys/export.py); exit 1 when a wheel could not be had offline (named, with the reason)."""
+    from lmsys.export import export_bundle
+    cfg = _config(args)
+    if args.root:
+        cfg["root"] = str(args.root)
+    m = export_bundle(cfg, Path(args.out), Path(args.model) if args.model else None, tuple(args.wheel or ()),
+                      wheels=not args.no_wheels)
+    size = sum(f["bytes"] for f in m["files"].values())
+    print(f"wrote {args.out}: model {m['model']['source']} ({'GPTQ, ' if m['model']['quantized'] else ''}"
+          f"{m['model']['serving']['dtype']} for {m['model']['serving']['cards'] or 'the device it was made on'}), "
+          f"{len(m['files'])} files, {size / 2**20:.1f} MiB, wheels: {', '.join(w['file'] for w in m['wheels']) or 'none'}")
+    for w in m["missing_wheels"]:
+        print(f"warning: no wheel of {w['dist']} {w['version'] or ''}: {w['reason']}", file=sys.stderr)
+    return EXIT_WARN if m["missing_wheels"] else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -333,8 +368,16 @@ def cmd_data_add(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed."""
+    """`lmsys check`: the preflight table (lmsys/check.py); exit 0 ok, 1 warnings, 2 a check failed.
+    --build-kernels first builds gptqmodel's Marlin kernels here (lmsys.kernels.build_marlin), outside
+    any step, and prints the time; a failed build is exit 2."""
     from lmsys.check import main_check
+    if args.build_kernels:
+        from lmsys.kernels import FAIL, build_marlin
+        status, detail, fix = build_marlin()
+        print(f"{status:<4}  build kernels: {detail}" + (f"\n      fix: {fix}" if fix else ""))
+        if status == FAIL:
+            return EXIT_INPUT
     cfg = _config(args)
     runner = args.runner or cfg["orchestration"]["runner"]
     api_url = None
@@ -431,11 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="steps 8/8.5: submission for a test CSV (TTA), or the pipeline step without --test")
     p.add_argument("--test", help="Kaggle test.csv")
     p.add_argument("--out", default="submission.csv")
-    p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
+    p.add_argument("--model", help="model dir or exported bundle (default: the last pipeline run's final model)")
     p.add_argument("--no-tta", action="store_true", help="original order only")
     _add_config_args(p)
     _add_root_arg(p)
     p.set_defaults(func=cmd_predict, step="predict")
+
+    p = sub.add_parser("export", help="the final model, its text/TTA/serving settings, a manifest and the wheels a stock "
+                                      "Kaggle image lacks, as one bundle that `lmsys predict --model DIR` runs offline")
+    p.add_argument("--out", required=True, help="the bundle's directory (replaced whole)")
+    p.add_argument("--model", help="model dir (default: the last pipeline run's final model)")
+    p.add_argument("--root", help="the pipeline run's root (default: the repo)")
+    p.add_argument("--wheel", action="append", metavar="DIST", help="also bundle this installed distribution's wheel")
+    p.add_argument("--no-wheels", action="store_true", help="leave the wheels out")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="step 9: log loss / accuracy / ECE of a predictions CSV, or the pipeline step")
     p.add_argument("--preds")
@@ -511,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--runner", choices=RUNNERS, help="default: orchestration.runner")
     p.add_argument("--root", help="the run's root (artifacts, demo data; default: the repo)")
+    p.add_argument("--build-kernels", action="store_true",
+                   help="first build gptqmodel's Marlin kernels here (needs a GPU and nvcc; minutes, once), so "
+                        "quantize.backend auto may use them; steps never compile")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plan", help="every task with its job, timeout, estimated wall time and GPU-hours, and the "

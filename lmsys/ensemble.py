@@ -145,18 +145,32 @@ def _to(parts: list[tuple], device: torch.device) -> list[tuple]:
     return [(a.to(device, torch.float32), b.to(device, torch.float32), s) for a, b, s in parts]
 
 
-def _merged(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """base + delta computed in float32 on the base's device, cast back to the base's dtype."""
-    return (base.float() + delta.to(base.device, torch.float32)).to(base.dtype)
+def _merged(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """base + delta computed in float32 on the base's device, cast to `dtype`."""
+    return (base.float() + delta.to(base.device, torch.float32)).to(dtype)
+
+
+def _store(model: torch.nn.Module, sd: dict, key: str, value: torch.Tensor) -> None:
+    """Write `value` as tensor `key`: in place when the dtypes agree, else as the parameter's new data
+    (and dropped from `sd`, so the old tensor is freed)."""
+    if value.dtype == sd[key].dtype:
+        sd[key].copy_(value)
+    else:
+        model.get_parameter(key).data = value
+        del sd[key]
 
 
 @torch.no_grad()
-def merge_into(model: torch.nn.Module, folds: list[tuple[dict, dict]], w: np.ndarray, method: str) -> None:
+def merge_into(model: torch.nn.Module, folds: list[tuple[dict, dict]], w: np.ndarray, method: str,
+               dtype: torch.dtype | None = None) -> None:
     """Add each module's combined delta to the model's weights and overwrite the full tensors
     (score head) with their weighted mean, in place. The adapter tensors (CPU, as read_adapter
-    returns them) go to each base weight's device; the merge is done in float32 there and cast to
-    the base weight's dtype, so a bf16 base on cuda (or any device, 'meta' included) merges where
-    it lives. Raises ValueError on mismatched keys/shapes."""
+    returns them) go to each base weight's device; the merge is done in float32 there, so a bf16
+    base on cuda (or any device, 'meta' included) merges where it lives. The result is cast to
+    `dtype` (default: the base weight's), once: merged weights and the fp32-trained head from their
+    float32 values, every other tensor from the base's own, so no weight is rounded twice (a head
+    first rounded to a bf16 base and then to a float16 serving dtype would be).
+    Raises ValueError on mismatched keys/shapes."""
     sd = model.state_dict()   # tensors share storage with the parameters
     lora0, full0 = folds[0]
     for i, (lora, full) in enumerate(folds[1:], 1):
@@ -169,28 +183,33 @@ def merge_into(model: torch.nn.Module, folds: list[tuple[dict, dict]], w: np.nda
         delta = _delta(_to([lora[key] for lora, _ in folds], sd[key].device), w, method)
         if delta.shape != sd[key].shape:
             raise ValueError(f"{key}: delta {tuple(delta.shape)} vs base {tuple(sd[key].shape)}")
-        sd[key].copy_(_merged(sd[key], delta))
+        _store(model, sd, key, _merged(sd[key], delta, dtype or sd[key].dtype))
     for key in full0:
         if key not in sd or sd[key].shape != full0[key].shape:
             raise ValueError(f"adapter tensor {key!r} {tuple(full0[key].shape)} does not match the base model")
         avg = sum(float(wk) * full[key].float() for wk, (_, full) in zip(w, folds))     # fp32, on the CPU
-        sd[key].copy_(avg.to(sd[key].device, sd[key].dtype))
+        _store(model, sd, key, avg.to(sd[key].device, dtype or sd[key].dtype))
+    if dtype is not None:
+        model.to(dtype)          # the tensors not merged, each cast once from the base's dtype
 
 
 def ensemble_adapters(base_model_factory: Callable[[], torch.nn.Module], adapter_dirs: list, out_dir,
-                      method: str = "mean", weights=None, extra: dict | None = None, tokenizer=None) -> Path:
+                      method: str = "mean", weights=None, extra: dict | None = None, tokenizer=None,
+                      dtype: torch.dtype | None = None, sidecars: dict[str, dict] | None = None) -> Path:
     """Combine K fold adapters (method mean | exact | weighted; weights [K] only for weighted) into
-    a fresh base model from base_model_factory() and save it, atomically, as a full model
-    (AutoModelForSequenceClassification.from_pretrained(out_dir) loads it) plus ensemble.json
-    (method, weights, folds, base model, and `extra`). Returns out_dir. Raises ValueError on no
-    adapters, a bad method/weights, or as read_adapter / merge_into."""
+    a fresh base model from base_model_factory() and save it, atomically, as a full model in `dtype`
+    (default: the base's; see merge_into: one cast) that
+    AutoModelForSequenceClassification.from_pretrained(out_dir) loads, plus ensemble.json (method,
+    weights, folds, base model, and `extra`) and a JSON file per entry of `sidecars` (file name ->
+    content, e.g. serving.json). Returns out_dir. Raises ValueError on no adapters, a bad
+    method/weights, or as read_adapter / merge_into."""
     dirs = [Path(d) for d in adapter_dirs]
     if not dirs:
         raise ValueError("no adapter folders")
     w = _weights(method, len(dirs), weights)
     read = [read_adapter(d) for d in dirs]
     model = base_model_factory()
-    merge_into(model, [(lora, full) for lora, full, _ in read], w, method)
+    merge_into(model, [(lora, full) for lora, full, _ in read], w, method, dtype)
     meta = {"method": method, "weights": w.tolist(), "folds": [str(d) for d in dirs],
             "base_model": read[0][2].get("base_model_name_or_path"),
             "lora_modules": len(read[0][0]), "full_tensors": sorted(read[0][1]), **(extra or {})}
@@ -199,4 +218,6 @@ def ensemble_adapters(base_model_factory: Callable[[], torch.nn.Module], adapter
         if tokenizer is not None:          # beside the weights, so the dir loads on its own
             tokenizer.save_pretrained(tmp)
         write_json(meta, tmp / "ensemble.json")
+        for name, content in (sidecars or {}).items():
+            write_json(content, tmp / name)
     return Path(out_dir)

@@ -146,6 +146,45 @@ def classify(model: torch.nn.Module, ids: list[list[int]], pad_id: int, batch_si
                                      desc=desc, fixed_length=True)
 
 
+# ---------------------------------------------------------------- non-finite guard
+
+class NonFiniteLogits(ValueError):
+    """Rows whose logits are not finite and could not be recomputed; the message ends with the fix."""
+
+
+def predict_logits_guarded(model: torch.nn.Module, ids: list[list[int]], pad_id: int, batch_size: int,
+                           fp32_model=None, desc: str = "infer", path: Route = PADDED) -> tuple[np.ndarray, dict]:
+    """(logits [N, 3] as predict_logits, info) where no row is left non-finite: a half-precision model can
+    overflow (float16's largest value is 65504) where float32 does not. The non-finite rows are counted
+    and recomputed one at a time (batch 1, so the result does not depend on which rows shared a batch)
+    by fp32_model() (a callable giving the model in float32, called at most once); without one, or when a
+    row is still non-finite in float32, NonFiniteLogits is raised: nothing non-finite is returned.
+    The rows go on `path` (classify); the float32 recomputation is padded.
+    info: nonfinite_rows, recomputed_fp32."""
+    z = classify(model, ids, pad_id, batch_size, path, desc=desc)
+    bad = np.flatnonzero(~np.isfinite(z).all(axis=1))
+    info = {"nonfinite_rows": int(len(bad)), "recomputed_fp32": 0}
+    if not len(bad):
+        return z, info
+    dtype = next(model.parameters()).dtype
+    what = f"{desc}: {len(bad)} of {len(ids)} rows give non-finite logits in {str(dtype).removeprefix('torch.')}"
+    broken = "fix: the model's weights are broken: rerun steps 6-7 and check their logs"
+    if fp32_model is None:
+        fix = broken if dtype == torch.float32 else ("fix: serve.nonfinite recompute (those rows in float32), or "
+                                                     "serve the model in bfloat16/float32 (serve.cards, serve.dtype)")
+        raise NonFiniteLogits(f"{what} (first rows: {bad[:5].tolist()}); {fix}")
+    log.warning("%s: recomputing them in float32", what)
+    m32 = fp32_model()
+    for i in bad:
+        z[i] = predict_logits(m32, [ids[i]], pad_id, 1, desc=f"{desc} fp32")[0]
+    still = bad[~np.isfinite(z[bad]).all(axis=1)]
+    if len(still):
+        raise NonFiniteLogits(f"{what}, and {len(still)} of them in float32 too (first rows: {still[:5].tolist()}); "
+                              f"{broken}")
+    info["recomputed_fp32"] = int(len(bad))
+    return z, info
+
+
 # ---------------------------------------------------------------- resumable, sharded
 
 SHARD_MANIFEST = "manifest.json"

@@ -6,14 +6,16 @@ classification checkpoint as a causal LM and drops the `score` head. Only the li
 the decoder blocks are quantised; embeddings, norms and the `score` head stay in full precision.
 
 Supported: Llama / Qwen2 / Gemma2 sequence classifiers saved as config.json + safetensors with
-their tokenizer in the same directory; bits 2, 3, 4, 8; CPU (kernels compile once into
-~/.cache/gptqmodel) or CUDA when available.
+their tokenizer in the same directory; bits 2, 3, 4, 8; CPU or CUDA when available. Nothing is compiled
+here: gptqmodel's C++/CUDA helpers are switched to their Python fallbacks (lmsys.kernels.forbid_builds)
+and the kernel is one that needs no build (lmsys.kernels.choose_backend picks it per device).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,7 @@ from typing import Callable
 import torch
 
 from lmsys.io import atomic_dir, write_json
+from lmsys.kernels import forbid_builds
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ METRICS_FILE = "quantize.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 PROBE_TEXTS = 4          # calibration texts reused as a forward-pass sanity probe
 PROBE_MAX_TOKENS = 128   # the probe only checks finiteness and drift; short is enough
+SIDECARS = ("serving.json", "ensemble.json")   # what describes the model dir (dtype, folds, class prior): carried over
 
 EvalFn = Callable[[torch.nn.Module, object], float]
 
@@ -116,23 +120,25 @@ def _head_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
 
 
-def _load_reference(model_dir: Path, device: torch.device):
+def _load_reference(model_dir: Path, device: torch.device, dtype: str | torch.dtype = "auto"):
     from transformers import AutoModelForSequenceClassification
     from lmsys.models import device_map
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype="auto",
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=dtype,
                                                                device_map=device_map(device))
     return model.eval()
 
 
 # ---------------------------------------------------------------- public API
 
-def load_quantized(out_dir: str | Path, device: str | torch.device | None = None, backend: str | None = None):
+def load_quantized(out_dir: str | Path, device: str | torch.device | None = None, backend: str | None = None,
+                   dtype: str | torch.dtype = "auto"):
     """A frozen eval-mode GPTQ classifier from `out_dir`, placed on `device` (default: cuda when
-    available, else cpu). device_map is what places a GPTQ model: `.to(device)` after loading
+    available, else cpu), its unquantised tensors in `dtype` ("auto": as saved; a GPTQ model cannot be
+    cast after loading). device_map is what places a GPTQ model: `.to(device)` after loading
     leaves gptqmodel's kernels where they were selected. `backend` (a gptqmodel kernel name, e.g.
     "gptq_triton", "gptq_torch"; None: the one quantize.json records, else "auto") picks the
-    kernel: "auto" on Hopper is Marlin, whose CUDA extension is compiled on first use (over 5 min
-    on an H200, cached in ~/.cache/gptqmodel); Triton kernels compile in seconds.
+    kernel: choose one with lmsys.kernels.choose_backend ("auto" on Hopper is Marlin, whose CUDA
+    extension gptqmodel would compile on first use: over 5 min on an H200).
 
     Raises FileNotFoundError without config.json, ValueError when the checkpoint is not GPTQ,
     ImportError when the backend is missing."""
@@ -146,6 +152,7 @@ def load_quantized(out_dir: str | Path, device: str | torch.device | None = None
     if str(getattr(method, "value", method)) != "gptq":
         raise ValueError(f"{out_dir} is not a GPTQ checkpoint (quant_method={method!r})")
     require_gptq_backend()
+    forbid_builds()
     device = torch.device(device) if device is not None else _default_device()
     override = {}
     recorded = out_dir / METRICS_FILE
@@ -156,14 +163,15 @@ def load_quantized(out_dir: str | Path, device: str | torch.device | None = None
         saved = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
         override["quantization_config"] = GPTQConfig.from_dict({**saved, "backend": backend})
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(out_dir), dtype="auto", device_map={"": str(device)}, **override)
+        str(out_dir), dtype=dtype, device_map={"": str(device)}, **override)
     model.requires_grad_(False)
     return model.eval()
 
 
 def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], bits: int = 8,
                   group_size: int = 128, model_seqlen: int = 2100, eval_fn: EvalFn | None = None,
-                  device: str | torch.device | None = None, backend: str = "auto") -> dict:
+                  device: str | torch.device | None = None, backend: str = "auto",
+                  dtype: str | torch.dtype = "auto") -> dict:
     """GPTQ-quantise the merged classifier at `model_dir` (its tokenizer beside it) into `out_dir`.
 
     Calibrates on `texts` (each truncated to model_seqlen tokens). The quantised model and the
@@ -173,12 +181,16 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     failed or killed run never leaves a half-checked `out_dir`.
 
     `backend`: the gptqmodel kernel the quantised model runs with (see `load_quantized`); saved
-    with the checkpoint and used for the reload check.
+    with the checkpoint and used for the reload check. `dtype`: of the unquantised tensors (embeddings,
+    norms, the `score` head) and of the computation ("auto": model_dir's own, which step 6 wrote in the
+    serving target's dtype). The files of SIDECARS in model_dir (serving.json, ensemble.json) are copied
+    beside it.
 
     Returns metrics: bits, backend, group_size (used), group_size_requested, group_size_fallback,
     n_calibration, log_loss_unquantized / log_loss_quantized / log_loss_change (eval_fn(model, tok)
     on both models; None without eval_fn), max_abs_logit_diff (probe), quantize_seconds,
-    reload_seconds, size_mb_before, size_mb_after (weight files).
+    reload_seconds, first_call_seconds (the reloaded model's first forward, the probe: where Triton
+    compiles its kernels), dtype, size_mb_before, size_mb_after (weight files).
 
     Raises ValueError for bits not in (2, 3, 4, 8), a bad group_size, no texts or a model
     without a `score` head; ImportError when gptqmodel/optimum are missing; RuntimeError when
@@ -188,6 +200,7 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_args(bits, group_size, texts, model_seqlen)
     require_gptq_backend()
+    forbid_builds()
     device = torch.device(device) if device is not None else _default_device()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token is None:  # the probe pads a small batch
@@ -195,7 +208,7 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
 
     # The unquantised reference: head weights, probe logits, eval loss. Freed before quantising
     # so a large model is never held twice.
-    ref = _load_reference(model_dir, device)
+    ref = _load_reference(model_dir, device, dtype)
     used_group = resolve_group_size(ref.config, group_size)
     head_before = _head_weights(ref)
     probe_before = _probe_logits(ref, tok, texts)
@@ -206,7 +219,7 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
                          tokenizer=tok, model_seqlen=model_seqlen, backend=backend)
     t0 = time.perf_counter()
     from lmsys.models import device_map     # straight onto the device (transformers' GPTQ default is the host)
-    qmodel = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype="auto",
+    qmodel = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=dtype,
                                                                 quantization_config=qconfig,
                                                                 device_map=device_map(device))
     quantize_seconds = time.perf_counter() - t0
@@ -216,11 +229,16 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
     with atomic_dir(out_dir) as stage:
         qmodel.save_pretrained(stage)
         tok.save_pretrained(stage)
+        for name in SIDECARS:
+            if (model_dir / name).exists():
+                shutil.copy2(model_dir / name, stage / name)
         del qmodel
         t0 = time.perf_counter()
-        reloaded = load_quantized(stage, device, backend)
+        reloaded = load_quantized(stage, device, backend, dtype)
         reload_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         probe_after = _verify(reloaded, tok, texts, head_before)
+        first_call_seconds = time.perf_counter() - t0
         loss_after = float(eval_fn(reloaded, tok)) if eval_fn is not None else None
         metrics = {
             "bits": bits, "backend": backend, "group_size": used_group, "group_size_requested": group_size,
@@ -229,6 +247,8 @@ def quantize_gptq(model_dir: str | Path, out_dir: str | Path, texts: list[str], 
             "log_loss_change": None if eval_fn is None else loss_after - loss_before,
             "max_abs_logit_diff": float((probe_after - probe_before).abs().max()),
             "quantize_seconds": quantize_seconds, "reload_seconds": reload_seconds,
+            "first_call_seconds": first_call_seconds,
+            "dtype": str(getattr(reloaded, HEAD_NAME).weight.dtype).removeprefix("torch."),
             "size_mb_before": _weights_mb(model_dir), "size_mb_after": _weights_mb(stage),
         }
         write_json(metrics, stage / METRICS_FILE)

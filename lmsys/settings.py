@@ -178,12 +178,26 @@ class Quantize(Section):
     group_size: int = Field(ge=-1)             # -1: one group per row (GPTQ's convention)
     n_calibration: int = Field(ge=1)
     model_seqlen: int = Field(ge=8)
-    backend: str                               # a gptqmodel kernel: auto | gptq_triton | gptq_torch | ...
+    backend: Literal["auto", "gptq_triton", "gptq_torch", "gptq_marlin"]   # gptqmodel kernel (lmsys/kernels.py)
 
 
 class Predict(Section):
     tta: bool
     batch_size: int = Field(ge=1)
+    devices: Literal["auto"] | int             # processes: one per visible GPU (auto), or N
+
+
+class Serve(Section):
+    cards: Optional[str]                      # N x CARD, e.g. 2xT4; null = the device the step runs on
+    dtype: Literal["auto", "float16", "bfloat16", "float32"]
+    nonfinite: Literal["recompute", "fail"]
+
+    @field_validator("cards")
+    @classmethod
+    def _cards(cls, v):
+        if v is not None and not re.fullmatch(r"\d+x\S+", str(v)):
+            raise ValueError(f"serve.cards {v!r} is not N x CARD (e.g. 2xT4)")
+        return v
 
 
 class Infer(Section):
@@ -282,6 +296,7 @@ class Settings(Section):
     quantize: Quantize
     predict: Predict
     infer: Infer
+    serve: Serve
     evaluate: Evaluate
     orchestration: Orchestration
 

@@ -69,7 +69,8 @@ BUDGET_S="${BUDGET_S:-540}"
 mkdir -p "$OUT"
 t0=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
-       DVC_NO_ANALYTICS=1 BUILD_CUDA_EXT=0 LMSYS_GPU_RESULTS="$OUT" PREFECT_HOME=/tmp/prefect-home
+       DVC_NO_ANALYTICS=1 BUILD_CUDA_EXT=0 LMSYS_GPU_RESULTS="$OUT" PREFECT_HOME=/tmp/prefect-home \
+       GPTQMODEL_DISABLE_GPTQ_CUDA=1 GPTQMODEL_DISABLE_PACK_EXT=1   # gptqmodel's Python fallbacks: nothing compiled on the device
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'

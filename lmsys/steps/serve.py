@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,59 +37,118 @@ def final_model_dir(cfg: dict, layout: Layout) -> Path:
     return layout.quantized if cfg["quantize"]["enabled"] else layout.ensemble
 
 
-def load_final(model_dir: Path):
-    """(tokenizer, eval model) of a merged or quantized model dir (its tokenizer is saved inside).
-    Raises FileNotFoundError naming a missing dir, ValueError naming weights that cannot be read
-    (a truncated or corrupt copy)."""
+def load_tokenizer_of(model_dir: Path):
+    """The tokenizer saved inside a merged or quantized model dir (pad token: eos when it has none)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, device=None, backend: str = "auto", nonfinite: str = "recompute",
+               dtype: str | None = None):
+    """(eval model, fp32 loader or None, info) of a merged or quantized model dir on `device` (default:
+    the step's), in the serving dtype its serving.json records (lmsys.target.load_dtype: checked
+    against the weights; float16, with a warning, where the device has no bf16), a GPTQ model with the
+    kernel chosen for the device (lmsys.kernels: quantize.backend `backend`, nothing compiled). The fp32
+    loader is the non-finite guard's (lmsys.infer.predict_logits_guarded): None with nonfinite "fail"
+    or for a float32 model. info: dtype, dtype_warning, backend, first_call_s (one short forward right
+    after loading: where Triton JIT-compiles its kernels)."""
+    import torch
     from safetensors import SafetensorError
+
+    from lmsys import kernels, target
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model directory")
+    device = torch.device(device) if device is not None else common.device()
+    warning = None
+    if dtype is None:
+        dtype, warning = target.load_dtype(model_dir, target.device_capability(device))
+        if warning:
+            log.warning(warning)
     try:
-        return _load_final(model_dir)
+        model, chosen = _load_weights(model_dir, device, backend, dtype)
     except SafetensorError as e:
         files = ", ".join(p.name for p in sorted(model_dir.glob("*.safetensors"))) or "no *.safetensors"
         raise ValueError(f"{model_dir}: its weights ({files}) cannot be read: {e} (truncated or corrupt: copy the "
                          "model again, or rerun the step that wrote it)") from None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=torch.ones((1, 8), dtype=torch.long, device=device))
+    info = {"dtype": dtype, "dtype_warning": warning, "backend": chosen,
+            "first_call_s": round(time.perf_counter() - t0, 3)}
+    fp32 = None
+    if nonfinite == "recompute" and dtype != "float32":
+        fp32 = lambda: load_model(model_dir, device, kernels.TORCH, "fail", "float32")[0]  # noqa: E731
+    elif nonfinite not in ("recompute", "fail"):
+        raise ValueError(f"serve.nonfinite {nonfinite!r}: expected recompute or fail")
+    return model, fp32, info
 
 
-def _load_final(model_dir: Path):
-    from transformers import AutoTokenizer
-
+def _load_weights(model_dir: Path, device, backend: str, dtype: str):
+    """(model, the GPTQ kernel or None) of a merged or quantized model dir, in `dtype`."""
+    from lmsys import kernels, target
     from lmsys.models import load_for_inference
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if (Path(model_dir) / "quantize.json").exists():
+    if (model_dir / "quantize.json").exists():
         from lmsys.quantize import load_quantized
-        return tok, load_quantized(model_dir, common.device())
-    return tok, load_for_inference(model_dir, {}, tok, device=common.device(), dtype=common.dtype())
+        chosen, why = kernels.choose_here(backend, dtype, device)       # the kernel runs on the real device
+        log.info("%s: GPTQ kernel %s (%s)", model_dir, chosen, why)
+        return load_quantized(model_dir, device, chosen, target.torch_dtype(dtype)), chosen
+    return load_for_inference(model_dir, {}, load_tokenizer_of(model_dir), device=device,
+                              dtype=target.torch_dtype(dtype)), None
+
+
+def load_final(model_dir: Path, device=None):
+    """(tokenizer, eval model) of a merged or quantized model dir (its tokenizer is saved inside), as
+    load_model loads it."""
+    return load_tokenizer_of(model_dir), load_model(model_dir, device)[0]
+
+
+ORDERS = ("original", "swapped")
+
+
+def encode_orders(rows: pd.DataFrame, tok, text_cfg: dict, max_length: int, tta: bool) -> dict[str, list[list[int]]]:
+    """Token ids of `rows` in the original A/B order, and (with TTA) in the swapped one."""
+    return {o: encode_rows(rows, tok, max_length, text_cfg, swap=o == "swapped") for o in ORDERS[:1 + tta]}
+
+
+def probs_of(logits: dict[str, np.ndarray], tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N, 3], plain original-order probabilities or None without TTA) of encode_orders' logits."""
+    p = metrics.softmax(logits["original"])
+    if not tta:
+        return p, None
+    return symmetrize(p, metrics.softmax(logits["swapped"])), p
 
 
 def predict_probs(model, tok, rows: pd.DataFrame, text_cfg: dict, max_length: int, batch_size: int,
-                  tta: bool = True, path=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities [N, 3], probabilities of the plain original order [N, 3] or None without TTA),
-    on the inference `path` (an lmsys.infer.Route: lmsys.infer.route of params.yaml's `infer`; default
-    the padded path).
+                  tta: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N, 3], probabilities of the plain original order [N, 3] or None without TTA) of a
+    loaded model in this process (non-finite logits raise: lmsys.infer.predict_logits_guarded).
 
     With TTA the output is exactly symmetric: swapping A/B in `rows` exchanges p_A and p_B."""
-    from lmsys.infer import PADDED, classify
-    path = path or PADDED
-    z = classify(model, encode_rows(rows, tok, max_length, text_cfg), tok.pad_token_id, batch_size, path, desc="predict")
-    p = metrics.softmax(z)
-    if not tta:
-        return p, None
-    zs = classify(model, encode_rows(rows, tok, max_length, text_cfg, swap=True), tok.pad_token_id,
-                  batch_size, path, desc="predict swapped")
-    return symmetrize(p, metrics.softmax(zs)), p
+    from lmsys.infer import predict_logits_guarded
+    ids = encode_orders(rows, tok, text_cfg, max_length, tta)
+    z = {o: predict_logits_guarded(model, v, tok.pad_token_id, batch_size, desc=f"predict {o}")[0]
+         for o, v in ids.items()}
+    return probs_of(z, tta)
 
 
-def inference_path(model, cfg: dict):
-    """The Route predict takes for `model` (lmsys.infer.route of params.yaml's `infer`), logged."""
-    from lmsys.infer import route
-    path = route(model, cfg["infer"])
-    log.info("predict: %s inference", path.describe())
-    return path
+def predict_rows(model_dir: Path, rows: pd.DataFrame, settings: dict, tta: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(probabilities, plain probabilities or None, info) of the model at `model_dir` on `rows`, on the
+    devices of predict.devices (lmsys.predict_workers: one process per device, the same bytes as one).
+    settings: the sections text, predict, serve and quantize.backend (a pipeline config or a bundle's)."""
+    from lmsys import predict_workers
+    tok = load_tokenizer_of(model_dir)
+    ids = encode_orders(rows, tok, settings["text"], settings["text"]["infer_max_length"], tta)
+    z, info = predict_workers.logits_by_order(
+        model_dir, ids, tok.pad_token_id, settings["predict"]["batch_size"],
+        predict_workers.devices(settings["predict"]["devices"]),
+        load={"backend": settings["quantize"]["backend"], "nonfinite": settings["serve"]["nonfinite"]},
+        infer=settings.get("infer"))
+    return (*probs_of(z, tta), info)
 
 
 def submission(ids, probs: np.ndarray) -> pd.DataFrame:
@@ -128,16 +188,14 @@ def run_predict(cfg: dict, layout: Layout) -> StepResult:
     (prepared/test_fallback.csv) gets the training class prior, flagged with its reason; the
     submission is checked against the raw test files' ids (every id once, rows sum to 1: ValueError
     otherwise). Writes submission.csv, test_probs.parquet (TTA and plain, fallback_reason) and
-    last_run.json (what `lmsys predict` uses by default)."""
+    last_run.json (what `lmsys predict` uses by default). The model runs in its recorded serving dtype
+    on the devices of predict.devices; non-finite logits are recomputed in float32 or fail (serve.nonfinite)."""
     from lmsys.data.validate import raw_ids
     from lmsys.steps.prepare import data_files
     model_dir = final_model_dir(cfg, layout)
-    tok, model = load_final(model_dir)
     test = common.table(layout, "test")
     fallback = pd.read_csv(layout.prepared / "test_fallback.csv", dtype={"id": str}, keep_default_na=False)  # "" stays ""
-    path = inference_path(model, cfg)
-    p, plain = predict_probs(model, tok, test, cfg["text"], cfg["text"]["infer_max_length"],
-                             cfg["predict"]["batch_size"], cfg["predict"]["tta"], path)
+    p, plain, info = predict_rows(model_dir, test, cfg, cfg["predict"]["tta"])
     prior = metrics.class_prior(common.table(layout, "train")["label"])
     sub, reason = with_fallback(test["id"], p, fallback, prior)
     expected = [i for f in data_files(cfg, layout)["test"] for i in raw_ids(f)]
@@ -153,8 +211,10 @@ def run_predict(cfg: dict, layout: Layout) -> StepResult:
                 "report": str(layout.reports / "report.md"), "tta": cfg["predict"]["tta"],
                 "class_prior": prior.tolist()}, layout.last_run)
     return StepResult(outputs=[layout.predictions], metrics={
-        "rows": len(sub), "model": str(model_dir), "fallback_rows": len(fallback), "inference": path.describe(),
-        "fallback_reasons": {k: int(n) for k, n in fallback["reason"].value_counts().items()}})
+        "rows": len(sub), "model": str(model_dir), "fallback_rows": len(fallback), "inference": info["inference"],
+        "fallback_reasons": {k: int(n) for k, n in fallback["reason"].value_counts().items()},
+        **{k: info[k] for k in ("devices", "nonfinite_rows", "recomputed_fp32")},
+        **{k: info["workers"][0][k] for k in ("dtype", "dtype_warning", "backend", "first_call_s")}})
 
 
 def model_class_prior(model_dir: Path) -> np.ndarray | None:
@@ -170,13 +230,9 @@ def model_class_prior(model_dir: Path) -> np.ndarray | None:
 
 def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dict, tta: bool = True
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`lmsys predict`: validate a test CSV, predict the usable rows, answer the quarantined ones
-    with the training class prior (uniform when the model dir does not record it), check the
-    submission against the file's ids (every id once, rows sum to 1) and write it.
-    Returns (submission, fallback rows: id, row, reason, detail). model_dir defaults to the last
-    pipeline run's final model of the profile. Raises FileNotFoundError without a model, UnusableFile
-    for an unusable file, ValueError when the file has no rows or the final check fails."""
-    from lmsys.data.validate import fallback_rows, raw_ids, validate_file
+    """`lmsys predict --test CSV` with a pipeline's model: answer_file with model_dir defaulting to the
+    last pipeline run's final model of the profile, and the class prior the model dir records (else the
+    last run's, else uniform). Raises FileNotFoundError without a model, and as answer_file."""
     layout = Layout.of(cfg)
     if model_dir is None:
         if not layout.last_run.exists():
@@ -185,19 +241,28 @@ def predict_file(test_csv: Path, out_csv: Path, model_dir: Path | None, cfg: dic
         model_dir = Path(json.loads(layout.last_run.read_text())["model"])
     if not Path(model_dir).is_dir():                # before any work: not a hub name to look up, a path
         raise FileNotFoundError(f"{model_dir}: no such model directory (--model names the final model's dir)")
-    v = validate_file(test_csv)
-    if not v.report()["rows_in"]:
-        raise ValueError(f"{test_csv}: no rows")
-    fallback = fallback_rows(v)
     prior = model_class_prior(model_dir)
     if prior is None and layout.last_run.exists():
         prior = json.loads(layout.last_run.read_text()).get("class_prior")
     prior = np.full(3, 1 / 3) if prior is None else np.asarray(prior, dtype=np.float64)
+    return answer_file(test_csv, out_csv, model_dir, cfg, prior, tta)
+
+
+def answer_file(test_csv: Path, out_csv: Path, model_dir: Path, settings: dict, prior: np.ndarray, tta: bool = True
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validate a test CSV, predict the usable rows with the model at `model_dir` (predict_rows, with
+    `settings`: a pipeline config or an exported bundle's), answer the quarantined ones with `prior`,
+    check the submission against the file's ids (every id once, rows sum to 1) and write it.
+    Returns (submission, fallback rows: id, row, reason, detail). Raises UnusableFile for an unusable
+    file, ValueError when the file has no rows or the final check fails."""
+    from lmsys.data.validate import fallback_rows, raw_ids, validate_file
+    v = validate_file(test_csv)
+    if not v.report()["rows_in"]:
+        raise ValueError(f"{test_csv}: no rows")
+    fallback = fallback_rows(v)
     p = np.zeros((0, 3))
     if len(v.clean):
-        tok, model = load_final(model_dir)
-        p, _ = predict_probs(model, tok, v.clean, cfg["text"], cfg["text"]["infer_max_length"],
-                             cfg["predict"]["batch_size"], tta, inference_path(model, cfg))
+        p, _, _ = predict_rows(model_dir, v.clean, settings, tta)
     sub, _ = with_fallback(v.clean["id"], p, fallback, prior)
     check_submission(sub, raw_ids(test_csv), str(test_csv))
     write_table(sub, out_csv)

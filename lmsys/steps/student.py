@@ -178,8 +178,10 @@ def _write_oof(cfg: dict, net, tok, val: pd.DataFrame, path: Path) -> None:
 
 def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
     """Step 6: combine the fold students (ensemble.method) into one merged model, saved with its
-    tokenizer so `lmsys predict` can load it alone."""
-    from lmsys import models
+    tokenizer so `lmsys predict` can load it alone, in the serving target's dtype (serve.cards /
+    serve.dtype: lmsys.target), which serving.json records. The base is read in the training dtype and
+    the merge done in float32; each tensor is cast to the served dtype once (lmsys.ensemble.merge_into)."""
+    from lmsys import models, target
     from lmsys.ensemble import ensemble_adapters, fold_weights
     folds = active_folds(cfg)
     method = cfg["ensemble"]["method"]
@@ -191,9 +193,11 @@ def run_ensemble(cfg: dict, layout: Layout) -> StepResult:
     spec, tok = common.spec(cfg, name), common.tokenizer(cfg, layout, name)
     factory = lambda: models.build_base_model(spec, tok, device=common.device(), dtype=common.dtype())  # noqa: E731
     prior = class_prior(common.table(layout, "train")["label"]).tolist()     # answers unreadable test rows
+    served = target.serving_target(cfg)
     ensemble_adapters(factory, [common.adapter(layout.student(k)) for k in folds], layout.ensemble, method, weights,
-                      extra={"student": name, "gains": gains, "fold_ids": folds, "class_prior": prior}, tokenizer=tok)
-    return StepResult(outputs=[layout.ensemble], metrics={"method": method, "folds": folds,
+                      extra={"student": name, "gains": gains, "fold_ids": folds, "class_prior": prior}, tokenizer=tok,
+                      dtype=target.torch_dtype(served.dtype), sidecars={target.RECORD: target.record(served)})
+    return StepResult(outputs=[layout.ensemble], metrics={"method": method, "folds": folds, "dtype": served.dtype,
                                                           "weights": None if weights is None else list(map(float, weights))})
 
 
@@ -237,14 +241,33 @@ def calibration_texts(cfg: dict, layout: Layout, n: int) -> list[str]:
 
 
 def run_quantize(cfg: dict, layout: Layout) -> StepResult:
-    """Step 7: GPTQ of the merged student via transformers' GPTQConfig (gptqmodel backend); saved,
-    reloaded, and its log-loss change against the unquantised model measured on training rows."""
+    """Step 7: GPTQ of the merged student via transformers' GPTQConfig (gptqmodel backend), in the dtype
+    step 6 recorded (serving.json, carried over); saved, reloaded with the kernel chosen for this device
+    (nothing compiled: lmsys.kernels), and its log-loss change against the unquantised model measured
+    on training rows. Its metrics also name the kernel a fresh machine of serve.cards would load (checked
+    first: a backend the target cannot load without a build fails here, before quantising)."""
+    from lmsys import kernels, target
     from lmsys.quantize import quantize_gptq
     q = cfg["quantize"]
+    dtype = target.read_record(layout.ensemble)["dtype"]
+    backend, why = kernels.choose_here(q["backend"], dtype, common.device())
+    on_target = serve_backend(cfg, dtype)
+    log.info("quantize: kernel %s (%s)", backend, why)
     texts = calibration_texts(cfg, layout, q["n_calibration"])
     metrics = quantize_gptq(layout.ensemble, layout.quantized, texts, bits=q["bits"], group_size=q["group_size"],
-                            model_seqlen=q["model_seqlen"], backend=q["backend"], eval_fn=partial(_eval_model, cfg, layout))
-    return StepResult(outputs=[layout.quantized], metrics=metrics)
+                            model_seqlen=q["model_seqlen"], backend=backend, dtype=target.torch_dtype(dtype),
+                            device=common.device(), eval_fn=partial(_eval_model, cfg, layout))
+    return StepResult(outputs=[layout.quantized], metrics={**metrics, "backend_why": why, "serve_backend": on_target})
+
+
+def serve_backend(cfg: dict, dtype: str) -> str | None:
+    """The GPTQ kernel a fresh machine of serve.cards loads (nothing built there), None without serve.cards."""
+    from lmsys import kernels, target
+    tgt = target.serving_target(cfg)
+    if not tgt.cards:
+        return None
+    return kernels.choose_backend(cfg["quantize"]["backend"], tgt.capability, dtype, marlin_built=False, cc=True,
+                                  triton=True, where=f"serve.cards {tgt.cards}")[0]
 
 
 def _eval_model(cfg: dict, layout: Layout, model, tok, n: int = 128) -> float:

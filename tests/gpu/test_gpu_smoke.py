@@ -32,6 +32,7 @@ def smoke(tmp_path_factory):
     from lmsys.paths import Layout
     root = tmp_path_factory.mktemp("gpu-smoke")
     os.environ.setdefault("LMSYS_MODEL_CACHE", str(root / "models"))
+    os.environ["GPTQMODEL_TORCH_EXTENSIONS_DIR"] = str(root / "gptqmodel-ext")   # must stay empty: no builds
     layout = Layout("gpu-smoke", root)
     runs = {}
     for name in ("first", "again"):
@@ -114,3 +115,18 @@ def test_trainable_parameters_fp32_on_cuda(smoke):
         torch.cuda.empty_cache()
     head = {k: v for k, v in load_file(common.adapter(layout.student(0)) / "adapter_model.safetensors").items() if "score" in k}
     assert head and {v.dtype for v in head.values()} == {torch.float32}
+
+
+def test_served_in_float16_for_2xt4_with_nothing_compiled(smoke):
+    """serve.cards 2xT4: the merged and quantized student are float16 (made on this bf16-capable GPU),
+    predict loads them in float16 with the Triton kernel and reports its first call; no gptqmodel
+    extension was built on the device (its build dir is empty), no row needed the float32 recompute."""
+    from lmsys import target
+    root, layout, runs = smoke
+    for d in (layout.ensemble, layout.quantized):
+        assert target.read_record(d)["dtype"] == target.head_dtype(d) == "float16"
+    m = {r["task"]: r.get("metrics") or {} for r in runs["first"]["records"]}
+    assert (m["predict"]["dtype"], m["predict"]["backend"], m["predict"]["nonfinite_rows"]) == ("float16", "gptq_triton", 0)
+    assert m["predict"]["first_call_s"] > 0 and m["quantize"]["first_call_seconds"] > 0
+    ext = root / "gptqmodel-ext"
+    assert not ext.exists() or not [p for p in ext.rglob("*") if p.is_file()], sorted(ext.rglob("*"))
