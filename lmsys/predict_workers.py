@@ -13,12 +13,13 @@ to give every device one, balanced by padded tokens.
                         (`python -m lmsys.predict_workers DIR I`: CUDA_VISIBLE_DEVICES names its GPU;
                         on a CPU each worker gets its share of the torch threads)
 
-Each worker loads the model itself (lmsys.steps.serve.load_model: the recorded serving dtype, the GPTQ
+Each worker loads the model itself (load_model below: the recorded serving dtype, the GPTQ
 kernel for its device) and guards its logits (lmsys.infer.predict_logits_guarded).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 WORKER_LOG_TAIL = 3000      # characters of a failed worker's log quoted in the error
 
 
@@ -99,7 +101,7 @@ def logits_by_order(model_dir: Path, ids_by_order: dict[str, list[list[int]]], p
                     device_list: list[str], load: dict, infer: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """({order: logits [N, 3] in input order}, info) of the model at `model_dir` on `device_list`: in this
     process for one device, else one worker process per device. `load`: keyword arguments of
-    lmsys.steps.serve.load_model besides the dir and device (backend, nonfinite); `infer`: params.yaml's
+    load_model besides the dir and device (backend, nonfinite); `infer`: params.yaml's
     `infer` section, the inference path each worker routes its model on (lmsys.infer.route; None:
     padded; the packed path is within rounding of one device's, not bit for bit). info: devices, inference,
     units per device, nonfinite_rows, recomputed_fp32, seconds (per worker: load, first_call, predict)."""
@@ -122,7 +124,6 @@ def logits_by_order(model_dir: Path, ids_by_order: dict[str, list[list[int]]], p
 def _compute(model_dir, device, ids_by_order, units, pad_id, batch_size, load, infer=None) -> tuple[dict, dict]:
     """Load the model on `device` and run `units`: the work of one device, in whichever process."""
     from lmsys.infer import PADDED, route
-    from lmsys.steps.serve import load_model
     t0 = time.perf_counter()
     model, fp32_model, loaded = load_model(model_dir, device, **load)
     path = route(model, infer) if infer else PADDED
@@ -130,6 +131,76 @@ def _compute(model_dir, device, ids_by_order, units, pad_id, batch_size, load, i
     results, info = run_units(model, ids_by_order, units, pad_id, batch_size, fp32_model, path)
     return results, {**info, **loaded, "device": device, "inference": path.describe(), "load_s": round(t1 - t0, 3),
                      "predict_s": round(time.perf_counter() - t1, 3)}
+
+
+# ---------------------------------------------------------------- loading the final model
+
+def load_tokenizer_of(model_dir: Path):
+    """The tokenizer saved inside a merged or quantized model dir (pad token: eos when it has none)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, device=None, backend: str = "auto", nonfinite: str = "recompute",
+               dtype: str | None = None):
+    """(eval model, fp32 loader or None, info) of a merged or quantized model dir on `device` (default:
+    the step's), in the serving dtype its serving.json records (lmsys.target.load_dtype: checked
+    against the weights; float16, with a warning, where the device has no bf16), a GPTQ model with the
+    kernel chosen for the device (lmsys.kernels: quantize.backend `backend`, nothing compiled). The fp32
+    loader is the non-finite guard's (lmsys.infer.predict_logits_guarded): None with nonfinite "fail"
+    or for a float32 model. info: dtype, dtype_warning, backend, first_call_s (one short forward right
+    after loading: where Triton JIT-compiles its kernels)."""
+    import torch
+    from safetensors import SafetensorError
+
+    from lmsys import kernels, target
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model directory")
+    device = torch.device(device) if device is not None else device_of_step()
+    warning = None
+    if dtype is None:
+        dtype, warning = target.load_dtype(model_dir, target.device_capability(device))
+        if warning:
+            log.warning(warning)
+    try:
+        model, chosen = _load_weights(model_dir, device, backend, dtype)
+    except SafetensorError as e:
+        files = ", ".join(p.name for p in sorted(model_dir.glob("*.safetensors"))) or "no *.safetensors"
+        raise ValueError(f"{model_dir}: its weights ({files}) cannot be read: {e} (truncated or corrupt: copy the "
+                         "model again, or rerun the step that wrote it)") from None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=torch.ones((1, 8), dtype=torch.long, device=device))
+    info = {"dtype": dtype, "dtype_warning": warning, "backend": chosen,
+            "first_call_s": round(time.perf_counter() - t0, 3)}
+    fp32 = None
+    if nonfinite == "recompute" and dtype != "float32":
+        fp32 = lambda: load_model(model_dir, device, kernels.TORCH, "fail", "float32")[0]  # noqa: E731
+    elif nonfinite not in ("recompute", "fail"):
+        raise ValueError(f"serve.nonfinite {nonfinite!r}: expected recompute or fail")
+    return model, fp32, info
+
+
+def _load_weights(model_dir: Path, device, backend: str, dtype: str):
+    """(model, the GPTQ kernel or None) of a merged or quantized model dir, in `dtype`."""
+    from lmsys import kernels, target
+    from lmsys.models import load_for_inference
+    if (model_dir / "quantize.json").exists():
+        from lmsys.quantize import load_quantized
+        chosen, why = kernels.choose_here(backend, dtype, device)       # the kernel runs on the real device
+        log.info("%s: GPTQ kernel %s (%s)", model_dir, chosen, why)
+        return load_quantized(model_dir, device, chosen, target.torch_dtype(dtype)), chosen
+    return load_for_inference(model_dir, {}, load_tokenizer_of(model_dir), device=device,
+                              dtype=target.torch_dtype(dtype)), None
+
+
+def device_of_step():
+    from lmsys.steps.common import device
+    return device()
 
 
 # ---------------------------------------------------------------- worker processes
@@ -153,12 +224,12 @@ def _spawn(model_dir, device_list, ids_by_order, per_device, pad_id, batch_size,
                    "PYTHONPATH": os.pathsep.join(filter(None, [_source_root(), os.environ.get("PYTHONPATH")]))}
             if dev.startswith("cuda"):
                 env["CUDA_VISIBLE_DEVICES"] = _physical(dev)
-            log = open(work / f"worker{i}.log", "w")
+            out = open(work / f"worker{i}.log", "w")
             procs.append((subprocess.Popen([sys.executable, "-m", "lmsys.predict_workers", str(work), str(i)],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        for p, log in procs:
+                                           stdout=out, stderr=subprocess.STDOUT, env=env), out))
+        for p, out in procs:
             p.wait()
-            log.close()
+            out.close()
         results, infos = {}, []
         for i, (p, _) in enumerate(procs):
             err = work / f"error{i}.json"

@@ -195,8 +195,9 @@ class Serve(Section):
     @field_validator("cards")
     @classmethod
     def _cards(cls, v):
-        if v is not None and not re.fullmatch(r"\d+x\S+", str(v)):
-            raise ValueError(f"serve.cards {v!r} is not N x CARD (e.g. 2xT4)")
+        from lmsys.target import parse_cards        # the serving target's own reading of it
+        if v is not None:
+            parse_cards(v)
         return v
 
 

@@ -25,6 +25,11 @@ ISSUE_19 = {**{f"{s}.{k}": v for s in TRAINING for k, v in (("packing", True), (
             "orchestration.step_gpus": "per profile",
             "infer.packed": "auto", "infer.pack_tokens": 16384, "infer.verified_capabilities": ["9.0"],
             "orchestration.local_gpus": "auto"}
+# Issue 20: the serving target (serve.*; full and gpu-smoke serve on 2xT4), predict on every device, and the
+# GPTQ kernel chosen per device (gpu-smoke's explicit Triton became auto: Triton on a GPU, nothing built).
+ISSUE_20 = {"predict.devices": "auto", "serve.cards": None, "serve.dtype": "auto", "serve.nonfinite": "recompute"}
+ISSUE_20_PROFILES = {"full": {"serve.cards": "2xT4"},
+                     "gpu-smoke": {"serve.cards": "2xT4", "quantize.backend": "auto"}}
 ISSUE_19_PROFILES = {"tiny": {f"{s}.pack_tokens": 256 for s in TRAINING}, "small": {f"{s}.packing": False for s in TRAINING}}
 REPRICED = "orchestration.estimate."               # lmsys plan's figures (tests/test_plan.py checks them)
 
@@ -54,7 +59,9 @@ def test_every_profile_resolves_as_before(profile):
     before, now = flat(BEFORE[profile]), flat(json.loads(json.dumps(load_config(profile), default=str)))
     changed = {k: (before.get(k, "<absent>"), now.get(k, "<absent>")) for k in before.keys() | now.keys()
                if before.get(k, "<absent>") != now.get(k, "<absent>") and not k.startswith(REPRICED)}
-    later = {k for k in changed if k in ISSUE_19 or k.startswith("orchestration.step_gpus")}
+    issue_20 = {**ISSUE_20, **ISSUE_20_PROFILES.get(profile, {})}
+    assert all(changed[k][1] == v for k, v in issue_20.items() if k in changed)
+    later = {k for k in changed if k in ISSUE_19 or k in issue_20 or k.startswith("orchestration.step_gpus")}
     if profile == "full":
         later.add("train_teacher.eval_every")
         assert changed["train_teacher.eval_every"] == (400, None)

@@ -22,6 +22,7 @@ from lmsys.paths import Layout
 from test_infer_packed import rows, tiny_model
 
 AUTO = {"packed": "auto", "pack_tokens": 512, "verified_capabilities": ["9.0"]}
+
 H200, T4, A100 = (9, 0), (7, 5), (8, 0)
 
 

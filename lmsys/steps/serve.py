@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from lmsys.data.crosscheck import skips_predict
 from lmsys.data.schema import LOGIT_COLUMNS, SUBMISSION_COLUMNS, WINNER_COLUMNS
 from lmsys.io import write_json, write_table
 from lmsys.paths import Layout
+from lmsys.predict_workers import load_model, load_tokenizer_of
 from lmsys.steps import StepResult
 from lmsys.steps import common
 from lmsys.steps.folds import active_folds
@@ -35,69 +35,6 @@ log = logging.getLogger(__name__)
 
 def final_model_dir(cfg: dict, layout: Layout) -> Path:
     return layout.quantized if cfg["quantize"]["enabled"] else layout.ensemble
-
-
-def load_tokenizer_of(model_dir: Path):
-    """The tokenizer saved inside a merged or quantized model dir (pad token: eos when it has none)."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(model_dir: Path, device=None, backend: str = "auto", nonfinite: str = "recompute",
-               dtype: str | None = None):
-    """(eval model, fp32 loader or None, info) of a merged or quantized model dir on `device` (default:
-    the step's), in the serving dtype its serving.json records (lmsys.target.load_dtype: checked
-    against the weights; float16, with a warning, where the device has no bf16), a GPTQ model with the
-    kernel chosen for the device (lmsys.kernels: quantize.backend `backend`, nothing compiled). The fp32
-    loader is the non-finite guard's (lmsys.infer.predict_logits_guarded): None with nonfinite "fail"
-    or for a float32 model. info: dtype, dtype_warning, backend, first_call_s (one short forward right
-    after loading: where Triton JIT-compiles its kernels)."""
-    import torch
-    from safetensors import SafetensorError
-
-    from lmsys import kernels, target
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model directory")
-    device = torch.device(device) if device is not None else common.device()
-    warning = None
-    if dtype is None:
-        dtype, warning = target.load_dtype(model_dir, target.device_capability(device))
-        if warning:
-            log.warning(warning)
-    try:
-        model, chosen = _load_weights(model_dir, device, backend, dtype)
-    except SafetensorError as e:
-        files = ", ".join(p.name for p in sorted(model_dir.glob("*.safetensors"))) or "no *.safetensors"
-        raise ValueError(f"{model_dir}: its weights ({files}) cannot be read: {e} (truncated or corrupt: copy the "
-                         "model again, or rerun the step that wrote it)") from None
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model(input_ids=torch.ones((1, 8), dtype=torch.long, device=device))
-    info = {"dtype": dtype, "dtype_warning": warning, "backend": chosen,
-            "first_call_s": round(time.perf_counter() - t0, 3)}
-    fp32 = None
-    if nonfinite == "recompute" and dtype != "float32":
-        fp32 = lambda: load_model(model_dir, device, kernels.TORCH, "fail", "float32")[0]  # noqa: E731
-    elif nonfinite not in ("recompute", "fail"):
-        raise ValueError(f"serve.nonfinite {nonfinite!r}: expected recompute or fail")
-    return model, fp32, info
-
-
-def _load_weights(model_dir: Path, device, backend: str, dtype: str):
-    """(model, the GPTQ kernel or None) of a merged or quantized model dir, in `dtype`."""
-    from lmsys import kernels, target
-    from lmsys.models import load_for_inference
-    if (model_dir / "quantize.json").exists():
-        from lmsys.quantize import load_quantized
-        chosen, why = kernels.choose_here(backend, dtype, device)       # the kernel runs on the real device
-        log.info("%s: GPTQ kernel %s (%s)", model_dir, chosen, why)
-        return load_quantized(model_dir, device, chosen, target.torch_dtype(dtype)), chosen
-    return load_for_inference(model_dir, {}, load_tokenizer_of(model_dir), device=device,
-                              dtype=target.torch_dtype(dtype)), None
 
 
 def load_final(model_dir: Path, device=None):
