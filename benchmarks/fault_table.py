@@ -404,6 +404,36 @@ def case_run_params(ctx):
     return outcome(cli("run", "--params", ctx.base / "p.yaml", "--root", ctx.dir("run-params")))
 
 
+def case_param(*args, params: str | None = None):
+    """An `lmsys` command with a bad parameter (a --set, or a params file of `params` content): it must
+    stop before any work with exit 2 naming the key; nothing written under its root."""
+    def run(ctx):
+        root = ctx.dir("param-" + re.sub(r"\W+", "-", " ".join(args) + (params or "")[:12]).strip("-"))
+        extra = []
+        if params is not None:
+            p = root / "params.yaml"
+            p.write_bytes(params.encode("latin-1") if params else b"")
+            extra = ["--params", str(p)]
+        r = cli(*args, *extra, "--root", root)
+        written = [str(q.relative_to(root)) for q in root.rglob("*") if q.name != "params.yaml"]
+        return outcome(r, lost="nothing" if not written else f"written: {written[:3]}", ok=not written)
+    return run
+
+
+def params_without(section: str) -> str:
+    import yaml
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.pop(section)
+    return yaml.safe_dump(raw)
+
+
+def params_with(key: str, value) -> str:
+    import yaml
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw[key] = value
+    return yaml.safe_dump(raw)
+
+
 def case_utf16(ctx):
     d = ctx.dir("utf16")
     (d / "t.csv").write_bytes((ctx.demo / "test.csv").read_text(encoding="utf-8").encode("utf-16"))
@@ -724,6 +754,27 @@ CASES: list[Case] = [
          r"model\.safetensors.*truncated or corrupt"),
     Case("run-params", "#10", "lmsys run --params X", case_run_params, 2, r"--params .* is not taken"),
     Case("utf16", "#10", "validate a UTF-16 test.csv", case_utf16, 2, r"UTF-16 LE"),
+    Case("set-lr-abc", "#6", "check --set distill.lr=abc", case_param("check", "--set", "distill.lr=abc"), 2,
+         r"distill\.lr: 'abc' should be a valid number"),
+    Case("set-batch-0", "#6", "check --set trainer.batch_size=0", case_param("check", "--set", "trainer.batch_size=0"),
+         2, r"trainer\.batch_size: 0 should be greater than or equal to 1"),
+    Case("set-n-folds-1", "#6", "check --set folds.n_folds=1", case_param("check", "--set", "folds.n_folds=1"), 2,
+         r"folds\.n_folds: 1 should be greater than or equal to 2"),
+    Case("set-n-folds-0-plan", "#6", "plan --set folds.n_folds=0", case_param("plan", "--set", "folds.n_folds=0"), 2,
+         r"folds\.n_folds: 0 should be greater than or equal to 2"),
+    Case("set-folds-3", "#6", "check --set folds=3 (a section set to a number)", case_param("check", "--set", "folds=3"),
+         2, r"folds: 3 should be a valid dictionary"),
+    Case("set-typo", "#6", "check --set distill.lrr=1e-3", case_param("check", "--set", "distill.lrr=1e-3"), 2,
+         r"unknown config key 'distill\.lrr' \(did you mean 'distill\.lr'\?\)"),
+    Case("profile-huge", "#6", "check with params.yaml `profile: huge`", case_param("check", params=params_with("profile", "huge")),
+         2, r"unknown profile 'huge': params\.yaml has"),
+    Case("params-list", "#6", "check --params <a YAML list>", case_param("check", params="- a\n- b\n"), 2,
+         r"must be a mapping of sections"),
+    Case("params-empty", "#6", "check --params <an empty file>", case_param("check", params=""), 2, r"got an empty file"),
+    Case("params-binary", "#6", "check --params <binary bytes>", case_param("check", params="\x00\xff\xfe\x01"), 2,
+         r"not (YAML|a text file)"),
+    Case("params-no-data", "#6", "check --params <params.yaml without `data:`>", case_param("check", params=params_without("data")),
+         2, r"data: missing"),
     Case("missing-file", "probe: bad input", "validate a file that does not exist", case_missing_file, 2, r"no such file"),
     Case("full-disk-out", "#10, probe: full disk", "validate --out on a full 64 KiB tmpfs", case_full_disk_out, 3,
          r"no space left on the device writing .*full-out/v"),
@@ -785,7 +836,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], seconds: float) -> None:
+def write_results(rows: list[dict], seconds: float, only: bool = False) -> None:
+    """The table into RESULTS.md and RESULTS_JSON; with `only` (a --only run) its rows replace the rows of
+    the same cases in the last full table, in CASES order, and the others stay."""
+    if only and RESULTS_JSON.exists():
+        old = json.loads(RESULTS_JSON.read_text())
+        mine = {r["case"]: r for r in rows}
+        order = [c.name for c in CASES]
+        merged = {r["case"]: r for r in old["rows"]} | mine
+        rows = sorted(merged.values(), key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
+        seconds = old["seconds"]
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=2) + "\n")
     n_ok = sum(r["verdict"] == "ok" for r in rows)
@@ -855,7 +915,7 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
     print(table(rows))
     if not args.no_write:
-        write_results(rows, time.monotonic() - t0)
+        write_results(rows, time.monotonic() - t0, only=bool(args.only))
     return 0 if all(r["verdict"] != "FAIL" for r in rows) else 1
 
 

@@ -212,10 +212,21 @@ def resolve(profile: str | None = None, overrides: Mapping[str, Any] | None = No
     cfg["profile"] = profile
     typed, bad = validated(cfg)
     if bad:
-        where = Path(params_path) if params_path else PARAMS_PATH
-        more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])})" if len(bad) > 1 else ""
-        raise ConfigError(f"{where.name} profile {profile}: {bad[0]}{more}")
+        key, first = bad[0]
+        more = f" (and {len(bad) - 1} more: {'; '.join(text for _, text in bad[1:4])})" if len(bad) > 1 else ""
+        raise ConfigError(f"{_source(key, stack, params_path)}: {first}{more}")
     return typed
+
+
+def _source(key: str, stack: list[Layer], params_path) -> str:
+    """Where a refused value was written: `--set`, or the params file's section or profile."""
+    name = (Path(params_path) if params_path else PARAMS_PATH).name
+    section, _, rest = key.partition(".")
+    candidates = [key] + ([f"{TRAINER}.{rest}"] if section in TRAINING_SECTIONS and rest else [])
+    for layer in reversed(stack):
+        if any(has_dotted(layer.values, k) for k in candidates):
+            return "--set" if layer.label == "--set" else f"{name} {layer.label}".replace(f"{name} {name}", name)
+    return name
 
 
 # ---------------------------------------------------------------- where a value comes from

@@ -562,12 +562,16 @@ def cmd_plan(args) -> int:
     print the estimate (and the serving estimate); 0, or 2 with an error: line."""
     import sys
 
-    from lmsys.config import load_config, parse_override
+    from lmsys.config import ConfigError, load_config, parse_override
     try:
         over = dict(parse_override(o) for o in (args.set or []))
         if getattr(args, "runner", None):
             over["orchestration.runner"] = args.runner
         cfg = load_config(args.profile, over, getattr(args, "params", None))
+    except ConfigError as err:                 # the parameters themselves: named by the schema
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         if getattr(args, "root", None):
             cfg["root"] = str(args.root)
         e = estimate(cfg, args.gpus, getattr(args, "card", None))

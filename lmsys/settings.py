@@ -320,14 +320,14 @@ def training_settings(cfg: dict, section: str) -> TrainerSettings:
     return TRAINING_SECTIONS[section].model_validate(cfg[section])
 
 
-def validated(cfg: dict) -> tuple[dict | None, list[str]]:
+def validated(cfg: dict) -> tuple[dict | None, list[tuple[str, str]]]:
     """(cfg with its values read as the schema's types: "1e-3" for a number is 0.001; None when it is
     invalid, the same keys as `cfg`, defaults not added) and every way it breaks the schema, one line
-    each: `<key>: <reason>` ([] when it is valid)."""
+    each as (key, `<key>: <reason>`) ([] when it is valid)."""
     try:
         return Settings.model_validate(cfg).model_dump(exclude_unset=True), []
     except ValidationError as e:
-        return None, [_describe(err) for err in e.errors()]
+        return None, [(".".join(str(p) for p in err["loc"]), _describe(err)) for err in e.errors()]
 
 
 def _describe(err: dict) -> str:
