@@ -3,7 +3,7 @@ inputs that fit together badly, degenerate calibration, messages that must name 
 the worker processes of a run that dies. Each test fails on d5c1397 (the code the issue probed).
 
 The real commands run as subprocesses (`python -m lmsys.cli ...`); the run-level faults (two runs
-on one root, SIGKILL, SIGTERM, Ctrl-C of `lmsys run`) are in tests/orchestration/test_faults.py.
+on one root, SIGKILL, SIGTERM, Ctrl-C of `lmsys run`) are in tests/orchestration/test_run_faults.py.
 Parameter validation (types, ranges, unknown keys, params files) is tests/test_param_faults.py.
 """
 from __future__ import annotations
