@@ -162,11 +162,11 @@ def load_model(model_dir: Path, device=None, backend: str = "auto", nonfinite: s
         raise FileNotFoundError(f"{model_dir}: no such model directory")
     device = torch.device(device) if device is not None else device_of_step()
     warning = None
-    if dtype is None:
-        dtype, warning = target.load_dtype(model_dir, target.device_capability(device))
-        if warning:
-            log.warning(warning)
     try:
+        if dtype is None:               # reads the score head's dtype from the weights: may meet a bad file
+            dtype, warning = target.load_dtype(model_dir, target.device_capability(device))
+            if warning:
+                log.warning(warning)
         model, chosen = _load_weights(model_dir, device, backend, dtype)
     except SafetensorError as e:
         files = ", ".join(p.name for p in sorted(model_dir.glob("*.safetensors"))) or "no *.safetensors"

@@ -17,17 +17,9 @@ No torch import.
 from __future__ import annotations
 
 import math
-import re
 
 from lmsys import token_model
-
-
-def parse_cards(text: str) -> tuple[int, str]:
-    """'2xT4' -> (2, 't4'). Raises ValueError on another form."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*([\w.-]+)\s*", str(text))
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"--serve-cards {text!r} is not COUNTxCARD, e.g. 2xT4")
-    return int(m.group(1)), m.group(2).lower()
+from lmsys.cards import parse_cards
 
 
 def served_weight_bytes(cfg: dict, figures: dict) -> tuple[float, str]:
@@ -56,7 +48,8 @@ def row_bytes(shape: dict, tokens: int) -> float:
 def serving_estimate(cfg: dict, test_rows: int, cards_text: str) -> dict:
     """Predict's time for `test_rows` rows on the card set, with every step of the arithmetic ("lines").
     Raises KeyError when the card or the student lacks a figure, ValueError on a bad card set."""
-    count, card = parse_cards(cards_text)
+    count, card = parse_cards(cards_text, "--serve-cards")
+    card = card.lower()                          # the figures table (orchestration.estimate.cards) is lower case
     est = cfg["orchestration"]["estimate"]
     if card not in (est.get("cards") or {}) or not (est["cards"][card] or {}).get("fp16"):
         raise KeyError(f"cards.{card}: no sustained fp16 figure (cards with one: "

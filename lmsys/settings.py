@@ -13,6 +13,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The card table, not lmsys.target: every step validates its config, so every step's code hash holds this import.
+from lmsys.cards import parse_cards
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,10 +24,11 @@ class Section(BaseModel):
 # ---------------------------------------------------------------- data
 
 class Data(Section):
-    train: Optional[str]                      # null: the embedded demo data
-    test: Optional[str]
-    external: Optional[list[str] | str]
-    ut: Optional[str]
+    # A table is one file or a list of files (read in order); the checks across files are lmsys.data.crosscheck.
+    train: Optional[str | list[str]]          # null: the embedded demo data
+    test: Optional[str | list[str]]           # "none": a run without a test set (no predict, no submission)
+    external: Optional[str | list[str]]
+    ut: Optional[str | list[str]]
     test_labels: Optional[str]
     allow_demo: bool
 
@@ -195,7 +199,6 @@ class Serve(Section):
     @field_validator("cards")
     @classmethod
     def _cards(cls, v):
-        from lmsys.target import parse_cards        # the serving target's own reading of it
         if v is not None:
             parse_cards(v)
         return v

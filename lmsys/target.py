@@ -5,7 +5,7 @@ competition scored an offline notebook on 2xT4 (compute capability 7.5, no bf16 
 Marlin kernel refuses bf16 there). So the served dtype comes from the target, never from the device that
 happens to merge:
 
-  serve.cards   "2xT4", "1xH200", "T4" ... (a card of CARDS, optionally N x); null: the device the step
+  serve.cards   "2xT4", "1xH200", "T4" ... (a card of lmsys.cards.CARDS, optionally N x); null: the device the step
                 runs on (a CPU: float32, as the tiny profile always ran)
   serve.dtype   auto: float16 below compute capability 8.0, bfloat16 from 8.0, float32 on a CPU; or
                 float16 | bfloat16 | float32 (bfloat16 for a card below 8.0 is refused)
@@ -21,17 +21,13 @@ torch is imported inside the functions: listing steps and `lmsys plan` must not 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmsys.cards import BF16_FROM, CARDS, parse_cards
+
 RECORD = "serving.json"
-BF16_FROM = (8, 0)           # compute capability from which a card has bf16 tensor cores
 DTYPES = ("float16", "bfloat16", "float32")
-# Compute capability of the cards a model is likely served on (NVIDIA's CUDA GPUs table). A card not
-# here is refused with the list: add it rather than guess.
-CARDS = {"P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "A10": (8, 6), "A10G": (8, 6),
-         "A40": (8, 6), "L4": (8, 9), "L40S": (8, 9), "H100": (9, 0), "H200": (9, 0)}
 
 
 @dataclass(frozen=True)
@@ -41,19 +37,6 @@ class Target:
     capability: tuple[int, int] | None   # None: a CPU
     dtype: str                           # one of DTYPES
     why: str                             # how the dtype was decided, for logs and serving.json
-
-
-def parse_cards(text: str) -> tuple[int, str]:
-    """'2xT4' -> (2, 'T4'); 'T4' -> (1, 'T4'). Raises ValueError for a malformed or unknown card."""
-    m = re.fullmatch(r"\s*(?:(\d+)\s*[xX×]\s*)?([A-Za-z0-9]+)\s*", str(text))
-    if not m:
-        raise ValueError(f"serve.cards {text!r}: expected N x CARD, e.g. 2xT4")
-    count, name = int(m.group(1) or 1), m.group(2).upper()
-    if name not in CARDS:
-        raise ValueError(f"serve.cards {text!r}: unknown card {name!r}; known: {', '.join(CARDS)} (lmsys/target.py CARDS)")
-    if count < 1:
-        raise ValueError(f"serve.cards {text!r}: at least one card")
-    return count, name
 
 
 def device_capability(device=None) -> tuple[int, int] | None:

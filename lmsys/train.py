@@ -534,8 +534,9 @@ def train_classifier(model, rows: TrainSet, *, out_dir: str | Path, settings: Tr
     batches = micro_batches(model, rows, settings, model_device(model), pad_to)
     model.train()
     t0, done_rows = time.perf_counter(), 0
+    # one bar, rank 0's; on rank 0 tqdm's own default decides (TQDM_DISABLE: lmsys.console)
     bar = tqdm(total=steps.total_steps, initial=state["global_step"], desc=desc, unit="step",
-               disable=True if not distributed.is_main() else None)
+               **({} if distributed.is_main() else {"disable": True}))
     while state["global_step"] < steps.total_steps:
         groups = epoch_groups(len(rows.ids), state["epoch"], seed, steps.batch_size, steps.grad_accum)
         # on resume, skip the steps this epoch already consumed (same seeded order)

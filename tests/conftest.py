@@ -58,6 +58,22 @@ def tok(tok_dir):
 
 
 @pytest.fixture(scope="session")
+def final_model(tok, tmp_path_factory):
+    """A merged tiny model dir as step 6 writes it: weights, tokenizer, ensemble.json with the class prior
+    and serving.json (float32: served on this CPU)."""
+    import json
+    from lmsys import target
+    from lmsys.models import build_base_model
+    d = tmp_path_factory.mktemp("final")
+    build_base_model({"kind": "tiny-llama", "hidden": 32, "layers": 1, "heads": 2}, tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "ensemble.json").write_text(json.dumps({"method": "mean", "class_prior": [0.5, 0.3, 0.2]}))
+    served = target.Target(None, 1, None, "float32", "tests: a CPU")
+    (d / target.RECORD).write_text(json.dumps(target.record(served)))
+    return d
+
+
+@pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small demo competition, generated once per test session."""
     from lmsys.data.demo import make_demo_data

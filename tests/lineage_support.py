@@ -81,7 +81,9 @@ def stages_run(output: str) -> list[str]:
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes under `root`, but the content manifests (.dvcignore: this checkout's mtimes)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".manifest.json"))}
 
 
 # ------------------------------------------------------------------------------- Prefect server

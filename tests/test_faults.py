@@ -178,17 +178,6 @@ def test_ids_are_ascii_digits_only(tmp_path):
     assert v.quarantine["reason"].tolist() == ["bad_id"] * len(odd) and v.quarantine["id"].tolist() == odd
 
 
-@pytest.fixture(scope="module")
-def final_model(tok, tmp_path_factory):
-    """A merged tiny model dir as step 6 writes it (weights, tokenizer, ensemble.json with the prior)."""
-    from lmsys.models import build_base_model
-    d = tmp_path_factory.mktemp("final")
-    build_base_model({"kind": "tiny-llama", "hidden": 32, "layers": 1, "heads": 2}, tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    (d / "ensemble.json").write_text(json.dumps({"method": "mean", "class_prior": [0.5, 0.3, 0.2]}))
-    return d
-
-
 def test_an_empty_test_id_is_answered_by_the_fallback_and_named(tmp_path, final_model):
     rows = [{"id": str(100 + i), **TEST_GOOD} for i in range(4)] + [{"id": "", **TEST_GOOD}]
     test = write_rows(tmp_path / "test.csv", rows, schema.KAGGLE_TEST_COLUMNS)
@@ -226,7 +215,7 @@ def test_the_same_test_file_twice_fails_the_preflight_and_prepare(tmp_path, demo
 
 def test_no_test_file_is_an_error_unless_data_test_is_none(tmp_path, demo_dir):
     from lmsys.steps.prepare import run_prepare
-    from lmsys.steps.recipe import plan
+    from lmsys.steps.recipe import tasks_of
     cfg = {**load_config("tiny", _data(demo_dir, **{"data.test": None})), "root": str(tmp_path)}
     assert any("data.test is not set" in f for f in _preflight(cfg))
     with pytest.raises(ValueError, match="data.test is not set"):
@@ -234,7 +223,7 @@ def test_no_test_file_is_an_error_unless_data_test_is_none(tmp_path, demo_dir):
     cfg = {**load_config("tiny", _data(demo_dir, **{"data.test": "none"})), "root": str(tmp_path)}
     assert _preflight(cfg) == []
     run_prepare(cfg, Layout.of(cfg))                                            # explicit: no test set
-    assert "predict" not in [n for n, _ in plan(cfg)] and "evaluate" in [n for n, _ in plan(cfg)]
+    assert "predict" not in [n for n, _ in tasks_of(cfg)] and "evaluate" in [n for n, _ in tasks_of(cfg)]
 
 
 def test_test_ids_shared_with_the_training_data_fail_the_preflight(tmp_path, demo_dir):

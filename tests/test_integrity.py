@@ -38,18 +38,6 @@ def broken_test_rows() -> tuple[list[dict], dict[str, str]]:
     return rows, {"103": "empty_response", "104": "empty_response", "105": "bad_json"}
 
 
-@pytest.fixture(scope="module")
-def final_model(tok, tmp_path_factory):
-    """A merged tiny model dir as step 6 writes it (weights, tokenizer, ensemble.json with the prior)."""
-    from lmsys.models import build_base_model
-    d = tmp_path_factory.mktemp("final")
-    model = build_base_model({"kind": "tiny-llama", "hidden": 32, "layers": 1, "heads": 2}, tok)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    (d / "ensemble.json").write_text(json.dumps({"method": "mean", "class_prior": [0.5, 0.3, 0.2]}))
-    return d
-
-
 # ---------------------------------------------------------------- every test id answered
 
 def test_lmsys_predict_answers_every_id_and_names_the_fallback_rows(tmp_path, final_model):

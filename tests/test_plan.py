@@ -13,7 +13,8 @@ from lmsys import schedule, token_model
 from lmsys.cli import main
 from lmsys.config import load_config
 from lmsys.plan import estimate, job_template, model_rates, step_timeout, walltime_s, walltime_text
-from lmsys.serve_estimate import parse_cards, row_bytes, serving_estimate
+from lmsys.cards import parse_cards
+from lmsys.serve_estimate import row_bytes, serving_estimate
 from lmsys.steps.recipe import STEPS, graph, task_label, tasks_of
 
 RECIPE_LENGTHS = ((589.0, 1240.0, 1.0),)           # docs/recipe.md: the Kaggle rows' median and p90
@@ -333,9 +334,9 @@ def test_serving_estimate_arithmetic_on_two_t4s(capsys):
     assert main(["plan", "--profile", "tiny", "--serve-cards", "2xT4"]) == 2            # no T4 figures there
     err = capsys.readouterr().err
     assert err == "error: params.yaml orchestration.estimate: cards.t4: no sustained fp16 figure (cards with one: [])\n"
-    assert parse_cards(" 2 x T4 ") == (2, "t4")
-    with pytest.raises(ValueError):
-        parse_cards("T4")
+    assert parse_cards(" 2 x T4 ", "--serve-cards") == (2, "T4") and parse_cards("t4") == (1, "T4")
+    with pytest.raises(ValueError, match="--serve-cards 'two T4': expected N x CARD"):
+        parse_cards("two T4", "--serve-cards")
 
 
 # ---------------------------------------------------------------- job templates, errors, other profiles

@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, Gemma2Config
 
-from lmsys import kernels, target
+from lmsys import cards, kernels, target
 from lmsys.config import load_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -49,9 +49,9 @@ def test_full_profile_serves_on_two_t4_in_float16_and_bad_targets_are_refused():
     with pytest.raises(ValueError, match="no bf16 tensor cores.*serve.dtype auto or float16"):
         target.serving_target(load_config("tiny", {"serve.cards": "2xT4", "serve.dtype": "bfloat16"}))
     with pytest.raises(ValueError, match="unknown card 'K80'.*known: P100"):
-        target.parse_cards("2xK80")
+        cards.parse_cards("2xK80")
     with pytest.raises(ValueError, match="expected N x CARD"):
-        target.parse_cards("two T4")
+        cards.parse_cards("two T4")
     assert target.serving_target(load_config("tiny", {"serve.cards": "1xA100", "serve.dtype": "float16"})).dtype == "float16"
 
 
