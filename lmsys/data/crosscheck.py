@@ -38,7 +38,7 @@ def problems(cfg: dict, ids: dict[str, list[tuple[str, list[str]]]], labelled: d
     order data.<table> lists them (a file listed twice is there twice); labelled: table -> [(file,
     whether its rows carry labels)]."""
     out = []
-    if cfg["data"]["train"] is not None and not ids.get("test") and not skips_predict(cfg):
+    if cfg["data"]["train"] is not None and not cfg["data"]["test"]:        # unset (an unreadable file is its own failure)
         out.append("data.test is not set: name the test file(s) (--set data.test=PATH), or set data.test to none "
                    "to run without a test set (no predict step, no submission)")
     for table in ("train", "external"):
