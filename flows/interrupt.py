@@ -75,9 +75,12 @@ def _exit_after(signum: int, flow_run_id: str | None, deadline_s: float) -> None
     """The deadline: still running `deadline_s` after the signal -> mark, release, exit."""
     time.sleep(deadline_s)
     stop_local_workers(0.5)
-    if flow_run_id:
+    if flow_run_id:                 # best effort, bounded: a slow API server must not hold the exit
         from flows.lease import mark_crashed
-        mark_crashed(flow_run_id, f"{NAMES.get(signum, signum)}: the run did not end within {deadline_s:g} s")
+        marking = threading.Thread(target=mark_crashed, daemon=True, name="lmsys-mark-crashed", args=(
+            flow_run_id, f"{NAMES.get(signum, signum)}: the run did not end within {deadline_s:g} s"))
+        marking.start()
+        marking.join(TASK_RUNS_S)
     from lmsys import lease
     lease.release_all()
     print(message(signum), file=sys.stderr, flush=True)

@@ -209,9 +209,8 @@ def local_gpu_task_runner(cfg: dict):
 def check_dask_api(runner: str) -> None:
     """Fail before any worker starts when the worker processes would have no Prefect API to report to."""
     if not prefect_api_url():
-        raise ValueError(f"the {runner} runner needs a Prefect server its worker processes can reach: start one "
-                         "(`prefect server start --host <address they reach>`) and set PREFECT_API_URL "
-                         "(e.g. http://127.0.0.1:4200/api); without it every process starts its own ephemeral API")
+        from flows.server import needs_server
+        raise ValueError(needs_server(runner))
 
 
 # ---------------------------------------------------------------- waiting for the next task to finish

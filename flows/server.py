@@ -99,13 +99,25 @@ def profile_api_url() -> str | None:
     return (data.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL") if name else None
 
 
-def api_for_run(say=lambda line: None) -> str:
+def needs_server(runner: str) -> str:
+    """The error of a runner whose worker processes would have no Prefect API to report to."""
+    return (f"the {runner} runner needs a Prefect server its worker processes can reach: start one "
+            "(`prefect server start --host <address they reach>`) and set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api); without it every process starts its own ephemeral API")
+
+
+def api_for_run(say=lambda line: None, runner: str = "local") -> str:
     """Before `lmsys run` imports Prefect: the API it uses (PREFECT_API_URL, else the active
     profile's, else DEFAULT_URL), started when it is local and does not answer (ensure), set in
-    this process's environment (so Prefect, the workers and SLURM jobs use it) with telemetry off."""
+    this process's environment (so Prefect, the workers and SLURM jobs use it) with telemetry off.
+    The slurm runner gets no default: its jobs may run on other nodes, which a server on this one's
+    loopback does not reach, so the address is the user's to choose (ValueError when none is set)."""
     for k, v in OFFLINE.items():
         os.environ.setdefault(k, v)
-    url = ensure(os.environ.get("PREFECT_API_URL") or profile_api_url() or DEFAULT_URL, say=say)
+    configured = os.environ.get("PREFECT_API_URL") or profile_api_url()
+    if runner == "slurm" and not configured:
+        raise ValueError(needs_server(runner))
+    url = ensure(configured or DEFAULT_URL, say=say)
     os.environ["PREFECT_API_URL"] = url
     return url
 

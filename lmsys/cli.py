@@ -319,9 +319,11 @@ def cmd_run(args) -> int:
         from lmsys.console import quiet_console
         quiet_console()                         # before Prefect is imported: one line per task on the console
     from lmsys import lease
-    with lease.hold(Layout.of(_config(args)).root):     # the flow holds it again, adding its flow-run id
+    cfg = _config(args)
+    with lease.hold(Layout.of(cfg).root):               # the flow holds it again, adding its flow-run id
         from flows.server import api_for_run
-        api_for_run(say=lambda line: print(line, file=sys.stderr, flush=True))   # before Prefect is imported
+        api_for_run(say=lambda line: print(line, file=sys.stderr, flush=True),   # before Prefect is imported
+                    runner=args.runner or cfg["orchestration"]["runner"])
         from flows.pipeline import run_from_cli
         return run_from_cli(args)
 

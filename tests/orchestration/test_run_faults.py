@@ -169,7 +169,7 @@ def test_ctrl_c_stops_the_run_and_its_workers(prefect_server, tmp_path):
         workers = wait_for_worker_task(root, run)
         os.killpg(run.pid, signal.SIGINT)                                  # the terminal's Ctrl-C: the whole group
         rc, took = wait_exit(run, STOPPED_WITHIN_S)
-        assert rc == 130, f"exit {rc} after {took:.1f} s"
+        assert rc == 130, f"exit {rc} after {took:.1f} s: {(tmp_path / 'run.log').read_text()[-3000:]}"
         assert workers_left(workers) == []
         one_error_line(tmp_path / "run.log", "interrupted (Ctrl-C, SIGINT)")
         flow_run = flow_run_of(prefect_server, root)
