@@ -88,7 +88,9 @@ def cached_here(cfg: dict, name: str, keys: dict) -> bool:
     Prefect's result record of that key in the result store. Cheap (manifests); no step code runs."""
     from prefect.results import get_result_store
     key = cache_key(name, cfg, keys)
-    return outputs_match(cfg, name, keys, key) and get_result_store().exists(key)
+    # the task's store, as Prefect derives it: inside a flow the flow's own store has no metadata
+    # storage (a NullFileSystem, on which exists() is always False)
+    return outputs_match(cfg, name, keys, key) and get_result_store().update_for_task(run_step).exists(key)
 
 
 def _key_fn(context: TaskRunContext, parameters: dict) -> str:

@@ -3,7 +3,7 @@ back, so that the test can see its dependants wait for it while other tasks go o
 
 The test exports DASK_DISTRIBUTED__WORKER__PRELOAD naming this file and LMSYS_TEST_SLOW_TASK
 ("<task label>=<seconds>"); the SLURM worker jobs inherit both (sbatch exports the environment), and
-each worker runs `dask_setup` when it starts: it wraps tasks.steps' step runner so that the named task
+each worker runs `dask_setup` when it starts: it wraps the library's step runner so that the named task
 sleeps first. No production module knows about it.
 """
 from __future__ import annotations
@@ -15,14 +15,17 @@ SLOW_TASK_ENV = "LMSYS_TEST_SLOW_TASK"
 
 
 def dask_setup(worker) -> None:
-    import tasks.steps
-    from lmsys.steps.recipe import task_label
+    """Wraps lmsys.steps.recipe.run_step, the attribute the task's code finds in the worker: Prefect's task
+    body (tasks.steps.run_step) reaches the worker pickled by value (its module name is taken by the
+    Task object), and cloudpickle refers to the functions it calls by module and name, looked up when the
+    worker unpickles it, after this preload."""
+    from lmsys.steps import recipe
     label, _, seconds = os.environ.get(SLOW_TASK_ENV, "").partition("=")
-    run = tasks.steps.run
+    run = recipe.run_step
 
     def held_back(name, cfg, layout, **keys):
-        if task_label(name, keys) == label:
+        if recipe.task_label(name, keys) == label:
             time.sleep(float(seconds))
         return run(name, cfg, layout, **keys)
 
-    tasks.steps.run = held_back
+    recipe.run_step = held_back

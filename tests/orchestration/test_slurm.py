@@ -299,10 +299,10 @@ def test_scancel_mid_training_resumes_and_matches_the_undisturbed_run(slurm_run,
 
 # ---------------------------------------------------------------- a rerun with nothing changed
 
-def _slurm_jobs() -> set[str]:
-    """Ids of the jobs slurmctld knows: pending, running, and finished within MinJobAge (300 s by default)."""
+def _slurm_jobs() -> dict[str, str]:
+    """Id -> name of the jobs slurmctld knows: pending, running, and finished within MinJobAge (300 s by default)."""
     r = subprocess.run(["scontrol", "-o", "show", "jobs"], capture_output=True, text=True, check=False)
-    return set(re.findall(r"JobId=(\d+)", r.stdout))
+    return dict(re.findall(r"JobId=(\d+) JobName=(\S+)", r.stdout))
 
 
 def test_an_unchanged_rerun_starts_no_slurm_job(slurm_run, pipeline_api):
@@ -314,10 +314,10 @@ def test_an_unchanged_rerun_starts_no_slurm_job(slurm_run, pipeline_api):
     t0 = time.perf_counter()
     out = pipeline_api.run_pipeline(profile="tiny", runner="slurm", root=str(root),
                                     overrides={**SLURM, "orchestration.slurm.min_jobs": 0})
-    new = _slurm_jobs() - before
+    new = {i: name for i, name in _slurm_jobs().items() if i not in before}
     print(f"\n[slurm rerun] {time.perf_counter() - t0:.1f} s wall, {out['cached']}/{out['tasks']} cached, "
           f"new jobs {sorted(new)}", file=sys.stderr)
     assert out["tasks"] == out["cached"] == _n_tasks(SLURM)
-    assert new == set()
+    assert new == {}, new
     rec = _records(root)
     assert {r["state"] for r in rec.values()} == {"Cached"}
