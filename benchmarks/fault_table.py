@@ -312,8 +312,8 @@ def case_no_test(ctx):
 def case_test_none(ctx):
     r, root = _prepare_root(ctx, "test-none", **{"data.test": "none"})
     from lmsys.config import load_config
-    from lmsys.steps.recipe import plan
-    steps = [n for n, _ in plan(load_config("tiny", {"data.train": "x", "data.test": "none"}))]
+    from lmsys.steps.recipe import tasks_of
+    steps = [n for n, _ in tasks_of(load_config("tiny", {"data.train": "x", "data.test": "none"}))]
     return Outcome(r.returncode, f"prepared without a test set; the plan has no predict step: {'predict' not in steps}",
                    "nothing", "-", "predict" not in steps)
 

@@ -318,13 +318,13 @@ def predict_bundle(bundle: Path, test_csv: Path, out_csv: Path, overrides: dict 
     """`lmsys predict --model BUNDLE --test CSV --out CSV`: verify the bundle, then answer the test file
     with its model and settings (`overrides`: dotted keys of settings.json, e.g. predict.devices=2).
     Returns (submission, fallback rows, notes)."""
-    from lmsys.config import set_dotted
+    from lmsys.config import set_in
     from lmsys.steps.serve import answer_file
     bundle = Path(bundle)
     _, notes = verify(bundle)
     settings = json.loads((bundle / SETTINGS).read_text())
     for k, v in (overrides or {}).items():
-        set_dotted(settings, k, v)
+        set_in(settings, k, v)
     tta = tta and settings["predict"]["tta"]
     sub, fallback = answer_file(Path(test_csv), Path(out_csv), bundle / MODEL, settings,
                                 np.asarray(settings["class_prior"], dtype=np.float64), tta)

@@ -154,3 +154,53 @@ def test_no_benchmark_patches_a_library_module():
     found = {str(p.relative_to(ROOT)): library_attribute_assignments(p.read_text())
              for p in (ROOT / "benchmarks").rglob("*.py")}
     assert {f: h for f, h in found.items() if h} == {}
+
+
+# ---------------------------------------------------------------- every imported name exists
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments, imports), also
+    inside top-level if/try/with blocks."""
+    names: set[str] = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                if isinstance(node, (ast.If, ast.Try, ast.With)) or (field == "body" and isinstance(node, ast.ExceptHandler)):
+                    visit(getattr(node, field, []) or [])
+    visit(ast.parse(path.read_text()).body)
+    return names
+
+
+def missing_imports(files: list[Path], modules: dict[str, Path]) -> list[str]:
+    """`from <project module> import NAME` anywhere in `files` (function bodies too: they run only
+    when called, so a rename leaves them broken until then) where the module defines no NAME."""
+    out = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules and not node.level:
+                have = defined_names(modules[node.module])
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+                out += [f"{where}:{node.lineno}: {node.module} has no {a.name}" for a in node.names
+                        if a.name != "*" and a.name not in have and f"{node.module}.{a.name}" not in modules]
+    return out
+
+
+def test_every_name_imported_from_the_project_exists():
+    modules = project_modules()
+    files = [p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts]
+    assert missing_imports(files, modules) == []
+
+
+def test_the_import_check_sees_a_renamed_function(tmp_path):
+    stale = tmp_path / "stale.py"
+    stale.write_text("def f():\n    from lmsys.config import set_dotted\n    from lmsys.config import set_in, ROOT\n"
+                     "from lmsys.steps import recipe\n")
+    assert missing_imports([stale], project_modules()) == ["stale.py:2: lmsys.config has no set_dotted"]
