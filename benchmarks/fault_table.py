@@ -98,6 +98,14 @@ class Ctx:
 
 # ---------------------------------------------------------------- running commands
 
+
+def default_sigint() -> None:
+    """preexec_fn of a command the test stops with Ctrl-C: SIGINT back to its default, as a terminal has it.
+    A shell starts background jobs with SIGINT ignored, their children inherit that, and Python then keeps
+    it ignored (so does lmsys: a run started under nohup is not stopped by a stray Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lmsys.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
@@ -259,7 +267,8 @@ def case_prepare_ctrl_c(ctx):
     prepared = root / "artifacts/tiny/prepared"
     before = {p.name: p.read_bytes() for p in prepared.iterdir()}
     p = subprocess.Popen([sys.executable, "-m", "lmsys.cli", "prepare", "--root", str(root),
-                          *data_sets(ctx, **{"data.train": str(d / "big.csv")})], stderr=subprocess.PIPE, text=True, cwd=REPO)
+                          *data_sets(ctx, **{"data.train": str(d / "big.csv")})], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while not (root / "artifacts/.lease.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -484,7 +493,8 @@ def case_read_only_root(command):
 def start_run(root: Path, log: Path, env: dict | None = None, over: dict | None = None) -> subprocess.Popen:
     """`lmsys run` in its own session; stderr to `log`, stdout to `log` + ".out"."""
     return subprocess.Popen([sys.executable, "-m", "lmsys.cli", "run", "--root", str(root), *sets({**SMALL, **(over or {})})],
-                            stdout=open(f"{log}.out", "w"), stderr=open(log, "w"), env=env, cwd=REPO, start_new_session=True)
+                            stdout=open(f"{log}.out", "w"), stderr=open(log, "w"), env=env, cwd=REPO, start_new_session=True,
+                            preexec_fn=default_sigint)
 
 
 def alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import PrefectFuture
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
@@ -70,15 +71,28 @@ def _submit(name: str, cfg: dict, keys: dict, refresh: bool, wait_for: list, dev
     return t.submit(name, cfg, keys, wait_for=wait_for)
 
 
-class Finished:
-    """A task the flow ran in its own process (a predicted cache hit), answering as a finished future."""
+class Finished(PrefectFuture):
+    """A task the flow ran in its own process (a predicted cache hit), answering as a finished Prefect
+    future: the tasks downstream take it in wait_for like any other (Prefect's wait() reads _final_state)."""
     wrapped_future = None
 
     def __init__(self, state):
-        self.state = state
+        self._final_state = state
+        self._task_run_id = state.state_details.task_run_id
 
-    def result(self):
-        return self.state.result()
+    @property
+    def task_run_id(self):
+        return self._task_run_id
+
+    @property
+    def state(self):
+        return self._final_state
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True):
+        return self._final_state.result(raise_on_failure=raise_on_failure)
 
     def add_done_callback(self, fn) -> None:
         fn(self)

@@ -46,10 +46,9 @@ def make_task_runner(cfg: dict, runner: str | None = None):
     if runner == "local":
         n = int(cfg["orchestration"].get("local_workers", 1))
         if n > 1:
-            from prefect.task_runners import ProcessPoolTaskRunner
             quiet_resource_tracker()
-            return ProcessPoolTaskRunner(max_workers=n, initializer=local_worker_setup,
-                                         initargs=(os.environ.get("TQDM_DISABLE") == "1",))
+            return local_worker_pool()(max_workers=n, initializer=local_worker_setup,
+                                       initargs=(os.environ.get("TQDM_DISABLE") == "1",))
         return ThreadPoolTaskRunner(max_workers=1)
     if runner == "slurm":
         return slurm_task_runner(cfg)
@@ -68,6 +67,35 @@ def quiet_resource_tracker() -> None:
     current = os.environ.get("PYTHONWARNINGS", "")
     if rule not in current.split(","):
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, rule]))
+
+
+def local_worker_pool():
+    """Prefect's ProcessPoolTaskRunner whose worker processes all start when it is entered, with SIGINT
+    ignored from their first instruction: a Ctrl-C reaches the whole process group, and a worker still
+    importing Prefect (seconds, before local_worker_setup runs) would otherwise print a KeyboardInterrupt
+    traceback. The flow's process stops its workers itself (flows.interrupt)."""
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    class LocalWorkerPool(ProcessPoolTaskRunner):
+        def __enter__(self):
+            super().__enter__()
+            start_ignoring_sigint(self._executor, self._max_workers)   # Prefect's executor attribute
+            return self
+    return LocalWorkerPool
+
+
+def start_ignoring_sigint(executor, n: int) -> None:
+    """Start the `n` processes of a spawn ProcessPoolExecutor now, SIGINT ignored in them: ignored here
+    while they are exec'd (an ignored signal stays ignored across exec, and Python then leaves it so).
+    Only from the main thread (where signal handlers are set); elsewhere they start as tasks come."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for _ in range(n):
+            executor.submit(int)                 # each submit spawns a process while none is idle
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def local_worker_setup(quiet: bool) -> None:

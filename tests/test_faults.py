@@ -31,6 +31,13 @@ GOOD = {"model_a": "m1", "model_b": "m2", "prompt": '["what is two plus two"]', 
 TEST_GOOD = {k: GOOD[k] for k in ("prompt", "response_a", "response_b")}
 
 
+def default_sigint() -> None:
+    """preexec_fn of a command the test stops with Ctrl-C: SIGINT back to its default, as a terminal has it.
+    A shell starts background jobs with SIGINT ignored, their children inherit that, and Python then keeps
+    it ignored (so does lmsys: a run started under nohup is not stopped by a stray Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def lmsys(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lmsys.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -155,7 +162,7 @@ def test_ctrl_c_of_a_step_command_is_one_line_and_leaves_the_last_whole_set(tmp_
     before = {p.name: p.read_bytes() for p in (root / "artifacts/tiny/prepared").iterdir()}
     p = subprocess.Popen([sys.executable, "-m", "lmsys.cli", "prepare", "--root", str(root), "--set",
                           f"data.train={tmp_path / 'big.csv'}", "--set", f"data.test={demo_dir / 'test.csv'}"],
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while not (root / "artifacts/.lease.json").exists() and time.monotonic() < deadline:   # inside the command
         time.sleep(0.05)
@@ -440,7 +447,7 @@ def test_a_stopped_run_whose_unwinding_hangs_ends_at_the_deadline(tmp_path):
     """Ctrl-C during a run that cannot unwind (a task in a thread of the thread runner): the process
     still ends within seconds (flows.interrupt's deadline), exit 130, one line, its lease released."""
     p = subprocess.Popen([sys.executable, "-c", HANGING, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, preexec_fn=default_sigint)
     assert p.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)

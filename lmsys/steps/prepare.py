@@ -57,8 +57,10 @@ def data_files(cfg: dict, layout: Layout) -> dict[str, list[Path]]:
 def run_demo_data(cfg: dict, layout: Layout) -> StepResult:
     check_demo_allowed(cfg)
     d = cfg["demo"]
-    paths = demo.make_demo_data(layout.demo_dir, rows=d["rows"], test_rows=d["test_rows"],
-                                external_rows=d["external_rows"], ut_rows=d["ut_rows"], seed=d["seed"])
+    with atomic_dir(layout.demo_dir) as staged:      # one set: a kill midway leaves the last whole set or none
+        demo.make_demo_data(staged, rows=d["rows"], test_rows=d["test_rows"],
+                            external_rows=d["external_rows"], ut_rows=d["ut_rows"], seed=d["seed"])
+    paths = demo.demo_paths(layout.demo_dir)
     return StepResult(outputs=[layout.demo_dir], metrics={"files": {k: str(v) for k, v in paths.items()}})
 
 

@@ -31,6 +31,13 @@ WORKERS_GONE_S = 5.0            # "no worker outlives the run by more than a few
 STOPPED_WITHIN_S = 30.0         # a stopped run ends within this (seconds, not the minutes of a task)
 
 
+def default_sigint() -> None:
+    """preexec_fn of a command the test stops with Ctrl-C: SIGINT back to its default, as a terminal has it.
+    A shell starts background jobs with SIGINT ignored, their children inherit that, and Python then keeps
+    it ignored (so does lmsys: a run started under nohup is not stopped by a stray Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _set_args(over: dict) -> list[str]:
     return [a for k, v in over.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
@@ -38,7 +45,8 @@ def _set_args(over: dict) -> list[str]:
 def start_run(root: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
     """`lmsys run` on `root` in its own session (its own process group, as a terminal gives it)."""
     return subprocess.Popen([sys.executable, "-m", "lmsys.cli", "run", "--root", str(root), *_set_args(RUN)],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env, start_new_session=True,
+                            preexec_fn=default_sigint)
 
 
 def _alive(pid: int) -> bool:
@@ -190,7 +198,8 @@ def test_sigkill_takes_the_workers_along_and_the_next_command_marks_the_flow_run
     assert workers_left(workers) == []                                     # by themselves: nothing of the run is left
     flow_run = flow_run_of(prefect_server, root)
     assert flow_run["state"]["type"] == "RUNNING"                          # nothing could report the kill ...
-    nxt = subprocess.run([sys.executable, "-m", "lmsys.cli", "prepare", "--root", str(root), *_set_args(RUN)],
+    # the next command on the root: one that runs whichever step the kill landed in (demo-data included)
+    nxt = subprocess.run([sys.executable, "-m", "lmsys.cli", "step", "demo-data", "--root", str(root), *_set_args(RUN)],
                          capture_output=True, text=True, timeout=300)
     assert nxt.returncode == 0, nxt.stderr[-3000:]
     assert f"took over the run lease of pid {run.pid}" in nxt.stderr and "marked Crashed" in nxt.stderr
